@@ -1,0 +1,5 @@
+"""``python -m mcvqa`` (and ``accelerate launch -m mcvqa``)."""
+
+from mcvqa.cli import main
+
+main()

@@ -1,0 +1,257 @@
+"""The ``mcvqa`` command: one thin typer command per verb over importable functions.
+
+User mistakes (bad CSV, missing file, invalid flag value) print one ``error:`` line and exit with code 2;
+anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from mcvqa.errors import McvqaError
+
+app = typer.Typer(
+    name="mcvqa",
+    help="Multiple-choice VQA with Qwen-VL: synthetic data, a tiny local model, prediction, training, evaluation.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+# ---------------------------------------------------------------------------------------------- shared options
+
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML recipe (see configs/). Flags and --set override it.")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override any config field: --set lora.r=16 --set train.lr=2e-4")]
+ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="Model folder or Hub id (env MCVQA_MODEL).")]
+DataRootOpt = Annotated[Optional[Path], typer.Option("--data-root", help="Images must lie inside this folder (default: the CSV's folder; env MCVQA_DATA).")]
+QuantOpt = Annotated[Optional[str], typer.Option("--quant", help="none | nf4 | int8 (4/8-bit needs a GPU and the gpu extra).")]
+DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto | cpu | cuda | cuda:N")]
+DtypeOpt = Annotated[Optional[str], typer.Option("--dtype", help="auto | bf16 | fp16 | fp32")]
+PromptOpt = Annotated[Optional[str], typer.Option("--prompt", help="fewshot_ko | plain_ko | plain_en | path to a prompt YAML")]
+ImageSizeOpt = Annotated[Optional[int], typer.Option("--image-size", help="Letterbox side in pixels (default 512).")]
+ImageModeOpt = Annotated[Optional[str], typer.Option("--image-mode", help="letterbox | native")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+
+
+def _setup_logging() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+    def one_line(message: Any, category: type[Warning], filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+        print(f"warning: {message}", file=sys.stderr)
+
+    warnings.showwarning = one_line  # type: ignore[assignment]
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
+def _config(config: Path | None, sets: list[str] | None, inherit: list[Any] | None = None, **flags: Any) -> Any:
+    """Model/adapter mcvqa.yaml < recipe < --set < explicit flags (``section__field=value``; None = not given)."""
+    from mcvqa.config import load_config, parse_overrides
+
+    overrides = parse_overrides(sets)
+    for key, value in flags.items():
+        if value is None:
+            continue
+        section, name = key.split("__", 1)
+        overrides.setdefault(section, {})[name] = value
+    return load_config(config, overrides, inherit=inherit)
+
+
+def _echo(msg: str) -> None:
+    typer.echo(msg, err=True)
+
+
+# ---------------------------------------------------------------------------------------------- commands
+
+
+@app.command()
+def synth(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write train.csv, test.csv, test_labels.csv, sample_submission.csv and images.")],
+    train: Annotated[int, typer.Option(help="Labelled training rows.")] = 2000,
+    test: Annotated[int, typer.Option(help="Test rows (labels go to test_labels.csv).")] = 500,
+    seed: Annotated[int, typer.Option(help="Same seed, same files.")] = 0,
+    kinds: Annotated[Optional[str], typer.Option(help="Comma list of question kinds: colour,shape,position,count,digit,letter,absent.")] = None,
+    option_order: Annotated[str, typer.Option(help="canonical (vocabulary order) | random (shuffled, harder).")] = "canonical",
+    shift: Annotated[str, typer.Option(help="Distribution shift: none | colour_cast | blur | small | noise.")] = "none",
+    answer_skew: Annotated[float, typer.Option(help="Fraction of training answers forced to 'a' (letter-biased data).")] = 0.0,
+    values: Annotated[int, typer.Option(help="Use only the first N values of each kind (4: every kind has fixed options).")] = 0,
+    quiet: QuietOpt = False,
+) -> None:
+    """Draw a synthetic dataset in the competition's CSV format (Korean questions, answers balanced over a-d)."""
+    from tqdm.auto import tqdm
+
+    from mcvqa.synth import KINDS, SynthConfig, synthesize
+
+    try:
+        cfg = SynthConfig(
+            train=train, test=test, seed=seed, kinds=kinds.split(",") if kinds else list(KINDS),
+            option_order=option_order, shift=shift, answer_skew=answer_skew, values=values,
+        )
+    except ValueError as e:
+        raise McvqaError(str(e)) from None
+    t0 = time.perf_counter()
+    with tqdm(total=train + test, desc="drawing", unit="img", disable=quiet) as bar:
+        paths = synthesize(out, cfg, progress=bar.update)
+    for name, p in paths.items():
+        typer.echo(f"{name:18s} {p}")
+    _echo(f"{train + test} questions in {time.perf_counter() - t0:.1f}s")
+
+
+@app.command()
+def tiny(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the Hugging Face checkpoint (config, safetensors, tokenizer, processor).")],
+    hidden: Annotated[int, typer.Option(help="Text hidden size.")] = 128,
+    layers: Annotated[int, typer.Option(help="Text decoder layers.")] = 3,
+    vision_depth: Annotated[int, typer.Option(help="Vision transformer blocks.")] = 2,
+    vocab: Annotated[int, typer.Option(help="BPE vocabulary size trained locally.")] = 1024,
+    seed: Annotated[int, typer.Option(help="Weight initialisation seed.")] = 0,
+) -> None:
+    """Build a tiny Qwen3-VL locally (real architecture, random weights, local tokenizer) and save it."""
+    from mcvqa.tiny import TinySpec, build_tiny
+
+    spec = TinySpec(hidden_size=hidden, num_hidden_layers=layers, vision_depth=vision_depth, vocab_size=vocab, seed=seed)
+    path = build_tiny(out, spec)
+    typer.echo(str(path))
+
+
+@app.command()
+def predict(
+    data: Annotated[Path, typer.Option("--data", "-d", help="Test CSV (id,path,question,a,b,c,d).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder: submission.csv, probs.csv, config.yaml.")],
+    model: ModelOpt = None,
+    adapter: Annotated[Optional[Path], typer.Option("--adapter", help="LoRA adapter folder from `mcvqa train` (e.g. runs/t1/best).")] = None,
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Questions per forward pass.")] = None,
+    scoring: Annotated[Optional[str], typer.Option(help="logits (default) | generate (the reference's generate-and-parse).")] = None,
+    quant: QuantOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    prompt: PromptOpt = None,
+    image_size: ImageSizeOpt = None,
+    image_mode: ImageModeOpt = None,
+    data_root: DataRootOpt = None,
+    num_workers: Annotated[Optional[int], typer.Option(help="Image-decoding worker processes.")] = None,
+    on_bad_image: Annotated[Optional[str], typer.Option(help="fail (default) | skip: answer an unreadable image's question with a blank image.")] = None,
+    no_prefix_cache: Annotated[bool, typer.Option("--no-prefix-cache", help="Run the system prompt for every question (for comparison).")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted run in --out from its journal.")] = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Score a test CSV: letter probabilities from one forward pass per batch, then submission.csv + probs.csv."""
+    from mcvqa.predict import predict as run_predict
+
+    cfg = _config(
+        config, sets, [model, adapter], model__name_or_path=model, model__quant=quant, model__device=device, model__dtype=dtype,
+        predict__batch_size=batch_size, predict__scoring=scoring, predict__num_workers=num_workers,
+        predict__on_bad_image=on_bad_image, predict__prefix_cache=False if no_prefix_cache else None,
+        prompt__name=prompt, image__size=image_size, image__mode=image_mode,
+        data__root=str(data_root) if data_root else None,
+    )
+    res = run_predict(cfg, data, out, adapter=adapter, resume=resume, progress=not quiet, log=_echo)
+    typer.echo(f"submission {res.submission}")
+    typer.echo(f"probs      {res.probs}")
+    _echo(f"{res.n} questions in {res.seconds:.1f}s ({res.questions_per_second:.1f} q/s)")
+
+
+@app.command()
+def evaluate(
+    pred: Annotated[Path, typer.Option("--pred", "-p", help="probs.csv written by predict.")],
+    data: Annotated[Path, typer.Option("--data", "-d", help="CSV with id and answer columns (e.g. test_labels.csv).")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Also write the metrics as JSON here.")] = None,
+) -> None:
+    """Accuracy, accuracy per answer letter, predicted-letter distribution, confusion matrix, NLL and ECE."""
+    from mcvqa.evaluate import evaluate_files, format_metrics
+    from mcvqa.io import atomic_write_json
+
+    m = evaluate_files(pred, data)
+    typer.echo(format_metrics(m, title=str(pred)))
+    if out:
+        atomic_write_json(out, m)
+
+
+@app.command()
+def train(
+    data: Annotated[Path, typer.Option("--data", "-d", help="Labelled CSV (id,path,question,a,b,c,d,answer).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder: best/ and last/ adapters, checkpoints/, metrics.json, loss.png, logs/.")],
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+    model: ModelOpt = None,
+    val_data: Annotated[Optional[Path], typer.Option("--val-data", help="Validation CSV (default: a stratified split of --data).")] = None,
+    epochs: Annotated[Optional[float], typer.Option(help="Passes over the training data.")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Questions per device per micro-batch.")] = None,
+    kfold: Annotated[Optional[int], typer.Option(help="Train K models on K folds and report mean +- std.")] = None,
+    quant: QuantOpt = None,
+    device: DeviceOpt = None,
+    data_root: DataRootOpt = None,
+    resume: Annotated[bool, typer.Option(help="Continue from the newest checkpoint in --out.")] = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Train LoRA/QLoRA adapters (or all weights) on the answer letter; validate each epoch; keep the best."""
+    from mcvqa.train import train as run_train
+
+    cfg = _config(
+        config, sets, [model], model__name_or_path=model, model__quant=quant, model__device=device,
+        train__epochs=epochs, train__lr=lr, train__batch_size=batch_size, train__kfold=kfold,
+        data__root=str(data_root) if data_root else None,
+    )
+    res = run_train(cfg, data, out, val_data=val_data, resume=resume, progress=not quiet, log_fn=_echo)
+    if res.best_metrics:
+        typer.echo(f"best       {res.best} " + " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in res.best_metrics.items()))
+    _echo(f"{res.steps} steps in {res.seconds:.1f}s ({res.samples_per_second:.1f} samples/s)")
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where data/, models/ and runs/ of the demo go.")] = Path("."),
+    train_rows: Annotated[int, typer.Option("--train", help="Synthetic training rows.")] = 3000,
+    test_rows: Annotated[int, typer.Option("--test", help="Synthetic test rows.")] = 500,
+    config: ConfigOpt = Path("configs/demo.yaml"),
+    quiet: QuietOpt = False,
+) -> None:
+    """The embedded default, end to end on CPU: synthetic data -> tiny Qwen3-VL -> train -> predict -> evaluate."""
+    from mcvqa.demo import run_demo
+
+    run_demo(out, train_rows=train_rows, test_rows=test_rows, config=config, progress=not quiet, log=_echo)
+
+
+@app.command("config")
+def show_config(
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+) -> None:
+    """Print the resolved config, every field with its documentation."""
+    from mcvqa.config import describe
+
+    typer.echo(describe(_config(config, sets)))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point. User errors -> one ``error:`` line and exit code 2."""
+    _setup_logging()
+    try:
+        app(args=argv, prog_name="mcvqa")
+    except McvqaError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        raise SystemExit(130) from None
+
+
+if __name__ == "__main__":
+    main()

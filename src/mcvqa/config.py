@@ -1,0 +1,450 @@
+"""Typed, documented configuration.
+
+Precedence, lowest first: dataclass defaults < a YAML recipe (``--config``) < ``--set section.field=value``
+overrides < explicit CLI flags. Nothing else is read implicitly except the environment variables named
+in the field docs (``MCVQA_DATA``, ``MCVQA_MODEL``). The resolved config is written next to every output.
+
+Each field carries a one-line docstring (the string literal under it); ``describe()`` extracts them so
+``mcvqa config --show`` and the YAML recipes document the same text.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import os
+import textwrap
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mcvqa.errors import ConfigError
+
+LETTERS = ("a", "b", "c", "d")
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = "Qwen/Qwen3-VL-8B-Instruct"
+    """Local folder or Hub id of a Qwen3-VL or Qwen2.5-VL checkpoint (safetensors only). Env: MCVQA_MODEL."""
+    quant: str = "none"
+    """Weight quantisation: none | nf4 (bitsandbytes 4-bit, double quant) | int8. Quantised loading needs the gpu extra."""
+    dtype: str = "auto"
+    """Compute dtype: auto (bf16 on GPUs that support it, else fp16; fp32 on CPU) | bf16 | fp16 | fp32."""
+    attn_implementation: str = "sdpa"
+    """Attention kernel passed to transformers: sdpa | eager | flash_attention_2 | flex_attention."""
+    device: str = "auto"
+    """Device: auto (cuda if available, else cpu) | cpu | cuda | cuda:N."""
+    trust_remote_code: bool = False
+    """Allow Python code shipped inside a checkpoint to run. Off, and refused unless set explicitly."""
+    backend: str = "auto"
+    """Training backend: auto (unsloth when installed and on a GPU, else peft) | peft | unsloth."""
+
+    def __post_init__(self) -> None:
+        _choice("model.quant", self.quant, ("none", "nf4", "int8"))
+        _choice("model.dtype", self.dtype, ("auto", "bf16", "fp16", "fp32"))
+        _choice("model.attn_implementation", self.attn_implementation, ("sdpa", "eager", "flash_attention_2", "flex_attention"))
+        _choice("model.backend", self.backend, ("auto", "peft", "unsloth"))
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ConfigError(f"model.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+
+
+@dataclass
+class DataConfig:
+    root: str | None = None
+    """Data root: image paths in a CSV must stay inside it. Default: the CSV's own folder. Env: MCVQA_DATA."""
+    val_fraction: float = 0.2
+    """Fraction of the labelled rows held out for validation (stratified by answer letter)."""
+    split_seed: int = 42
+    """Seed of the train/validation split and of the K-fold assignment."""
+    check_images: str = "header"
+    """How hard to check images when a CSV is read: exists | header (open and read size; catches fakes and bombs) | full (decode)."""
+    max_option_chars: int = 512
+    """Options longer than this are truncated (with a warning naming the row): keeps one bad row from blowing the batch."""
+    max_question_chars: int = 1024
+    """Questions longer than this are truncated (with a warning naming the row)."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction must be between 0 and 1, got {self.val_fraction}")
+        _choice("data.check_images", self.check_images, ("exists", "header", "full"))
+        _positive("data.max_option_chars", self.max_option_chars)
+        _positive("data.max_question_chars", self.max_question_chars)
+
+
+@dataclass
+class ImageConfig:
+    mode: str = "letterbox"
+    """letterbox: pad to a size x size square keeping aspect ratio (the reference); native: keep the shape within a pixel budget."""
+    size: int = 512
+    """Side of the letterboxed square in pixels; rounded to a multiple of 32 (patch 16 x merge 2). 512 -> 256 visual tokens."""
+    max_pixels: int = 720 * 540
+    """native mode: largest area kept (720x540 -> ~380 visual tokens). Larger images are scaled down."""
+    min_pixels: int = 32 * 32
+    """native mode: smallest area; tiny images are scaled up to it."""
+    fill: tuple[int, int, int] = (0, 0, 0)
+    """RGB colour of the letterbox padding."""
+    max_image_pixels: int = 64_000_000
+    """Refuse images with more pixels than this before decoding them (decompression-bomb guard)."""
+
+    def __post_init__(self) -> None:
+        _choice("image.mode", self.mode, ("letterbox", "native"))
+        if self.size < 32:
+            raise ConfigError(f"image.size must be at least 32, got {self.size}")
+        if self.min_pixels > self.max_pixels:
+            raise ConfigError("image.min_pixels must not exceed image.max_pixels")
+        self.fill = tuple(int(c) for c in self.fill)  # YAML gives a list
+        if len(self.fill) != 3 or not all(0 <= c <= 255 for c in self.fill):
+            raise ConfigError(f"image.fill must be three integers 0-255, got {self.fill}")
+
+
+@dataclass
+class PromptConfig:
+    name: str = "fewshot_ko"
+    """Built-in prompt (fewshot_ko, plain_ko, plain_en) or a path to a prompt YAML (see src/mcvqa/prompt_files/)."""
+
+
+@dataclass
+class LoraConfig:
+    r: int = 32
+    """LoRA rank."""
+    alpha: int = 32
+    """LoRA scaling numerator (with rsLoRA the scale is alpha / sqrt(r))."""
+    dropout: float = 0.05
+    """Dropout on the LoRA input."""
+    use_rslora: bool = True
+    """Rank-stabilised LoRA scaling."""
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    """Linear layers to adapt. These names exist only in the language model: the vision tower uses qkv/proj/linear_fc*."""
+    vision: bool = False
+    """Also adapt the vision tower (qkv, proj, linear_fc1, linear_fc2). Did not help in published solutions."""
+
+    def __post_init__(self) -> None:
+        _positive("lora.r", self.r)
+        _positive("lora.alpha", self.alpha)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+        if not self.target_modules:
+            raise ConfigError("lora.target_modules must name at least one module")
+
+
+@dataclass
+class TrainConfig:
+    method: str = "lora"
+    """lora (QLoRA when model.quant=nf4) | full (all parameters; for small models)."""
+    epochs: float = 5
+    """Passes over the training split."""
+    lr: float = 1e-4
+    """Peak learning rate (AdamW)."""
+    batch_size: int = 8
+    """Questions per device per micro-batch."""
+    grad_accum: int = 2
+    """Micro-batches per optimiser step."""
+    weight_decay: float = 0.01
+    """AdamW weight decay (not applied to norms and biases)."""
+    warmup_ratio: float = 0.05
+    """Linear warmup as a fraction of the total optimiser steps."""
+    scheduler: str = "cosine"
+    """Learning-rate schedule after warmup: cosine | linear | constant."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm (0 disables)."""
+    gradient_checkpointing: bool = True
+    """Recompute activations in the backward pass to save memory."""
+    group_by_length: bool = True
+    """Batch questions of similar token length together to cut padding (shuffled between groups)."""
+    option_shuffle: bool = False
+    """Augmentation: permute the content of options a-d per example and remap the label."""
+    prefix_cache: bool = True
+    """Compute the shared system prompt once per batch instead of once per row (exact)."""
+    seed: int = 42
+    """Seed for weights of new layers, data order, dropout and augmentation."""
+    eval_every: str = "epoch"
+    """When to evaluate on the validation split: epoch | never."""
+    save_total_limit: int = 1
+    """Resumable checkpoints kept besides best/ (the newest ones)."""
+    checkpoint_every_steps: int = 0
+    """Also write a resumable checkpoint every N optimiser steps (0: only at epoch ends)."""
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    """Experiment trackers: any of tensorboard, wandb (offline when no API key); [] for none."""
+    kfold: int = 0
+    """K-fold mode: train k models on k stratified folds and report mean +- std (0: single split)."""
+    max_steps: int = 0
+    """Stop after this many optimiser steps (0: run all epochs). For smoke tests and benchmarks."""
+    log_every: int = 10
+    """Log the running loss every N optimiser steps."""
+    num_workers: int = 0
+    """DataLoader workers preparing images and tokens in parallel with the model (0: in the main process)."""
+
+    def __post_init__(self) -> None:
+        _choice("train.method", self.method, ("lora", "full"))
+        _choice("train.scheduler", self.scheduler, ("cosine", "linear", "constant"))
+        _choice("train.eval_every", self.eval_every, ("epoch", "never"))
+        if self.epochs <= 0:
+            raise ConfigError(f"train.epochs must be > 0, got {self.epochs}")
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr must be > 0, got {self.lr}")
+        _positive("train.batch_size", self.batch_size)
+        _positive("train.grad_accum", self.grad_accum)
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.kfold == 1 or self.kfold < 0:
+            raise ConfigError(f"train.kfold must be 0 (off) or at least 2, got {self.kfold}")
+        for r in self.report_to:
+            _choice("train.report_to", r, ("tensorboard", "wandb"))
+
+
+@dataclass
+class PredictConfig:
+    batch_size: int = 16
+    """Questions per forward pass."""
+    scoring: str = "logits"
+    """logits: softmax over the a/b/c/d token logits at the answer position | generate: the reference's generate-and-parse."""
+    prefix_cache: bool = True
+    """Reuse the system prompt's key/value cache for every batch (exact; the prompt is ~80% of each sequence)."""
+    num_workers: int = 0
+    """DataLoader workers decoding images in parallel with the model (0: in the main process)."""
+    on_bad_image: str = "fail"
+    """What to do with a test row whose image cannot be read: fail (stop with a message) | skip (uniform probabilities, reported)."""
+    max_new_tokens: int = 8
+    """generate scoring only: tokens to generate before parsing the letter."""
+
+    def __post_init__(self) -> None:
+        _positive("predict.batch_size", self.batch_size)
+        _choice("predict.scoring", self.scoring, ("logits", "generate"))
+        _choice("predict.on_bad_image", self.on_bad_image, ("fail", "skip"))
+
+
+@dataclass
+class Config:
+    """Everything a run needs; one YAML recipe maps onto it section by section."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    image: ImageConfig = field(default_factory=ImageConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["image"]["fill"] = list(d["image"]["fill"])
+        return d
+
+    def dump(self, path: str | Path) -> None:
+        from mcvqa.io import atomic_write_text
+
+        atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True))
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "image": ImageConfig,
+    "prompt": PromptConfig,
+    "lora": LoraConfig,
+    "train": TrainConfig,
+    "predict": PredictConfig,
+}
+
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def _positive(name: str, value: float) -> None:
+    if value <= 0:
+        raise ConfigError(f"{name} must be > 0, got {value}")
+
+
+def _coerce(name: str, value: Any, tp: Any) -> Any:
+    """Coerce a YAML/CLI value to the annotated field type, or fail naming the field."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is typing.Any:
+        return value
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", typing.Union)):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(name, value, inner[0])
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name} must be a list, got {value!r}")
+        elem = args[0] if args else Any
+        out = [_coerce(name, v, elem) for v in value]
+        return tuple(out) if origin is tuple else out
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+            return value.lower() in ("true", "yes", "1", "on")
+        raise ConfigError(f"{name} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(f"{name} must be an integer, got {value!r}")
+        try:
+            f = float(value)
+        except ValueError:
+            raise ConfigError(f"{name} must be an integer, got {value!r}") from None
+        if f != int(f):
+            raise ConfigError(f"{name} must be an integer, got {value!r}")
+        return int(f)
+    if tp is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name} must be a number, got {value!r}") from None
+    if tp is str:
+        if value is None:
+            raise ConfigError(f"{name} must be a string, got null")
+        return str(value)
+    return value
+
+
+def _build_section(section: str, cls: type, values: dict[str, Any]) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown field {section}.{unknown[0]}; known: {', '.join(sorted(known))}")
+    kwargs = {k: _coerce(f"{section}.{k}", v, hints[k]) for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def parse_overrides(items: list[str] | None) -> dict[str, dict[str, Any]]:
+    """``["lora.r=16", "train.lr=2e-4"]`` -> ``{"lora": {"r": 16}, "train": {"lr": 2e-4}}`` (values parsed as YAML)."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected section.field=value, e.g. --set lora.r=16")
+        key, raw = item.split("=", 1)
+        if "." not in key:
+            raise ConfigError(f"--set {item!r}: expected section.field=value, e.g. --set lora.r=16")
+        section, name = key.strip().split(".", 1)
+        if section not in SECTIONS:
+            raise ConfigError(f"--set {item!r}: unknown section {section!r}; known: {', '.join(SECTIONS)}")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        out.setdefault(section, {})[name.strip()] = value
+    return out
+
+
+def _merge(base: dict[str, dict[str, Any]], extra: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    merged = {k: dict(v) for k, v in base.items()}
+    for section, values in extra.items():
+        merged.setdefault(section, {}).update(values)
+    return merged
+
+
+INHERITED = {"image": None, "prompt": None, "model": ("name_or_path", "quant")}
+"""What a model or adapter folder's ``mcvqa.yaml`` passes on: how it was trained to see and be asked."""
+
+
+def inherited_settings(folder: str | Path | None) -> dict[str, dict[str, Any]]:
+    """Image/prompt settings (and, for an adapter, its base model) saved as ``mcvqa.yaml`` beside weights."""
+    if folder is None:
+        return {}
+    p = Path(folder) / "mcvqa.yaml"
+    if not p.is_file():
+        return {}
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError:
+        return {}
+    out: dict[str, dict[str, Any]] = {}
+    for section, keep in INHERITED.items():
+        values = data.get(section) or {}
+        if isinstance(values, dict):
+            out[section] = {k: v for k, v in values.items() if keep is None or k in keep}
+    return out
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | dict[str, dict[str, Any]] | None = None,
+    env: bool = True,
+    inherit: list[str | Path | None] | None = None,
+) -> Config:
+    """Defaults < settings inherited from model/adapter folders < YAML at ``path`` < overrides.
+
+    Unknown sections or fields are errors, not silently ignored.
+    """
+    raw: dict[str, dict[str, Any]] = {}
+    for folder in inherit or []:
+        raw = _merge(raw, inherited_settings(folder))
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"{p}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: expected a mapping of sections (model:, train:, ...)")
+        for section, values in loaded.items():
+            if section not in SECTIONS:
+                raise ConfigError(f"{p}: unknown section {section!r}; known: {', '.join(SECTIONS)}")
+            if values is None:
+                values = {}
+            if not isinstance(values, dict):
+                raise ConfigError(f"{p}: section {section!r} must be a mapping")
+            raw = _merge(raw, {section: values})
+    if env:
+        if os.environ.get("MCVQA_MODEL") and "name_or_path" not in raw.get("model", {}):
+            raw.setdefault("model", {})["name_or_path"] = os.environ["MCVQA_MODEL"]
+        if os.environ.get("MCVQA_DATA") and "root" not in raw.get("data", {}):
+            raw.setdefault("data", {})["root"] = os.environ["MCVQA_DATA"]
+    if overrides:
+        ov = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
+        raw = _merge(raw, ov)
+    sections = {name: _build_section(name, cls, raw.get(name, {})) for name, cls in SECTIONS.items()}
+    return Config(**sections)
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Attribute docstrings (the string literal under each field), litgpt-style."""
+    src = textwrap.dedent(inspect.getsource(cls))
+    body = ast.parse(src).body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for prev, node in zip(body, body[1:]):
+        if (
+            isinstance(prev, ast.AnnAssign)
+            and isinstance(prev.target, ast.Name)
+            and isinstance(node, ast.Expr)
+            and isinstance(node.value, ast.Constant)
+            and isinstance(node.value.value, str)
+        ):
+            docs[prev.target.id] = " ".join(node.value.value.split())
+    return docs
+
+
+def describe(cfg: Config) -> str:
+    """The resolved config as commented YAML: every field with its value and its one-line doc."""
+    lines: list[str] = []
+    for section, cls in SECTIONS.items():
+        docs = field_docs(cls)
+        lines.append(f"{section}:")
+        for f in dataclasses.fields(cls):
+            value = getattr(getattr(cfg, section), f.name)
+            if isinstance(value, tuple):
+                value = list(value)
+            dumped = yaml.safe_dump({f.name: value}, allow_unicode=True, default_flow_style=True).strip()
+            dumped = dumped[1:-1] if dumped.startswith("{") else dumped
+            lines.append(f"  # {docs.get(f.name, '')}")
+            lines.append(f"  {dumped}")
+    return "\n".join(lines) + "\n"

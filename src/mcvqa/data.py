@@ -1,0 +1,351 @@
+"""The competition's CSV format: reading, validation, splits.
+
+Format (see the README): ``id,path,question,a,b,c,d`` plus ``answer`` (a-d) when labelled. ``path`` is
+relative to the CSV's folder and must stay inside the data root (default: that folder). Extra columns
+are kept aside and ignored; column order does not matter.
+
+Data knows files and text, never models or tokenizers.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import random
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import pandas as pd
+
+from mcvqa.config import LETTERS, DataConfig
+from mcvqa.errors import DataError, ImageError
+
+REQUIRED = ("id", "path", "question", "a", "b", "c", "d")
+OPTION_COLUMNS = ("a", "b", "c", "d")
+
+
+@dataclass(frozen=True)
+class Item:
+    """One multiple-choice question."""
+
+    id: str
+    image: Path
+    """Absolute, resolved path of the image (checked to lie inside the data root)."""
+    question: str
+    options: tuple[str, str, str, str]
+    answer: int | None = None
+    """Index 0-3 of the correct option, or None when unlabelled."""
+    row: int = 0
+    """1-based data row in the source CSV (header excluded), for messages."""
+
+    @property
+    def answer_letter(self) -> str | None:
+        return None if self.answer is None else LETTERS[self.answer]
+
+    def permuted(self, order: Sequence[int]) -> Item:
+        """Options re-ordered so that new option ``j`` is old option ``order[j]``; the label follows its content."""
+        options = tuple(self.options[k] for k in order)
+        answer = None if self.answer is None else list(order).index(self.answer)
+        return replace(self, options=options, answer=answer)  # type: ignore[arg-type]
+
+
+@dataclass
+class Dataset:
+    """Items of one CSV, in file order."""
+
+    items: list[Item]
+    source: Path
+    root: Path
+    warnings: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __iter__(self) -> Iterator[Item]:
+        return iter(self.items)
+
+    def __getitem__(self, i: int) -> Item:
+        return self.items[i]
+
+    @property
+    def labelled(self) -> bool:
+        return bool(self.items) and all(it.answer is not None for it in self.items)
+
+    def subset(self, indices: Sequence[int]) -> Dataset:
+        return Dataset([self.items[i] for i in indices], self.source, self.root, list(self.warnings))
+
+
+# --------------------------------------------------------------------------------------------- encoding
+
+
+def decode_csv_bytes(raw: bytes, file: Path) -> tuple[str, str]:
+    """Bytes -> text. UTF-8 (with or without BOM) first, then CP949 (the usual Korean Windows encoding).
+
+    A file whose lines mix the two (some rows pasted from another tool) is refused naming the first line
+    that is not UTF-8, since any single decoding would silently garble some rows.
+    """
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    try:
+        return raw.decode("utf-8"), "utf-8"
+    except UnicodeDecodeError as e:
+        utf8_error = e
+    lines = raw.split(b"\n")
+    utf8_multibyte = any(_is_utf8_non_ascii(line) for line in lines)
+    if utf8_multibyte:
+        bad_line = raw[: utf8_error.start].count(b"\n") + 1
+        raise DataError(
+            file,
+            f"mixes UTF-8 with another encoding (line {bad_line} is not UTF-8)",
+            fix="re-save the whole file as UTF-8",
+        )
+    try:
+        return raw.decode("cp949"), "cp949"
+    except UnicodeDecodeError:
+        bad_line = raw[: utf8_error.start].count(b"\n") + 1
+        raise DataError(file, f"is neither UTF-8 nor CP949 (line {bad_line})", fix="re-save the file as UTF-8") from None
+
+
+def _is_utf8_non_ascii(line: bytes) -> bool:
+    if line.isascii():
+        return False
+    try:
+        line.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+# --------------------------------------------------------------------------------------------- reading
+
+
+def resolve_root(csv_path: Path, root: str | Path | None) -> Path:
+    """The data root: explicit flag/config, else ``MCVQA_DATA``, else the CSV's folder."""
+    if root is None:
+        root = os.environ.get("MCVQA_DATA") or None
+    base = Path(root) if root is not None else csv_path.parent
+    return base.expanduser().resolve()
+
+
+def resolve_csv(path: str | Path) -> Path:
+    """A CSV given relative to the cwd, or else relative to ``MCVQA_DATA``."""
+    p = Path(path).expanduser()
+    if not p.exists() and not p.is_absolute() and os.environ.get("MCVQA_DATA"):
+        alt = Path(os.environ["MCVQA_DATA"]).expanduser() / p
+        if alt.exists():
+            return alt
+    return p
+
+
+def safe_image_path(csv_path: Path, root: Path, rel: str, row: int) -> Path:
+    """``rel`` resolved against the CSV's folder; refused if it leaves the data root (``..``, absolute, symlink)."""
+    if not rel:
+        raise DataError(csv_path, "path is empty", row=row, column="path", fix="give the image path relative to the CSV")
+    if "\x00" in rel:
+        raise DataError(csv_path, "path contains a NUL byte", row=row, column="path")
+    candidate = Path(rel)
+    if candidate.is_absolute() or rel.startswith(("/", "\\")) or (len(rel) > 1 and rel[1] == ":"):
+        raise DataError(
+            csv_path, f"path {rel!r} is absolute", row=row, column="path", fix="use a path relative to the CSV's folder"
+        )
+    full = (csv_path.parent / candidate.as_posix().replace("\\", "/")).resolve()
+    if not full.is_relative_to(root):
+        what = "is a symlink that points" if (csv_path.parent / candidate).is_symlink() else "points"
+        raise DataError(
+            csv_path,
+            f"path {rel!r} {what} outside the data root {root}",
+            row=row,
+            column="path",
+            fix="keep images inside the data folder (or set --data-root / MCVQA_DATA)",
+        )
+    return full
+
+
+def read_csv(
+    path: str | Path,
+    *,
+    root: str | Path | None = None,
+    require_answer: bool = False,
+    cfg: DataConfig | None = None,
+) -> Dataset:
+    """Read and validate a competition CSV. Raises :class:`DataError` naming the file, row and column."""
+    cfg = cfg or DataConfig()
+    csv_path = resolve_csv(path)
+    if not csv_path.exists():
+        raise DataError(csv_path, "file not found", fix="check the path (or set MCVQA_DATA)")
+    if csv_path.is_dir():
+        raise DataError(csv_path, "is a folder, not a CSV file", fix="pass the CSV file, e.g. data/test.csv")
+    root_path = resolve_root(csv_path, root if root is not None else cfg.root)
+    if not csv_path.resolve().parent.is_relative_to(root_path):
+        # The CSV itself lives outside the root: its relative paths could never be inside it.
+        raise DataError(csv_path, f"the CSV is outside the data root {root_path}", fix="set --data-root to a folder above it")
+    raw = csv_path.read_bytes()
+    if not raw.strip():
+        raise DataError(csv_path, "is empty", fix="expected a header line id,path,question,a,b,c,d[,answer]")
+    text, _encoding = decode_csv_bytes(raw, csv_path)
+    try:
+        df = pd.read_csv(
+            io.StringIO(text),
+            dtype=str,
+            keep_default_na=False,  # an option reading "NA" or "None" is text, not a missing value
+            na_filter=False,
+            skipinitialspace=False,
+            quoting=csv.QUOTE_MINIMAL,
+        )
+    except pd.errors.ParserError as e:
+        raise DataError(csv_path, f"is not a valid CSV ({str(e).strip().splitlines()[-1]})", fix="check quoting") from None
+    except pd.errors.EmptyDataError:
+        raise DataError(csv_path, "has no header line", fix="expected id,path,question,a,b,c,d[,answer]") from None
+
+    df.columns = [str(c).strip().lstrip("\ufeff").lower() for c in df.columns]
+    dupes = sorted({c for c in df.columns if list(df.columns).count(c) > 1})
+    if dupes:
+        raise DataError(csv_path, f"column {dupes[0]!r} appears twice in the header")
+    missing = [c for c in REQUIRED if c not in df.columns]
+    if missing:
+        raise DataError(
+            csv_path,
+            f"missing column{'s' if len(missing) > 1 else ''} {', '.join(missing)}",
+            fix="expected header id,path,question,a,b,c,d[,answer]",
+        )
+    has_answer = "answer" in df.columns
+    if require_answer and not has_answer:
+        raise DataError(csv_path, "has no answer column", fix="labels are needed here (train/validation/evaluation)")
+
+    items: list[Item] = []
+    notes: list[str] = []
+    seen: dict[str, int] = {}
+    if len(df) == 0:
+        raise DataError(csv_path, "has a header but no rows")
+    for idx, rec in enumerate(df.to_dict("records")):
+        row = idx + 1
+        rid = str(rec["id"]).strip()
+        if not rid:
+            raise DataError(csv_path, "id is empty", row=row, column="id")
+        if rid in seen:
+            raise DataError(
+                csv_path, f"duplicate id {rid!r} (first seen in row {seen[rid]})", row=row, column="id", fix="ids must be unique"
+            )
+        seen[rid] = row
+        question = _clean_text(rec["question"])
+        if not question:
+            raise DataError(csv_path, "question is empty", row=row, column="question")
+        if len(question) > cfg.max_question_chars:
+            notes.append(
+                f"{csv_path.name} row {row}: question has {len(question)} characters; truncated to {cfg.max_question_chars}"
+            )
+            question = question[: cfg.max_question_chars]
+        options = []
+        for col in OPTION_COLUMNS:
+            opt = _clean_text(rec[col])
+            if not opt:
+                raise DataError(csv_path, f"option {col} is empty", row=row, column=col)
+            if len(opt) > cfg.max_option_chars:
+                notes.append(
+                    f"{csv_path.name} row {row}: option {col} has {len(opt)} characters; truncated to {cfg.max_option_chars}"
+                )
+                opt = opt[: cfg.max_option_chars]
+            options.append(opt)
+        answer: int | None = None
+        if has_answer:
+            raw_answer = str(rec["answer"]).strip().lower()
+            if raw_answer in ("", "nan", "none", "null"):
+                if require_answer:
+                    raise DataError(csv_path, "answer is empty", row=row, column="answer", fix="expected one of a, b, c, d")
+            elif raw_answer not in LETTERS:
+                raise DataError(
+                    csv_path, f"answer {rec['answer']!r} is not one of a, b, c, d", row=row, column="answer"
+                )
+            else:
+                answer = LETTERS.index(raw_answer)
+        image = safe_image_path(csv_path, root_path, str(rec["path"]).strip(), row)
+        _check_image(csv_path, image, row, cfg)
+        items.append(Item(rid, image, question, tuple(options), answer, row))  # type: ignore[arg-type]
+    if has_answer and not require_answer:
+        n_labelled = sum(it.answer is not None for it in items)
+        if 0 < n_labelled < len(items):
+            notes.append(f"{csv_path.name}: {len(items) - n_labelled} of {len(items)} rows have no answer")
+    for note in notes:
+        warnings.warn(note, stacklevel=2)
+    return Dataset(items, csv_path.resolve(), root_path, notes)
+
+
+def _clean_text(value: object) -> str:
+    """Strip, and fold internal newlines/tabs to spaces so every option renders on one line."""
+    text = "" if value is None else str(value)
+    return " ".join(text.replace("\r", " ").replace("\n", " ").replace("\t", " ").split()) if text.strip() else ""
+
+
+def _check_image(csv_path: Path, image: Path, row: int, cfg: DataConfig) -> None:
+    if not image.exists():
+        raise DataError(csv_path, f"image {image.name} not found ({image})", row=row, column="path", fix="check the path")
+    if cfg.check_images == "exists":
+        return
+    from mcvqa.images import load_image, open_image
+
+    try:
+        if cfg.check_images == "full":
+            load_image(image)
+        else:
+            open_image(image).close()
+    except ImageError as e:
+        raise DataError(csv_path, f"image {image.name}: {e.problem}", row=row, column="path") from None
+
+
+# --------------------------------------------------------------------------------------------- splits
+
+
+def stratified_split(ds: Dataset, val_fraction: float = 0.2, seed: int = 42) -> tuple[Dataset, Dataset]:
+    """Fixed, seeded train/validation split keeping the answer-letter proportions."""
+    if not ds.labelled:
+        raise DataError(ds.source, "a validation split needs every row labelled", column="answer")
+    rng = random.Random(seed)
+    train_idx: list[int] = []
+    val_idx: list[int] = []
+    for letter in range(4):
+        idx = [i for i, it in enumerate(ds.items) if it.answer == letter]
+        rng.shuffle(idx)
+        n_val = round(len(idx) * val_fraction)
+        val_idx += idx[:n_val]
+        train_idx += idx[n_val:]
+    return ds.subset(sorted(train_idx)), ds.subset(sorted(val_idx))
+
+
+def kfold_splits(ds: Dataset, k: int, seed: int = 42) -> list[tuple[Dataset, Dataset]]:
+    """Stratified K-fold: every labelled row is in exactly one validation fold."""
+    if k < 2:
+        raise ValueError("k must be at least 2")
+    if not ds.labelled:
+        raise DataError(ds.source, "K-fold needs every row labelled", column="answer")
+    if len(ds) < k:
+        raise DataError(ds.source, f"{len(ds)} rows cannot make {k} folds")
+    rng = random.Random(seed)
+    fold_of = [0] * len(ds)
+    offset = 0
+    for letter in range(4):
+        idx = [i for i, it in enumerate(ds.items) if it.answer == letter]
+        rng.shuffle(idx)
+        for j, i in enumerate(idx):
+            fold_of[i] = (j + offset) % k
+        offset += len(idx)  # continue the round-robin so fold sizes stay balanced overall
+    folds = []
+    for f in range(k):
+        val = [i for i in range(len(ds)) if fold_of[i] == f]
+        train = [i for i in range(len(ds)) if fold_of[i] != f]
+        folds.append((ds.subset(train), ds.subset(val)))
+    return folds
+
+
+def subsample(ds: Dataset, n: int, seed: int = 42) -> Dataset:
+    """A stratified random subset of ``n`` rows (all rows when ``n`` >= len)."""
+    if n >= len(ds):
+        return ds
+    if not ds.labelled:
+        rng = random.Random(seed)
+        return ds.subset(sorted(rng.sample(range(len(ds)), n)))
+    frac = n / len(ds)
+    _, part = stratified_split(ds, frac, seed)
+    return part

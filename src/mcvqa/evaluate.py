@@ -1,0 +1,158 @@
+"""Metrics from probabilities: accuracy, per-letter accuracy, position bias, confusion, NLL, calibration."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from mcvqa.config import LETTERS
+from mcvqa.data import decode_csv_bytes
+from mcvqa.errors import DataError
+
+PROB_COLUMNS = [f"p_{l}" for l in LETTERS]
+
+
+def _read_table(path: str | Path) -> pd.DataFrame:
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(p, "file not found")
+    text, _ = decode_csv_bytes(p.read_bytes(), p)
+    try:
+        df = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+        raise DataError(p, f"is not a valid CSV ({str(e).strip().splitlines()[-1] if str(e).strip() else 'empty'})") from None
+    df.columns = [str(c).strip().lstrip("\ufeff").lower() for c in df.columns]
+    return df
+
+
+def read_probs(path: str | Path) -> pd.DataFrame:
+    """A ``probs.csv`` (id,p_a,p_b,p_c,p_d[,answer]) with checked, renormalised probabilities."""
+    df = _read_table(path)
+    missing = [c for c in ["id", *PROB_COLUMNS] if c not in df.columns]
+    if missing:
+        raise DataError(path, f"missing column {missing[0]}", fix="expected id,p_a,p_b,p_c,p_d (the probs.csv written by predict)")
+    dup = df["id"].duplicated()
+    if dup.any():
+        raise DataError(path, f"duplicate id {df.loc[dup, 'id'].iloc[0]!r}", row=int(np.flatnonzero(dup.values)[0]) + 1, column="id")
+    for c in PROB_COLUMNS:
+        vals = pd.to_numeric(df[c], errors="coerce")
+        bad = vals.isna() | (vals < 0)
+        if bad.any():
+            r = int(np.flatnonzero(bad.values)[0])
+            raise DataError(path, f"{df[c].iloc[r]!r} is not a probability", row=r + 1, column=c)
+        df[c] = vals.astype(float)
+    sums = df[PROB_COLUMNS].sum(axis=1)
+    if (sums <= 0).any():
+        r = int(np.flatnonzero((sums <= 0).values)[0])
+        raise DataError(path, "probabilities sum to 0", row=r + 1)
+    df[PROB_COLUMNS] = df[PROB_COLUMNS].div(sums, axis=0)
+    return df
+
+
+def read_labels(path: str | Path) -> dict[str, int]:
+    """``id -> answer index`` from any CSV with ``id`` and ``answer`` columns (train.csv, test_labels.csv, ...)."""
+    df = _read_table(path)
+    for c in ("id", "answer"):
+        if c not in df.columns:
+            raise DataError(path, f"missing column {c}", fix="labels need id and answer columns")
+    labels: dict[str, int] = {}
+    for r, (rid, ans) in enumerate(zip(df["id"], df["answer"]), start=1):
+        a = str(ans).strip().lower()
+        if a not in LETTERS:
+            raise DataError(path, f"answer {ans!r} is not one of a, b, c, d", row=r, column="answer")
+        if rid in labels:
+            raise DataError(path, f"duplicate id {rid!r}", row=r, column="id")
+        labels[str(rid).strip()] = LETTERS.index(a)
+    return labels
+
+
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
+    """ECE of the top-1 confidence with equal-width bins (Guo et al. 2017)."""
+    conf = probs.max(axis=1)
+    correct = (probs.argmax(axis=1) == labels).astype(float)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    ece = 0.0
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        m = (conf > lo) & (conf <= hi) if lo > 0 else (conf >= lo) & (conf <= hi)
+        if m.any():
+            ece += m.mean() * abs(correct[m].mean() - conf[m].mean())
+    return float(ece)
+
+
+def reliability(probs: np.ndarray, labels: np.ndarray, bins: int = 10) -> list[dict[str, float]]:
+    conf = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == labels
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    out = []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        m = (conf > lo) & (conf <= hi) if lo > 0 else (conf >= lo) & (conf <= hi)
+        out.append({"lo": float(lo), "hi": float(hi), "n": int(m.sum()), "accuracy": float(correct[m].mean()) if m.any() else float("nan"), "confidence": float(conf[m].mean()) if m.any() else float("nan")})
+    return out
+
+
+def metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+    """All the numbers ``mcvqa evaluate`` prints, as plain Python types."""
+    probs = np.asarray(probs, dtype=np.float64)
+    labels = np.asarray(labels, dtype=np.int64)
+    n = len(labels)
+    pred = probs.argmax(axis=1)
+    correct = pred == labels
+    p_true = np.clip(probs[np.arange(n), labels], 1e-12, 1.0)
+    confusion = np.zeros((4, 4), dtype=int)
+    np.add.at(confusion, (labels, pred), 1)
+    per_letter = {}
+    for k, l in enumerate(LETTERS):
+        m = labels == k
+        per_letter[l] = float(correct[m].mean()) if m.any() else float("nan")
+    return {
+        "n": int(n),
+        "accuracy": float(correct.mean()) if n else float("nan"),
+        "nll": float(-np.log(p_true).mean()) if n else float("nan"),
+        "ece": expected_calibration_error(probs, labels) if n else float("nan"),
+        "brier": float(((probs - np.eye(4)[labels]) ** 2).sum(axis=1).mean()) if n else float("nan"),
+        "accuracy_by_answer": per_letter,
+        "predicted_distribution": {l: float((pred == k).mean()) for k, l in enumerate(LETTERS)},
+        "answer_distribution": {l: float((labels == k).mean()) for k, l in enumerate(LETTERS)},
+        "confusion": confusion.tolist(),
+        "mean_confidence": float(probs.max(axis=1).mean()) if n else float("nan"),
+    }
+
+
+def align(pred: pd.DataFrame, labels: dict[str, int], pred_path: str | Path = "probs.csv") -> tuple[np.ndarray, np.ndarray, list[str]]:
+    missing = [i for i in labels if i not in set(pred["id"])]
+    if missing:
+        raise DataError(pred_path, f"{len(missing)} labelled id(s) have no prediction, e.g. {missing[0]!r}")
+    keep = pred[pred["id"].isin(labels)]
+    probs = keep[PROB_COLUMNS].to_numpy(dtype=np.float64)
+    y = np.array([labels[i] for i in keep["id"]], dtype=np.int64)
+    return probs, y, keep["id"].tolist()
+
+
+def evaluate_files(pred: str | Path, data: str | Path) -> dict[str, Any]:
+    probs, y, _ = align(read_probs(pred), read_labels(data), pred)
+    return metrics(probs, y)
+
+
+def format_metrics(m: dict[str, Any], title: str = "evaluation") -> str:
+    """A plain-text table (also what the rich console prints)."""
+    lines = [
+        f"{title}: {m['n']} questions",
+        f"  accuracy   {m['accuracy']:.4f}",
+        f"  nll        {m['nll']:.4f}",
+        f"  ece        {m['ece']:.4f}",
+        f"  brier      {m['brier']:.4f}",
+        "",
+        "  letter   acc|true   predicted   true",
+    ]
+    for l in LETTERS:
+        lines.append(
+            f"  {l}        {m['accuracy_by_answer'][l]:8.4f}   {m['predicted_distribution'][l]:9.3f}   {m['answer_distribution'][l]:5.3f}"
+        )
+    lines += ["", "  confusion (rows: true, cols: predicted)", "        " + "  ".join(f"{l:>5}" for l in LETTERS)]
+    for l, row in zip(LETTERS, m["confusion"]):
+        lines.append(f"  {l:>5} " + "  ".join(f"{v:5d}" for v in row))
+    return "\n".join(lines)

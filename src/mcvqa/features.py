@@ -1,0 +1,217 @@
+"""Questions -> token ids and pixels, and batches of them.
+
+:class:`Encoder` turns an :class:`~mcvqa.data.Item` into an :class:`Example` whose token ids are split into
+the cacheable segments described in :mod:`mcvqa.prompts`; :func:`collate` right-pads a list of examples into
+a :class:`Batch`. Right padding with the answer read at each row's own last real token means padding can
+never move the answer position, and a causal model never lets a real token see a pad.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from PIL import Image
+
+from mcvqa.config import ImageConfig
+from mcvqa.data import Item
+from mcvqa.errors import ImageError
+from mcvqa.images import load_prepared, prepare
+from mcvqa.prompts import Frame, Prompt
+
+
+@dataclass
+class Example:
+    """One question, tokenized. ``suffix`` = image + question + options; the answer is read at its last token."""
+
+    id: str
+    image_ids: list[int]
+    question_ids: list[int]
+    option_ids: list[int]
+    pixel_values: torch.Tensor
+    image_grid_thw: torch.Tensor
+    label: int | None = None
+    bad_image: str | None = None
+    """Why the real image could not be used (a blank stood in for it), or None."""
+
+    @property
+    def suffix_ids(self) -> list[int]:
+        return self.image_ids + self.question_ids + self.option_ids
+
+
+@dataclass
+class Batch:
+    ids: list[str]
+    input_ids: torch.Tensor
+    """(B, S) right-padded token ids: the suffix, or prefix + suffix when ``prefix_len`` > 0."""
+    mm_token_type_ids: torch.Tensor
+    """(B, S) 1 at image tokens, 0 elsewhere (what Qwen-VL's M-RoPE index needs)."""
+    lengths: torch.Tensor
+    """(B,) real tokens per row; the answer is predicted at ``lengths - 1``."""
+    pixel_values: torch.Tensor
+    image_grid_thw: torch.Tensor
+    labels: torch.Tensor | None = None
+    """(B,) option index 0-3 of the right answer, when known."""
+    prefix_len: int = 0
+    """Tokens of the shared prefix included at the start of every row (0: the prefix comes from a cache)."""
+    bad_images: list[str | None] = field(default_factory=list)
+
+    def to(self, device: torch.device | str) -> Batch:
+        def mv(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device, non_blocking=True)
+
+        return Batch(
+            ids=self.ids,
+            input_ids=mv(self.input_ids),  # type: ignore[arg-type]
+            mm_token_type_ids=mv(self.mm_token_type_ids),  # type: ignore[arg-type]
+            lengths=mv(self.lengths),  # type: ignore[arg-type]
+            pixel_values=mv(self.pixel_values),  # type: ignore[arg-type]
+            image_grid_thw=mv(self.image_grid_thw),  # type: ignore[arg-type]
+            labels=mv(self.labels),
+            prefix_len=self.prefix_len,
+            bad_images=self.bad_images,
+        )
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+class Encoder:
+    """Builds token segments and pixel tensors for one model's processor and one prompt.
+
+    Picklable (tokenizer and image processor are), so it can run inside DataLoader workers.
+    """
+
+    def __init__(self, processor: Any, prompt: Prompt, image_cfg: ImageConfig) -> None:
+        self.prompt = prompt
+        self.image_cfg = image_cfg
+        self.tokenizer = processor.tokenizer
+        self.image_processor = processor.image_processor
+        self.frame = Frame.from_processor(processor, prompt.system)
+        tok = self.tokenizer
+        self.image_token_id = tok.convert_tokens_to_ids("<|image_pad|>")
+        self.vision_start_id = tok.convert_tokens_to_ids("<|vision_start|>")
+        self.vision_end_id = tok.convert_tokens_to_ids("<|vision_end|>")
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.convert_tokens_to_ids("<|endoftext|>")
+        self.merge = int(getattr(self.image_processor, "merge_size", 2))
+        self.prefix_ids: list[int] = self._tok(self.frame.head)
+        self._blank: Image.Image | None = None
+
+    def _tok(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False) if text else []
+
+    # -- segments ---------------------------------------------------------------------------------------
+
+    def question_ids(self, question: str) -> list[int]:
+        return self._tok(self.frame.between + self.prompt.question_text(question))
+
+    def option_ids(self, options: Sequence[str]) -> list[int]:
+        return self._tok(self.prompt.options_text(list(options)) + self.frame.tail)
+
+    def pixels(self, image: Image.Image) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """Pixel patches, grid (t, h, w) and the image segment's token ids for an already prepared image."""
+        out = self.image_processor(images=[image], return_tensors="pt")
+        grid = out["image_grid_thw"][0]
+        n = int(grid.prod().item()) // (self.merge**2)
+        ids = [self.vision_start_id] + [self.image_token_id] * n + [self.vision_end_id]
+        return out["pixel_values"], grid, ids
+
+    def blank_image(self) -> Image.Image:
+        """Stand-in for an unreadable image (``--on-bad-image skip``): mid grey, the configured shape."""
+        if self._blank is None:
+            size = self.image_cfg.size if self.image_cfg.mode == "letterbox" else 448
+            self._blank = prepare(Image.new("RGB", (size, size), (128, 128, 128)), self.image_cfg)
+        return self._blank
+
+    def load_image(self, item: Item, on_bad_image: str = "fail") -> tuple[Image.Image, str | None]:
+        try:
+            return load_prepared(item.image, self.image_cfg), None
+        except ImageError as e:
+            if on_bad_image == "fail":
+                raise
+            return self.blank_image(), e.problem
+
+    def encode(
+        self,
+        item: Item,
+        image: Image.Image | None = None,
+        on_bad_image: str = "fail",
+    ) -> Example:
+        """Tokenize ``item`` with its options in the given order. ``image`` (already prepared) skips loading."""
+        bad = None
+        if image is None:
+            image, bad = self.load_image(item, on_bad_image)
+        pixel_values, grid, image_ids = self.pixels(image)
+        return Example(
+            id=item.id,
+            image_ids=image_ids,
+            question_ids=self.question_ids(item.question),
+            option_ids=self.option_ids(item.options),
+            pixel_values=pixel_values,
+            image_grid_thw=grid,
+            label=item.answer,
+            bad_image=bad,
+        )
+
+    def full_text(self, item: Item, n_image_tokens: int | None = None) -> str:
+        """The whole conversation as one string (image placeholder expanded when ``n_image_tokens`` is given)."""
+        placeholder = None
+        if n_image_tokens is not None:
+            placeholder = "<|vision_start|>" + "<|image_pad|>" * n_image_tokens + "<|vision_end|>"
+        user = self.prompt.user_text(item.question, item.options)
+        return self.frame.render(user, placeholder) if placeholder else self.frame.render(user)
+
+
+def collate(examples: Sequence[Example], pad_id: int, image_token_id: int, prefix_ids: Sequence[int] | None = None) -> Batch:
+    """Right-pad examples into a batch. With ``prefix_ids`` every row starts with the prefix (the uncached path)."""
+    prefix = list(prefix_ids or [])
+    rows = [prefix + ex.suffix_ids for ex in examples]
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    for i, r in enumerate(rows):
+        input_ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+    lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
+    mm = (input_ids == image_token_id).to(torch.int32)
+    labels = None
+    if all(ex.label is not None for ex in examples):
+        labels = torch.tensor([ex.label for ex in examples], dtype=torch.long)
+    return Batch(
+        ids=[ex.id for ex in examples],
+        input_ids=input_ids,
+        mm_token_type_ids=mm,
+        lengths=lengths,
+        pixel_values=torch.cat([ex.pixel_values for ex in examples], dim=0),
+        image_grid_thw=torch.stack([ex.image_grid_thw for ex in examples], dim=0),
+        labels=labels,
+        prefix_len=len(prefix),
+        bad_images=[ex.bad_image for ex in examples],
+    )
+
+
+class ItemDataset(torch.utils.data.Dataset):
+    """Items encoded lazily, so image decoding runs in DataLoader workers, overlapped with the model."""
+
+    def __init__(self, items: Sequence[Item], encoder: Encoder, on_bad_image: str = "fail") -> None:
+        self.items = list(items)
+        self.encoder = encoder
+        self.on_bad_image = on_bad_image
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> Example:
+        return self.encoder.encode(self.items[i], on_bad_image=self.on_bad_image)
+
+
+class Collator:
+    """Picklable collate_fn for DataLoader."""
+
+    def __init__(self, encoder: Encoder, with_prefix: bool = False) -> None:
+        self.pad_id = encoder.pad_id
+        self.image_token_id = encoder.image_token_id
+        self.prefix_ids = encoder.prefix_ids if with_prefix else None
+
+    def __call__(self, examples: Sequence[Example]) -> Batch:
+        return collate(examples, self.pad_id, self.image_token_id, self.prefix_ids)

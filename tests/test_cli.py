@@ -1,0 +1,64 @@
+"""The command line: user mistakes end in one `error:` line and exit code 2, never a traceback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conftest import make_image, write_csv
+from mcvqa.cli import main
+
+
+def run(argv: list[str], capsys) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    out = capsys.readouterr()
+    return int(e.value.code or 0), out.out, out.err
+
+
+def test_bad_csv_is_one_line(tmp_path: Path, capsys) -> None:
+    make_image(tmp_path / "i.jpg")
+    csv = write_csv(tmp_path / "test.csv", "id,path,question,a,b,c,d\nq1,i.jpg,무엇?,가,,다,라\n")
+    code, out, err = run(["predict", "--model", str(tmp_path / "nomodel"), "--data", str(csv), "--out", str(tmp_path / "o")], capsys)
+    assert code == 2
+    assert err.strip() == "error: test.csv row 1, column b: option b is empty"
+    assert "Traceback" not in err + out
+
+
+def test_missing_data_file(tmp_path: Path, capsys) -> None:
+    code, _, err = run(["predict", "--model", "x", "--data", str(tmp_path / "nope.csv"), "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and "nope.csv: file not found" in err and err.count("\n") == 1
+
+
+def test_bad_override(tmp_path: Path, capsys) -> None:
+    code, _, err = run(["config", "--set", "lora.rank=4"], capsys)
+    assert code == 2 and err.strip().startswith("error: unknown field lora.rank")
+
+
+def test_model_folder_without_safetensors(tmp_path: Path, capsys, synth_data) -> None:
+    bad = tmp_path / "m"
+    bad.mkdir()
+    (bad / "config.json").write_text("{}")
+    (bad / "pytorch_model.bin").write_bytes(b"\x80\x04")
+    code, _, err = run(["predict", "--model", str(bad), "--data", str(synth_data / "test.csv"), "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and "only pickle weights (pytorch_model.bin); mcvqa loads safetensors only" in err
+
+
+def test_synth_predict_evaluate(tmp_path: Path, tiny_model: Path, capsys) -> None:
+    code, out, _ = run(["synth", "--out", str(tmp_path / "d"), "--train", "8", "--test", "12", "-q"], capsys)
+    assert code == 0 and "test_labels" in out
+    code, out, err = run(["predict", "--model", str(tiny_model), "--data", str(tmp_path / "d" / "test.csv"), "--out", str(tmp_path / "r"), "-q"], capsys)
+    assert code == 0 and "submission" in out and "12 questions" in err
+    code, out, _ = run(["evaluate", "--pred", str(tmp_path / "r" / "probs.csv"), "--data", str(tmp_path / "d" / "test_labels.csv")], capsys)
+    assert code == 0 and "accuracy" in out and "confusion" in out
+
+
+def test_config_show_documents_fields(capsys) -> None:
+    code, out, _ = run(["config", "--set", "lora.r=8"], capsys)
+    assert code == 0 and "r: 8" in out and "# LoRA rank." in out
+
+
+def test_help_explains_options(capsys) -> None:
+    code, out, _ = run(["predict", "--help"], capsys)
+    assert code == 0 and "--on-bad-image" in out and "--adapter" in out

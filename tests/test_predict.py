@@ -1,0 +1,92 @@
+"""predict end to end on the tiny model: outputs, formats, journal and resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from mcvqa.errors import McvqaError
+from mcvqa.predict import build_scorer, predict, validate_submission
+
+
+@pytest.fixture(scope="module")
+def scorer(cfg_factory, tiny_loaded):
+    return build_scorer(cfg_factory(), model=tiny_loaded[0], processor=tiny_loaded[1])
+
+
+def test_outputs_match_the_test_csv(cfg_factory, scorer, synth_data, tmp_path) -> None:
+    cfg = cfg_factory("predict.batch_size=5")
+    res = predict(cfg, synth_data / "test.csv", tmp_path / "run", scorer=scorer, progress=False, log=lambda s: None)
+    test = pd.read_csv(synth_data / "test.csv")
+    sample = pd.read_csv(synth_data / "sample_submission.csv")
+    sub = pd.read_csv(res.submission)
+    assert list(sub.columns) == list(sample.columns) == ["id", "answer"]
+    assert sub["id"].tolist() == test["id"].tolist()
+    assert set(sub["answer"]) <= set("abcd")
+    probs = pd.read_csv(res.probs)
+    assert list(probs.columns) == ["id", "p_a", "p_b", "p_c", "p_d", "answer"]
+    np.testing.assert_allclose(probs[["p_a", "p_b", "p_c", "p_d"]].sum(axis=1), 1.0, atol=1e-6)
+    assert (probs["answer"] == sub["answer"]).all()
+    assert (tmp_path / "run" / "config.yaml").exists()
+    summary = json.loads((tmp_path / "run" / "predict_summary.json").read_text())
+    assert summary["questions"] == len(test)
+
+
+def test_submission_bytes_do_not_depend_on_batch_size(cfg_factory, scorer, synth_data, tmp_path) -> None:
+    a = predict(cfg_factory("predict.batch_size=1"), synth_data / "test.csv", tmp_path / "a", scorer=scorer, progress=False, log=lambda s: None)
+    b = predict(cfg_factory("predict.batch_size=16"), synth_data / "test.csv", tmp_path / "b", scorer=scorer, progress=False, log=lambda s: None)
+    assert a.submission.read_bytes() == b.submission.read_bytes()
+
+
+def test_resume_after_interruption_is_byte_identical(cfg_factory, scorer, synth_data, tmp_path, monkeypatch) -> None:
+    cfg = cfg_factory("predict.batch_size=4")
+    full = predict(cfg, synth_data / "test.csv", tmp_path / "full", scorer=scorer, progress=False, log=lambda s: None)
+
+    import mcvqa.predict as P
+
+    calls = {"n": 0}
+    real = P.score_batch_with_backoff
+
+    def dies_on_third(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # a kill in the middle of the run
+        return real(*a, **k)
+
+    monkeypatch.setattr(P, "score_batch_with_backoff", dies_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        predict(cfg, synth_data / "test.csv", tmp_path / "cut", scorer=scorer, progress=False, log=lambda s: None)
+    assert not (tmp_path / "cut" / "submission.csv").exists()  # nothing partial under the final name
+    monkeypatch.setattr(P, "score_batch_with_backoff", real)
+    with pytest.raises(McvqaError, match="pass --resume"):
+        predict(cfg, synth_data / "test.csv", tmp_path / "cut", scorer=scorer, progress=False, log=lambda s: None)
+    res = predict(cfg, synth_data / "test.csv", tmp_path / "cut", scorer=scorer, resume=True, progress=False, log=lambda s: None)
+    assert res.resumed_batches == 2
+    assert res.submission.read_bytes() == full.submission.read_bytes()
+    assert res.probs.read_bytes() == full.probs.read_bytes()
+
+
+def test_validate_submission_catches_mistakes() -> None:
+    ids = ["t1", "t2", "t3"]
+    validate_submission(pd.DataFrame({"id": ids, "answer": ["a", "b", "d"]}), ids)
+    with pytest.raises(McvqaError, match="3 test ids"):
+        validate_submission(pd.DataFrame({"id": ids[:2], "answer": ["a", "b"]}), ids)
+    with pytest.raises(McvqaError, match="same order"):
+        validate_submission(pd.DataFrame({"id": ["t2", "t1", "t3"], "answer": ["a", "b", "c"]}), ids)
+    with pytest.raises(McvqaError, match="not one of a, b, c, d"):
+        validate_submission(pd.DataFrame({"id": ids, "answer": ["a", "e", "c"]}), ids)
+
+
+def test_four_thousand_rows_with_progress(cfg_factory, scorer, tmp_path, capsys) -> None:
+    """The foundation issue's scale check: 4,000 competition-format rows on CPU, with a progress bar."""
+    from mcvqa.synth import SynthConfig, synthesize
+
+    synthesize(tmp_path / "d", SynthConfig(train=0, test=4000, seed=11))
+    res = predict(cfg_factory("predict.batch_size=64"), tmp_path / "d" / "test.csv", tmp_path / "run", scorer=scorer, progress=True, log=lambda s: None)
+    assert res.n == 4000
+    assert len(pd.read_csv(res.submission)) == 4000
+    assert "4000/4000" in capsys.readouterr().err

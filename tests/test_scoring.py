@@ -1,0 +1,116 @@
+"""Prompt segments, letter tokens and the scoring forward: batching, padding and the prefix cache are exact."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from mcvqa.data import read_csv
+from mcvqa.features import collate
+from mcvqa.prompts import load_prompt
+from mcvqa.scoring import Scorer, answer_hidden, compute_prefix, letter_tokens, parse_letter
+
+
+@pytest.fixture()
+def items(synth_data):
+    return read_csv(synth_data / "train.csv").items[:8]
+
+
+def test_frame_follows_the_chat_template(encoder, tiny_loaded, items) -> None:
+    processor = tiny_loaded[1]
+    it = items[0]
+    messages = [
+        {"role": "system", "content": [{"type": "text", "text": encoder.prompt.system}]},
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": encoder.prompt.user_text(it.question, it.options)}]},
+    ]
+    assert encoder.full_text(it) == processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+@pytest.mark.parametrize("prompt", ["fewshot_ko", "plain_ko", "plain_en"])
+def test_segments_tokenize_like_the_whole_string(tiny_loaded, cfg_factory, items, prompt) -> None:
+    from mcvqa.features import Encoder
+
+    enc = Encoder(tiny_loaded[1], load_prompt(prompt), cfg_factory().image)
+    for it in items:
+        ex = enc.encode(it)
+        n = len(ex.image_ids) - 2
+        whole = enc.tokenizer.encode(enc.full_text(it, n_image_tokens=n), add_special_tokens=False)
+        assert enc.prefix_ids + ex.suffix_ids == whole
+
+
+def test_every_letter_resolves(tiny_loaded) -> None:
+    letters = letter_tokens(tiny_loaded[1].tokenizer)
+    tok = tiny_loaded[1].tokenizer
+    for letter, forms, target in zip("abcd", letters.variants, letters.target):
+        assert forms and target in forms
+        assert tok.decode([target]) == letter
+        assert all(tok.decode([f]).strip().lower() == letter for f in forms)
+
+
+def test_probabilities_sum_to_one(tiny_loaded, encoder, items) -> None:
+    scorer = Scorer(tiny_loaded[0], encoder)
+    batch = collate([encoder.encode(it) for it in items], encoder.pad_id, encoder.image_token_id)
+    p = scorer.logprobs(batch).exp()
+    assert p.shape == (len(items), 4)
+    torch.testing.assert_close(p.sum(-1), torch.ones(len(items)), atol=1e-6, rtol=0)
+
+
+def _long_short(encoder, items):
+    """Examples of clearly different lengths so batching must pad."""
+    exs = [encoder.encode(it) for it in items]
+    long = dataclasses.replace(items[1], question=items[1].question + " 그리고 아주 길게 덧붙인 설명이 있는 질문입니다" * 3)
+    exs.append(encoder.encode(long))
+    assert len({len(e.suffix_ids) for e in exs}) > 2
+    return exs
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_batched_equals_one_at_a_time(tiny_loaded, encoder, items, cache) -> None:
+    scorer = Scorer(tiny_loaded[0], encoder, prefix_cache=cache)
+    prefix = None if cache else encoder.prefix_ids
+    exs = _long_short(encoder, items)
+    batched = scorer.logprobs(collate(exs, encoder.pad_id, encoder.image_token_id, prefix))
+    single = torch.cat([scorer.logprobs(collate([e], encoder.pad_id, encoder.image_token_id, prefix)) for e in exs])
+    torch.testing.assert_close(batched.exp(), single.exp(), atol=1e-4, rtol=0)
+
+
+def test_cached_prefix_equals_full_sequence(tiny_loaded, encoder, items) -> None:
+    model = tiny_loaded[0]
+    exs = _long_short(encoder, items)
+    suffix_batch = collate(exs, encoder.pad_id, encoder.image_token_id)
+    full_batch = collate(exs, encoder.pad_id, encoder.image_token_id, encoder.prefix_ids)
+    with torch.no_grad():
+        cached = answer_hidden(model, suffix_batch, compute_prefix(model, encoder.prefix_ids))
+        full = answer_hidden(model, full_batch, None)
+    torch.testing.assert_close(cached, full, atol=1e-5, rtol=0)
+    a = Scorer(model, encoder, prefix_cache=True).logprobs(suffix_batch)
+    b = Scorer(model, encoder, prefix_cache=False).logprobs(full_batch)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_padding_does_not_move_the_answer(tiny_loaded, encoder, items) -> None:
+    scorer = Scorer(tiny_loaded[0], encoder)
+    batch = collate([encoder.encode(it) for it in items], encoder.pad_id, encoder.image_token_id)
+    extra = 37
+    padded = dataclasses.replace(
+        batch,
+        input_ids=torch.nn.functional.pad(batch.input_ids, (0, extra), value=encoder.pad_id),
+        mm_token_type_ids=torch.nn.functional.pad(batch.mm_token_type_ids, (0, extra), value=0),
+    )
+    torch.testing.assert_close(scorer.logprobs(batch), scorer.logprobs(padded), atol=1e-5, rtol=0)
+
+
+def test_answer_position_is_the_generation_prompt(encoder, items) -> None:
+    ex = encoder.encode(items[0])
+    tail = encoder.tokenizer.decode(ex.option_ids[-4:])
+    assert tail.endswith("<|im_start|>assistant\n")
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [("b", 1), (" C", 2), ("정답은 d 입니다", 3), ("(a)", 0), ("about", None), ("", None), ("A) 사과", 0)],
+)
+def test_parse_letter(text, expected) -> None:
+    assert parse_letter(text) == expected
