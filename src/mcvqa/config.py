@@ -156,6 +156,8 @@ class TrainConfig:
     """Gradient clipping norm (0 disables)."""
     gradient_checkpointing: bool = True
     """Recompute activations in the backward pass to save memory."""
+    checkpoint_every_n_layers: int = 1
+    """With gradient checkpointing, checkpoint only every N-th decoder layer (N>1 trades spare memory for speed)."""
     group_by_length: bool = True
     """Batch questions of similar token length together to cut padding (shuffled between groups)."""
     option_shuffle: bool = False
@@ -191,6 +193,7 @@ class TrainConfig:
             raise ConfigError(f"train.lr must be > 0, got {self.lr}")
         _positive("train.batch_size", self.batch_size)
         _positive("train.grad_accum", self.grad_accum)
+        _positive("train.checkpoint_every_n_layers", self.checkpoint_every_n_layers)
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.kfold == 1 or self.kfold < 0:

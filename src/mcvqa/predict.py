@@ -197,6 +197,7 @@ def iterate_batches(
         num_workers=num_workers,
         persistent_workers=False,
         pin_memory=torch.cuda.is_available(),
+        generator=torch.Generator().manual_seed(0),  # leave the global RNG alone (see train.py)
     )
     yield from loader
 

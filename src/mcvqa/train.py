@@ -161,7 +161,9 @@ def build_model(cfg: Config, for_training: bool = True) -> tuple[Any, Any]:
         for p in model.parameters():
             p.requires_grad_(True)
     if cfg.train.gradient_checkpointing:
-        unwrap(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        unwrap(model).activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False}, every_n_layers=cfg.train.checkpoint_every_n_layers
+        )
         if cfg.train.method == "lora":
             # Non-reentrant checkpointing needs no grad on the inputs, but peft models expect it set up.
             unwrap(model).enable_input_require_grads()
@@ -468,7 +470,14 @@ def train_split(
             batches = batches[: max(1, round(len(batches) * (tc.epochs - epoch)))]
         skip = state["micro_in_epoch"]
         loader = torch.utils.data.DataLoader(
-            dataset, batch_sampler=batches[skip:], collate_fn=collator, num_workers=tc.num_workers, pin_memory=not cpu
+            dataset,
+            batch_sampler=batches[skip:],
+            collate_fn=collator,
+            num_workers=tc.num_workers,
+            pin_memory=not cpu,
+            # Its own generator: a DataLoader draws a seed when iterated, which would shift the global RNG
+            # (dropout) differently in a resumed epoch than in an uninterrupted one.
+            generator=torch.Generator().manual_seed(tc.seed * 7919 + epoch),
         )
         micro = skip
         for batch in loader:

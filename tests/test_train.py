@@ -1,0 +1,181 @@
+"""Training: what moves, what is masked, the shared-prefix step, resume, K-fold."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mcvqa.data import read_csv, stratified_split
+from mcvqa.features import collate
+from mcvqa.scoring import letter_tokens
+from mcvqa.train import AnswerLoss, TrainDataset, build_model, epoch_batches, train, train_split
+
+LORA = ["train.method=lora", "lora.r=4", "lora.alpha=8", "lora.dropout=0.0", "train.report_to=[]", "prompt.name=plain_ko"]
+
+
+@pytest.fixture(scope="module")
+def data(synth_data):
+    ds = read_csv(synth_data / "train.csv", require_answer=True)
+    return stratified_split(ds, 0.25, 0)
+
+
+def _quiet(*_a, **_k) -> None:
+    return None
+
+
+def test_lora_moves_adapter_and_base_stays_bit_identical(cfg_factory, data, tmp_path) -> None:
+    cfg = cfg_factory(*LORA, "train.epochs=1", "train.batch_size=8", "train.lr=1e-2", "train.eval_every=never")
+    model, _ = build_model(cfg)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    train_split(cfg, data[0], [], tmp_path / "r", progress=False, log_fn=_quiet)
+    # The run saved its adapter; reload what was trained and compare with the untouched copy.
+    trained = load_file(str(tmp_path / "r" / "last" / "adapter_model.safetensors"))
+    assert trained, "adapter saved"
+    from mcvqa.model import load_adapter, load_model
+
+    base, _ = load_model(cfg.model)
+    peft = load_adapter(base, tmp_path / "r" / "last")
+    moved = 0
+    for n, p in peft.named_parameters():
+        if "lora_" in n:
+            key = n.replace(".default", "")
+            moved += int(not torch.equal(p, before[n])) if n in before else 0
+        else:
+            assert torch.equal(p, before[n]), f"base weight {n} changed"
+    assert moved > 0
+    meta = json.loads((tmp_path / "r" / "last" / "adapter_config.json").read_text())
+    assert meta["r"] == 4 and meta["use_rslora"] is True
+
+
+def test_answer_loss_equals_masked_label_loss(cfg_factory, tiny_loaded, encoder, data) -> None:
+    """Our loss is exactly the standard one with every label masked (-100) except the answer letter."""
+    model, processor = tiny_loaded
+    letters = letter_tokens(processor.tokenizer)
+    items = data[0].items[:4]
+    exs = [encoder.encode(it) for it in items]
+    module = AnswerLoss(model, encoder.prefix_ids, letters.target, use_prefix=True)
+    with torch.no_grad():
+        ours, _ = module(collate(exs, encoder.pad_id, encoder.image_token_id))
+        ref = []
+        for ex in exs:
+            ids = torch.tensor([encoder.prefix_ids + ex.suffix_ids + [letters.target[ex.label]]])
+            labels = torch.full_like(ids, -100)
+            labels[0, -1] = ids[0, -1]
+            out = model(
+                input_ids=ids, labels=labels, pixel_values=ex.pixel_values, image_grid_thw=ex.image_grid_thw[None],
+                mm_token_type_ids=(ids == encoder.image_token_id).int(),
+            )
+            ref.append(out.loss)
+    torch.testing.assert_close(ours, torch.stack(ref).mean(), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_shared_prefix_step_equals_plain_step(cfg_factory, data, checkpointing) -> None:
+    """Loss and every gradient match between the prefix-once step and the whole-sequence step."""
+    cfg = cfg_factory(*LORA, f"train.gradient_checkpointing={str(checkpointing).lower()}", "prompt.name=fewshot_ko")
+    model, processor = build_model(cfg)
+    model.train()
+    from mcvqa.features import Encoder
+    from mcvqa.prompts import load_prompt
+
+    enc = Encoder(processor, load_prompt("fewshot_ko"), cfg.image)
+    letters = letter_tokens(processor.tokenizer)
+    exs = [enc.encode(it) for it in data[0].items[:5]]
+    grads = {}
+    for use_prefix in (True, False):
+        model.zero_grad(set_to_none=True)
+        module = AnswerLoss(model, enc.prefix_ids, letters.target, use_prefix=use_prefix)
+        batch = collate(exs, enc.pad_id, enc.image_token_id, None if use_prefix else enc.prefix_ids)
+        loss, _ = module(batch)
+        loss.backward()
+        grads[use_prefix] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    (l1, g1), (l2, g2) = grads[True], grads[False]
+    torch.testing.assert_close(l1, l2, atol=1e-5, rtol=0)
+    assert g1.keys() == g2.keys() and len(g1) > 0
+    for n in g1:
+        torch.testing.assert_close(g1[n], g2[n], atol=1e-5, rtol=1e-4, msg=n)
+
+
+def test_option_shuffle_remaps_labels(encoder, data) -> None:
+    ds = TrainDataset(data[0].items, encoder, shuffle_options=True, seed=1)
+    changed = 0
+    for i, it in enumerate(data[0].items[:12]):
+        s = ds.item(i)
+        assert s.options[s.answer] == it.options[it.answer]
+        assert sorted(s.options) == sorted(it.options)
+        changed += s.options != it.options
+    assert changed > 0
+    ds.epoch = 1
+    assert [ds.item(i).options for i in range(12)] != [TrainDataset(data[0].items, encoder, True, 1).item(i).options for i in range(12)]
+
+
+def test_length_grouped_batches_cover_everything_once() -> None:
+    lengths = [5, 50, 6, 49, 7, 48, 8, 47, 9, 46]
+    def padding(batches):
+        return sum(max(lengths[i] for i in x) * len(x) - sum(lengths[i] for i in x) for x in batches)
+
+    grouped = epoch_batches(lengths, 2, seed=0, epoch=0, group_by_length=True)
+    plain = epoch_batches(lengths, 2, seed=0, epoch=0, group_by_length=False)
+    for b in (grouped, plain):
+        assert sorted(i for x in b for i in x) == list(range(10))
+    assert padding(grouped) < padding(plain)
+    assert epoch_batches(lengths, 2, 0, 1, True) != grouped
+
+
+def test_full_training_loss_falls(cfg_factory, data, tmp_path) -> None:
+    cfg = cfg_factory("train.method=full", "train.epochs=4", "train.batch_size=4", "train.lr=2e-3", "prompt.name=plain_ko", "train.gradient_checkpointing=false")
+    res = train_split(cfg, data[0], data[1].items, tmp_path / "full", progress=False, log_fn=_quiet)
+    losses = [l for _, l in json.loads((tmp_path / "full" / "metrics.json").read_text())["losses"]]
+    assert sum(losses[-3:]) / 3 < 0.5 * sum(losses[:3]) / 3
+    assert (tmp_path / "full" / "loss.png").stat().st_size > 1000
+    assert (tmp_path / "full" / "best" / "model.safetensors").exists()
+    assert len(res.history) == 4 and "val_accuracy" in res.history[0]
+    assert list((tmp_path / "full" / "logs").glob("events.out.tfevents.*")), "TensorBoard log written"
+
+
+def test_resume_gives_the_same_adapter(cfg_factory, data, tmp_path) -> None:
+    cfg = cfg_factory(*LORA, "train.epochs=2", "train.batch_size=6", "train.grad_accum=2", "train.lr=5e-3", "lora.dropout=0.1", "train.option_shuffle=true")
+    train_split(cfg, data[0], data[1].items, tmp_path / "straight", progress=False, log_fn=_quiet)
+    with pytest.raises(InterruptedError):
+        train_split(cfg, data[0], data[1].items, tmp_path / "cut", progress=False, log_fn=_quiet, stop_after_steps=2)
+    from mcvqa.errors import McvqaError
+
+    with pytest.raises(McvqaError, match="--resume"):
+        train_split(cfg, data[0], data[1].items, tmp_path / "cut", progress=False, log_fn=_quiet)
+    train_split(cfg, data[0], data[1].items, tmp_path / "cut", resume=True, progress=False, log_fn=_quiet)
+    a = load_file(str(tmp_path / "straight" / "last" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "last" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k  # bit-identical on CPU
+    ha = json.loads((tmp_path / "straight" / "metrics.json").read_text())["history"]
+    hb = json.loads((tmp_path / "cut" / "metrics.json").read_text())["history"]
+    assert ha == hb
+
+
+def test_kfold_reports_mean_and_std(cfg_factory, synth_data, tmp_path) -> None:
+    cfg = cfg_factory(*LORA, "train.kfold=3", "train.epochs=1", "train.batch_size=8")
+    res = train(cfg, synth_data / "train.csv", tmp_path / "kf", progress=False, log_fn=_quiet)
+    summary = json.loads((tmp_path / "kf" / "kfold.json").read_text())
+    assert len(summary["folds"]) == 3 and 0.0 <= summary["accuracy_mean"] <= 1.0
+    assert res.best_metrics["accuracy_std"] >= 0.0
+    assert all((tmp_path / "kf" / f"fold_{k}" / "best" / "adapter_model.safetensors").exists() for k in range(3))
+
+
+def test_predict_with_trained_adapter(cfg_factory, data, synth_data, tmp_path, capsys) -> None:
+    """The adapter folder carries its settings: predict needs only --adapter and --data."""
+    cfg = cfg_factory(*LORA, "train.epochs=1", "train.batch_size=8", "image.size=96")
+    train_split(cfg, data[0], data[1].items, tmp_path / "t", progress=False, log_fn=_quiet)
+    from mcvqa.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["predict", "--adapter", str(tmp_path / "t" / "best"), "--data", str(synth_data / "test.csv"), "--out", str(tmp_path / "p"), "-q", "--device", "cpu"])
+    assert e.value.code == 0, capsys.readouterr().err
+    import yaml
+
+    resolved = yaml.safe_load((tmp_path / "p" / "config.yaml").read_text())
+    assert resolved["image"]["size"] == 96 and resolved["prompt"]["name"] == "plain_ko"
