@@ -114,3 +114,19 @@ def test_answer_position_is_the_generation_prompt(encoder, items) -> None:
 )
 def test_parse_letter(text, expected) -> None:
     assert parse_letter(text) == expected
+
+
+def test_shared_question_prefix_for_option_orders_is_exact(tiny_loaded, encoder, items) -> None:
+    """Scoring 4 cyclic orders with one shared image+question pass equals scoring each permuted question alone."""
+    from mcvqa.features import cyclic_orders
+
+    scorer = Scorer(tiny_loaded[0], encoder)
+    its = list(items[:4]) + [dataclasses.replace(items[4], question=items[4].question + " 조금 더 긴 질문")]
+    orders = cyclic_orders(4)
+    shared = scorer.logprobs_orders([encoder.encode_orders(it, orders) for it in its])
+    assert shared.shape == (len(its), 4, 4)
+    for v, order in enumerate(orders):
+        perm = [it.permuted(order) for it in its]
+        alone = scorer.logprobs(collate([encoder.encode(p) for p in perm], encoder.pad_id, encoder.image_token_id))
+        # alone[:, j] is the option shown at letter j = original option order[j]
+        torch.testing.assert_close(shared[:, v, list(order)], alone, atol=1e-5, rtol=0)

@@ -42,6 +42,28 @@ class Example:
 
 
 @dataclass
+class OrderedExample:
+    """One question with several orderings of its options sharing one image + question prefix."""
+
+    id: str
+    image_ids: list[int]
+    question_ids: list[int]
+    option_variants: list[list[int]]
+    """Token ids of the options segment for each order in ``orders``."""
+    orders: list[tuple[int, ...]]
+    """``orders[v][j]`` = original index of the option shown at letter ``j`` in variant ``v``."""
+    pixel_values: torch.Tensor
+    image_grid_thw: torch.Tensor
+    label: int | None = None
+    bad_image: str | None = None
+
+
+def cyclic_orders(k: int = 4) -> list[tuple[int, ...]]:
+    """The ``k`` cyclic rotations of (0, 1, 2, 3): every option visits every letter once when k = 4."""
+    return [tuple((j + s) % 4 for j in range(4)) for s in range(k)]
+
+
+@dataclass
 class Batch:
     ids: list[str]
     input_ids: torch.Tensor
@@ -149,6 +171,24 @@ class Encoder:
             image_ids=image_ids,
             question_ids=self.question_ids(item.question),
             option_ids=self.option_ids(item.options),
+            pixel_values=pixel_values,
+            image_grid_thw=grid,
+            label=item.answer,
+            bad_image=bad,
+        )
+
+    def encode_orders(self, item: Item, orders: Sequence[Sequence[int]], image: Image.Image | None = None, on_bad_image: str = "fail") -> OrderedExample:
+        """Tokenize ``item`` once, with one options segment per order (for option-order averaging)."""
+        bad = None
+        if image is None:
+            image, bad = self.load_image(item, on_bad_image)
+        pixel_values, grid, image_ids = self.pixels(image)
+        return OrderedExample(
+            id=item.id,
+            image_ids=image_ids,
+            question_ids=self.question_ids(item.question),
+            option_variants=[self.option_ids([item.options[k] for k in order]) for order in orders],
+            orders=[tuple(o) for o in orders],
             pixel_values=pixel_values,
             image_grid_thw=grid,
             label=item.answer,

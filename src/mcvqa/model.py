@@ -165,12 +165,11 @@ def lora_targets(cfg: LoraConfig) -> list[str]:
 def attach_lora(model: Any, cfg: LoraConfig, quantized: bool = False, gradient_checkpointing: bool = True) -> Any:
     """Wrap ``model`` with fresh LoRA adapters (peft). Base weights are frozen."""
     from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model, prepare_model_for_kbit_training
+    from peft import get_peft_model
 
-    if quantized:
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=gradient_checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False}
-        )
+    # No prepare_model_for_kbit_training: it upcasts every frozen non-quantised weight (embeddings, head,
+    # norms: ~5 GB for an 8B model) to fp32, which bf16 training does not need. get_peft_model freezes the base.
+    del quantized, gradient_checkpointing
     targets = lora_targets(cfg)
     if cfg.vision:
         target: Any = targets

@@ -24,7 +24,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from mcvqa.config import LETTERS
 from mcvqa.errors import ModelError
-from mcvqa.features import Batch, Encoder
+from mcvqa.features import Batch, Encoder, OrderedExample
 
 # ------------------------------------------------------------------------------------------ letter tokens
 
@@ -283,10 +283,97 @@ class Scorer:
                 hidden = answer_hidden(self.model, batch, None)
             return letter_logprobs(head_rows(self.head, hidden, self.letters.all_ids), self.letters)
 
+    def logprobs_orders(self, examples: Sequence[OrderedExample], grad: bool = False) -> torch.Tensor:
+        """(B, V, 4) log-probabilities of each question under each option order, indexed by ORIGINAL option.
+
+        The image and question are run once per question and shared by its V orderings (two-level prefix:
+        system prompt -> image + question -> options). Exact: equal to scoring each permuted question alone.
+        """
+        with torch.set_grad_enabled(grad):
+            prefix = self.prefix() if not grad else compute_prefix(self.model, self.encoder.prefix_ids, self.device)
+            lp = shared_prefix_logprobs(self.model, self.encoder, examples, prefix, self.letters, self.head, self.device)
+        out = torch.empty_like(lp)
+        for b, ex in enumerate(examples):
+            for v, order in enumerate(ex.orders):
+                out[b, v, list(order)] = lp[b, v]  # the option shown at letter j is original option order[j]
+        return out
+
     @property
     def with_prefix_in_batch(self) -> bool:
         """Whether batches must carry the prefix tokens themselves (cache off)."""
         return not self.use_prefix_cache
+
+
+def shared_prefix_logprobs(
+    model: Any,
+    encoder: Encoder,
+    examples: Sequence[OrderedExample],
+    prefix: PrefixKV,
+    letters: LetterTokens,
+    head: torch.nn.Module,
+    device: torch.device,
+) -> torch.Tensor:
+    """(B, V, 4) letter log-probs by displayed letter, for V option segments per question (see logprobs_orders)."""
+    core, _ = core_and_head(model)
+    n_layers = len(core.language_model.layers)
+    B, V = len(examples), len(examples[0].option_variants)
+    if any(len(ex.option_variants) != V for ex in examples):
+        raise ValueError("every question needs the same number of option orders")
+    # -- stage 1: image + question of every question after the system prompt; keep their keys/values
+    stage1 = [ex.image_ids + ex.question_ids for ex in examples]
+    l1 = max(len(r) for r in stage1)
+    ids1 = torch.full((B, l1), encoder.pad_id, dtype=torch.long)
+    for i, r in enumerate(stage1):
+        ids1[i, : len(r)] = torch.tensor(r)
+    len1 = torch.tensor([len(r) for r in stage1])
+    ids1 = ids1.to(device)
+    mm1 = (ids1 == encoder.image_token_id).to(torch.int32)
+    grid = torch.stack([ex.image_grid_thw for ex in examples]).to(device)
+    pos1 = mrope_positions(core, ids1, mm1, grid, prefix.length)
+    rec = PrefixCache.recorder(n_layers, prefix)
+    core(
+        input_ids=ids1,
+        pixel_values=torch.cat([ex.pixel_values for ex in examples]).to(device),
+        image_grid_thw=grid,
+        mm_token_type_ids=mm1,
+        position_ids=pos1,
+        cache=rec,
+        use_cache=False,
+    )
+    k1, v1 = rec.recorded()
+    # M-RoPE of text after the question continues at (largest position so far) + 1, per row.
+    last = (len1 - 1).to(device)
+    rows = torch.arange(B, device=device)
+    next_pos = pos1[1:, rows, last].max(dim=0).values + 1  # (B,)
+    # -- stage 2: every options segment, attending to system + its own question's keys/values
+    stage2 = [ids for ex in examples for ids in ex.option_variants]
+    l2 = max(len(r) for r in stage2)
+    ids2 = torch.full((B * V, l2), encoder.pad_id, dtype=torch.long)
+    for i, r in enumerate(stage2):
+        ids2[i, : len(r)] = torch.tensor(r)
+    len2 = torch.tensor([len(r) for r in stage2], device=device)
+    ids2 = ids2.to(device)
+    owner = torch.arange(B, device=device).repeat_interleave(V)
+    keys = [torch.cat([pk.expand(B * V, -1, -1, -1), k.index_select(0, owner)], dim=-2) for pk, k in zip(prefix.keys, k1)]
+    values = [torch.cat([pv.expand(B * V, -1, -1, -1), v.index_select(0, owner)], dim=-2) for pv, v in zip(prefix.values, v1)]
+    # Padding inside the cached part (short questions) must be masked explicitly.
+    mask = torch.ones((B * V, prefix.length + l1 + l2), dtype=torch.long, device=device)
+    q_valid = torch.arange(l1, device=device)[None, :] < len1.to(device)[owner][:, None]
+    mask[:, prefix.length : prefix.length + l1] = q_valid.long()
+    steps = torch.arange(l2, device=device)[None, :]
+    text = (prefix.length + len1.to(device)[owner])[:, None] + steps
+    mrope = (next_pos[owner])[:, None] + steps
+    pos2 = torch.stack([text, mrope, mrope, mrope])
+    out = core(
+        input_ids=ids2,
+        attention_mask=mask,
+        position_ids=pos2,
+        cache=PrefixCache([PrefixLayer(k, v) for k, v in zip(keys, values)]),
+        use_cache=False,
+    )
+    hidden = out.last_hidden_state[torch.arange(B * V, device=device), len2 - 1]
+    lp = letter_logprobs(head_rows(head, hidden, letters.all_ids), letters)
+    return lp.view(B, V, 4)
 
 
 # ------------------------------------------------------------------------------------------ generate path

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
@@ -99,7 +100,7 @@ def train_tokenizer(lines: list[str], vocab_size: int) -> Tokenizer:
     return tok
 
 
-def tokenizer_corpus() -> list[str]:
+def tokenizer_corpus(include_system_prompts: bool = True) -> list[str]:
     """What the tiny tokenizer is trained on: prompts, the chat template's words, synthetic questions and options."""
     from mcvqa.synth import corpus_lines
 
@@ -107,25 +108,21 @@ def tokenizer_corpus() -> list[str]:
     for name in BUILTIN:
         p = load_prompt(name)
         # Repeated so the few-shot prompt compresses into long merges: the cached prefix stays short on CPU.
-        lines += [p.system, p.question_template, p.options_header, p.instruction] * 20
+        lines += ([p.system] if include_system_prompts else []) * 20 + [p.question_template, p.options_header, p.instruction] * 20
     lines += ["system\n", "user\n", "assistant\n"] * 50
     lines += corpus_lines() * 20
     lines += ["a. b. c. d. a b c d A B C D", "0123456789", "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ"] * 5
     return lines
 
 
-def build_tiny(out: str | Path, spec: TinySpec | None = None) -> Path:
-    """Create the tokenizer, processor and randomly initialised model and save them to ``out``."""
-    from transformers import Qwen2Tokenizer, Qwen3VLConfig, Qwen3VLForConditionalGeneration
+def build_processor(vocab_size: int, min_pixels: int, include_system_prompts: bool = True) -> tuple[Any, dict[str, int]]:
+    """A real Qwen3VLProcessor around a locally trained tokenizer; returns it and the special-token ids."""
+    from transformers import Qwen2Tokenizer
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
     from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
     from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
 
-    spec = spec or TinySpec()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-
-    bpe = train_tokenizer(tokenizer_corpus(), spec.vocab_size)
+    bpe = train_tokenizer(tokenizer_corpus(include_system_prompts), vocab_size)
     model_json = json.loads(bpe.to_str())["model"]
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model_json["merges"]]
     tokenizer = Qwen2Tokenizer(vocab=model_json["vocab"], merges=merges, model_max_length=32768)
@@ -137,7 +134,7 @@ def build_tiny(out: str | Path, spec: TinySpec | None = None) -> Path:
         patch_size=16,
         temporal_patch_size=2,
         merge_size=2,
-        size={"shortest_edge": spec.min_pixels, "longest_edge": 16384 * 32 * 32},
+        size={"shortest_edge": min_pixels, "longest_edge": 16384 * 32 * 32},
         image_mean=[0.5, 0.5, 0.5],
         image_std=[0.5, 0.5, 0.5],
     )
@@ -145,6 +142,18 @@ def build_tiny(out: str | Path, spec: TinySpec | None = None) -> Path:
     processor = Qwen3VLProcessor(
         image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor, chat_template=CHAT_TEMPLATE
     )
+    return processor, ids
+
+
+def build_tiny(out: str | Path, spec: TinySpec | None = None) -> Path:
+    """Create the tokenizer, processor and randomly initialised model and save them to ``out``."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    spec = spec or TinySpec()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    processor, ids = build_processor(spec.vocab_size, spec.min_pixels)
+    tokenizer = processor.tokenizer
 
     rope_dims = spec.head_dim // 2
     section = [rope_dims - 2 * (rope_dims * 3 // 8), rope_dims * 3 // 8, rope_dims * 3 // 8]  # t, h, w like [24, 20, 20]
@@ -191,4 +200,55 @@ def build_tiny(out: str | Path, spec: TinySpec | None = None) -> Path:
     (out / "mcvqa_tiny.json").write_text(json.dumps(asdict(spec), indent=2) + "\n", encoding="utf-8")
     # How this model should see images unless told otherwise (picked up by predict/train, see config.inherited_settings).
     (out / "mcvqa.yaml").write_text(f"image:\n  mode: letterbox\n  size: {spec.image_size}\n", encoding="utf-8")
+    return out
+
+
+def qwen3_vl_8b_config(ids: dict[str, int]) -> Any:
+    """Qwen3-VL-8B-Instruct's architecture (FIELD-NOTES): 36 x 4096 text layers, 27-block vision tower, DeepStack."""
+    from transformers import Qwen3VLConfig
+
+    return Qwen3VLConfig(
+        text_config=dict(
+            vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+            num_key_value_heads=8, head_dim=128, max_position_embeddings=262144, rms_norm_eps=1e-6,
+            rope_parameters={"rope_type": "default", "rope_theta": 5_000_000.0, "mrope_section": [24, 20, 20], "mrope_interleaved": True},
+            tie_word_embeddings=False, pad_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], bos_token_id=None,
+        ),
+        vision_config=dict(
+            depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, out_hidden_size=4096, patch_size=16,
+            spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304, deepstack_visual_indexes=[8, 16, 24],
+        ),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False,
+    )
+
+
+def build_random_8b(out: str | Path, device: str = "cuda") -> Path:
+    """The real Qwen3-VL-8B architecture with random bf16 weights, saved in Hugging Face format (~17 GB).
+
+    For benchmarks where the released weights cannot be downloaded: speed and memory do not depend on the
+    values. The tokenizer is the locally trained one (ids fit in the 151,936-row vocabulary); the system
+    prompt is not in its training text, so it tokenizes at a realistic rate rather than into a few merges.
+    """
+    from transformers import Qwen3VLForConditionalGeneration
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    processor, ids = build_processor(4096, 256 * 256, include_system_prompts=False)
+    config = qwen3_vl_8b_config(ids)
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            model = Qwen3VLForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(previous)
+    model.generation_config.eos_token_id = [ids["<|im_end|>"], ids["<|endoftext|>"]]
+    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    model.save_pretrained(out, safe_serialization=True, max_shard_size="5GB")
+    processor.save_pretrained(out)
+    del model
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
     return out

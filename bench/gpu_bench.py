@@ -1,0 +1,359 @@
+"""GPU benchmarks: mcvqa's scoring and training against the reference methods, same card, same run.
+
+    python bench/gpu_bench.py --build /tmp/q8b --phases predict,train --out results/
+
+Builds the real Qwen3-VL-8B-Instruct architecture with random bf16 weights (``mcvqa.tiny.build_random_8b``),
+saves it and loads it back through ``mcvqa.model.load_model`` - the production path, in bf16 and nf4.
+Conditions (issue 4): a ~1,200-token few-shot system prompt, one 512x512 letterboxed image (256 visual
+tokens) or a 540x720 photo at native resolution (~380 tokens), ~60 tokens of question and options.
+
+Rows (questions or samples per second, peak GPU memory):
+  predict  reference   batch 1, generate(max_new_tokens=1, output_scores), softmax of the letter scores
+           batched     one forward per 16 questions, whole sequence, last-position logits (no cache)
+           mcvqa       system-prompt KV cache + batched forward + letter rows of the head only
+           mcvqa-4ord  all 4 cyclic option orders, image+question prefix shared (reported per question)
+  train    plain       transformers + peft, bs 8, gradient checkpointing, HF loss over full-sequence logits
+           mcvqa       shared system prefix once per batch, LM head at the answer position only
+Exactness: argmax agreement and max |p - p_ref| of mcvqa's batched cached scores against the unbatched,
+uncached forward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+
+from mcvqa.config import load_config  # noqa: E402
+from mcvqa.data import read_csv  # noqa: E402
+from mcvqa.features import Encoder, collate, cyclic_orders  # noqa: E402
+from mcvqa.prompts import Prompt, load_prompt  # noqa: E402
+from mcvqa.scoring import Scorer, letter_tokens, score_generate  # noqa: E402
+
+
+def log(*a: Any) -> None:
+    print(*a, flush=True)
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def bench_prompt(tokenizer: Any, target: int) -> Prompt:
+    """The few-shot prompt, its examples repeated until the system turn is ~``target`` tokens."""
+    base = load_prompt("fewshot_ko")
+    head, _, examples = base.system.partition("\n\n예시 1")
+    examples = "예시 1" + examples
+    text = base.system
+    while len(tokenizer.encode(text)) < target:
+        text += "\n\n" + examples
+    # Trim by characters to land just under the target.
+    while len(tokenizer.encode(text)) > target:
+        text = text[: -max(1, (len(tokenizer.encode(text)) - target) // 2)]
+    return Prompt("bench", text.strip(), base.question_template, base.options_header, base.option_template, base.instruction)
+
+
+def gpu_mem() -> float:
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+
+
+def reset_mem() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def timed(fn, repeat: int = 1) -> float:
+    sync()
+    t = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    sync()
+    return (time.perf_counter() - t) / repeat
+
+
+# ----------------------------------------------------------------------------------------------- predict
+
+
+def bench_predict(model: Any, processor: Any, prompt: Prompt, cfg: Any, items: list, args: argparse.Namespace, tag: str) -> list[dict[str, Any]]:
+    enc = Encoder(processor, prompt, cfg.image)
+    rows: list[dict[str, Any]] = []
+    n_ref, n = min(args.n_reference, len(items)), min(args.n, len(items))
+    exs = [enc.encode(it) for it in items[:n]]  # images decoded up front: the GPU is what we time
+    suffix = sum(len(e.suffix_ids) for e in exs) / len(exs)
+    log(f"[{tag}] prefix {len(enc.prefix_ids)} tokens, suffix {suffix:.0f} tokens (image {len(exs[0].image_ids) - 2})")
+    meta = {"prefix_tokens": len(enc.prefix_ids), "suffix_tokens": round(suffix, 1), "image_tokens": len(exs[0].image_ids) - 2}
+
+    # reference: batch 1, generate one token with scores
+    def ref_one(e):
+        return score_generate(model, enc, collate([e], enc.pad_id, enc.image_token_id, enc.prefix_ids), max_new_tokens=1)[0]
+
+    ref_one(exs[0])
+    reset_mem()
+    t = timed(lambda: [ref_one(e) for e in exs[:n_ref]])
+    rows.append({"path": "reference: batch 1, generate 1 token", "q_per_s": n_ref / t, "peak_gib": gpu_mem(), **meta})
+    log(rows[-1])
+
+    # batched full-sequence forward, last position only, no cache
+    plain = Scorer(model, enc, prefix_cache=False)
+    def run_plain(bs):
+        for s in range(0, n, bs):
+            plain.logprobs(collate(exs[s : s + bs], enc.pad_id, enc.image_token_id, enc.prefix_ids))
+    run_plain(16)
+    reset_mem()
+    t = timed(lambda: run_plain(16))
+    rows.append({"path": "batched forward bs 16, last position, no cache", "q_per_s": n / t, "peak_gib": gpu_mem(), **meta})
+    log(rows[-1])
+
+    # mcvqa: prefix cache, several batch sizes
+    scorer = Scorer(model, enc, prefix_cache=True)
+    best = None
+    for bs in args.batch_sizes:
+        def run(bs=bs):
+            for s in range(0, n, bs):
+                scorer.logprobs(collate(exs[s : s + bs], enc.pad_id, enc.image_token_id))
+        try:
+            run()
+            reset_mem()
+            t = timed(run)
+        except torch.OutOfMemoryError:
+            log(f"bs {bs}: out of memory")
+            reset_mem()
+            continue
+        row = {"path": f"mcvqa: prefix cache, bs {bs}", "q_per_s": n / t, "peak_gib": gpu_mem(), **meta}
+        rows.append(row)
+        log(row)
+        best = row if best is None or row["q_per_s"] > best["q_per_s"] else best
+
+    # exactness vs the unbatched, uncached forward
+    with torch.no_grad():
+        ref = torch.cat([plain.logprobs(collate([e], enc.pad_id, enc.image_token_id, enc.prefix_ids)) for e in exs[: args.n_exact]]).exp()
+        bs = max(args.batch_sizes)
+        ours = torch.cat([scorer.logprobs(collate(exs[s : s + bs], enc.pad_id, enc.image_token_id)) for s in range(0, args.n_exact, bs)]).exp()
+    agree = (ref.argmax(-1) == ours.argmax(-1)).float().mean().item()
+    maxdiff = (ref - ours).abs().max().item()
+    rows.append({"path": "mcvqa vs unbatched uncached", "argmax_agreement": agree, "max_abs_prob_diff": maxdiff, "n": args.n_exact})
+    log(rows[-1])
+
+    # four cyclic orders, shared image+question prefix
+    orders = cyclic_orders(4)
+    oex = [enc.encode_orders(it, orders) for it in items[:n]]
+    best4 = None
+    for bs in args.order_batch_sizes:
+        def run4(bs=bs):
+            for s in range(0, n, bs):
+                scorer.logprobs_orders(oex[s : s + bs])
+        try:
+            run4()
+            reset_mem()
+            t = timed(run4)
+        except torch.OutOfMemoryError:
+            log(f"4 orders bs {bs}: out of memory")
+            reset_mem()
+            continue
+        row = {"path": f"mcvqa: 4 cyclic orders, shared prefix, bs {bs}", "q_per_s": n / t, "peak_gib": gpu_mem(), **meta}
+        rows.append(row)
+        log(row)
+        best4 = row if best4 is None or row["q_per_s"] > best4["q_per_s"] else best4
+    ref_qps = rows[0]["q_per_s"]
+    summary = {
+        "path": "summary",
+        "predict_speedup_vs_reference": best["q_per_s"] / ref_qps if best else None,
+        "four_orders_speedup_vs_reference_single_order": best4["q_per_s"] / ref_qps if best4 else None,
+        "predict_speedup_vs_batched": best["q_per_s"] / rows[1]["q_per_s"] if best else None,
+    }
+    rows.append(summary)
+    log(summary)
+    for r in rows:
+        r["setting"] = tag
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------- train
+
+
+def plain_peft_model(cfg: Any) -> tuple[Any, Any]:
+    """The usual QLoRA/LoRA setup: prepare_model_for_kbit_training (4-bit), get_peft_model, HF checkpointing."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    from mcvqa.model import load_model
+
+    model, processor = load_model(cfg.model)
+    if cfg.model.quant != "none":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, use_rslora=True,
+                      target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$")
+    return get_peft_model(model, lora), processor
+
+
+def bench_train(cfg: Any, prompt: Prompt, items: list, args: argparse.Namespace, tag: str) -> list[dict[str, Any]]:
+    from mcvqa.train import AnswerLoss, build_model, param_groups
+
+    rows = []
+    for method, bs in args.train_runs:
+        reset_mem()
+        if method == "plain":
+            model, processor = plain_peft_model(cfg)
+        else:
+            model, processor = build_model(cfg)
+        model.train()
+        enc = Encoder(processor, prompt, cfg.image)
+        letters = letter_tokens(processor.tokenizer)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01)
+        exs = [enc.encode(it) for it in items[: bs * (args.train_steps + 2)]]
+        device = next(model.parameters()).device
+        dtype = torch.bfloat16
+
+        if method == "plain":
+            # What a plain transformers + peft loop does: the whole sequence through the model, HF's loss
+            # with every label masked but the answer, i.e. full-sequence logits.
+            def step(batch_exs):
+                ids_rows = [enc.prefix_ids + e.suffix_ids + [letters.target[e.label]] for e in batch_exs]
+                width = max(len(r) for r in ids_rows)
+                ids = torch.full((len(ids_rows), width), enc.pad_id, dtype=torch.long)
+                att = torch.zeros_like(ids)
+                labels = torch.full_like(ids, -100)
+                for i, r in enumerate(ids_rows):
+                    ids[i, : len(r)] = torch.tensor(r)
+                    att[i, : len(r)] = 1
+                    labels[i, len(r) - 1] = r[-1]
+                ids, att, labels = ids.to(device), att.to(device), labels.to(device)
+                with torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda"):
+                    out = model(
+                        input_ids=ids, attention_mask=att, labels=labels,
+                        pixel_values=torch.cat([e.pixel_values for e in batch_exs]).to(device),
+                        image_grid_thw=torch.stack([e.image_grid_thw for e in batch_exs]).to(device),
+                        mm_token_type_ids=(ids == enc.image_token_id).int(),
+                    )
+                out.loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        else:
+            module = AnswerLoss(model, enc.prefix_ids, letters.target, use_prefix=True)
+
+            def step(batch_exs):
+                batch = collate(batch_exs, enc.pad_id, enc.image_token_id).to(device)
+                with torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda"):
+                    loss, _ = module(batch)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+        try:
+            step(exs[:bs])
+            step(exs[bs : 2 * bs])
+            reset_mem()
+            t = timed(lambda: [step(exs[(k + 2) * bs : (k + 3) * bs]) for k in range(args.train_steps)])
+            row = {"path": f"train {method} bs {bs}", "samples_per_s": bs * args.train_steps / t, "peak_gib": gpu_mem(), "setting": tag}
+        except torch.OutOfMemoryError:
+            row = {"path": f"train {method} bs {bs}", "samples_per_s": None, "peak_gib": "OOM", "setting": tag}
+        log(row)
+        rows.append(row)
+        del model, opt
+        reset_mem()
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------- main
+
+
+def versions() -> dict[str, str]:
+    import transformers
+
+    v = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
+    for name in ("peft", "bitsandbytes", "accelerate"):
+        try:
+            v[name] = __import__(name).__version__
+        except ImportError:
+            v[name] = "absent"
+    if torch.cuda.is_available():
+        v["device"] = torch.cuda.get_device_name(0)
+        v["cuda"] = torch.version.cuda or ""
+    return v
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--build", type=Path, default=Path("/tmp/q8b"), help="where the random 8B checkpoint is (built if missing)")
+    ap.add_argument("--data", type=Path, default=Path("/tmp/bench_data"))
+    ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench_out")))
+    ap.add_argument("--phases", default="predict,train")
+    ap.add_argument("--quants", default="none,nf4")
+    ap.add_argument("--modes", default="letterbox", help="letterbox,native")
+    ap.add_argument("--system-tokens", type=int, default=1200)
+    ap.add_argument("--n", type=int, default=256)
+    ap.add_argument("--n-reference", type=int, default=48)
+    ap.add_argument("--n-exact", type=int, default=128)
+    ap.add_argument("--batch-sizes", default="16,32,64")
+    ap.add_argument("--order-batch-sizes", default="8,16")
+    ap.add_argument("--train-runs", default="plain:8,mcvqa:8,mcvqa:16")
+    ap.add_argument("--train-steps", type=int, default=4)
+    args = ap.parse_args()
+    args.batch_sizes = [int(x) for x in args.batch_sizes.split(",")]
+    args.order_batch_sizes = [int(x) for x in args.order_batch_sizes.split(",")]
+    args.train_runs = [(r.split(":")[0], int(r.split(":")[1])) for r in args.train_runs.split(",")]
+    args.out.mkdir(parents=True, exist_ok=True)
+    info = versions()
+    log(info)
+
+    from mcvqa.synth import SynthConfig, synthesize
+    from mcvqa.tiny import build_random_8b
+
+    if not (args.build / "config.json").exists():
+        t = time.perf_counter()
+        build_random_8b(args.build)
+        log(f"built random Qwen3-VL-8B in {time.perf_counter() - t:.0f}s")
+    if not (args.data / "test.csv").exists():
+        synthesize(args.data, SynthConfig(train=0, test=max(args.n, 64), size=(720, 540), option_order="random"))
+    items = read_csv(args.data / "test_labels.csv").items  # labelled: training needs answers
+    from mcvqa.model import load_model
+
+    results: list[dict[str, Any]] = []
+    for quant in args.quants.split(","):
+        for mode in args.modes.split(","):
+            tag = f"{'bf16' if quant == 'none' else quant} {mode}"
+            image = ["image.mode=letterbox", "image.size=512"] if mode == "letterbox" else ["image.mode=native"]
+            cfg = load_config(None, [f"model.name_or_path={args.build}", f"model.quant={quant}", *image], env=False)
+            if "predict" in args.phases:
+                reset_mem()
+                t = time.perf_counter()
+                model, processor = load_model(cfg.model)
+                log(f"[{tag}] loaded in {time.perf_counter() - t:.0f}s, weights {torch.cuda.memory_allocated() / 2**30:.1f} GiB")
+                prompt = bench_prompt(processor.tokenizer, args.system_tokens)
+                results += bench_predict(model, processor, prompt, cfg, items, args, tag)
+                del model
+                reset_mem()
+            if "train" in args.phases:
+                tcfg = load_config(None, [f"model.name_or_path={args.build}", f"model.quant={quant}", *image, "lora.r=32", "lora.alpha=32", "lora.dropout=0.05"], env=False)
+                from mcvqa.model import load_processor
+
+                prompt = bench_prompt(load_processor(str(args.build)).tokenizer, args.system_tokens)
+                results += bench_train(tcfg, prompt, items, args, tag)
+            (args.out / "bench.json").write_text(json.dumps({"versions": info, "results": results}, indent=2))
+    log("\n| setting | path | q/s or samples/s | peak GiB |")
+    for r in results:
+        rate = r.get("q_per_s", r.get("samples_per_s"))
+        if rate is not None and not isinstance(rate, str):
+            log(f"| {r['setting']} | {r['path']} | {rate:.2f} | {r.get('peak_gib', '')} |")
+        else:
+            log(f"| {r['setting']} | {r['path']} | {json.dumps({k: v for k, v in r.items() if k not in ('setting', 'path')})} |")
+
+
+if __name__ == "__main__":
+    main()
