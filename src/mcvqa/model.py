@@ -125,6 +125,10 @@ def load_model(cfg: ModelConfig, adapter: str | Path | None = None, *, trainable
             raise ModelError(f"{name}: needs custom code; set model.trust_remote_code=true only if you trust it") from None
         raise
     model.eval()
+    if cfg.attn_implementation == "sdpa":
+        from mcvqa.scoring import use_causal_attention
+
+        use_causal_attention(model)  # same results, fused kernels with a cached prefix (scoring.py)
     if adapter is not None:
         model = load_adapter(model, adapter, trainable=trainable_adapter)
     return model, processor

@@ -108,6 +108,80 @@ def allow_prefix_cache_under_checkpointing(model: Any) -> None:
         layer._can_checkpoint_with_cache = True
 
 
+# ------------------------------------------------------------------------------------------ attention
+
+CAUSAL_ATTENTION = "mcvqa_sdpa"
+
+
+def _causal_sdpa(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: Any, dropout: float = 0.0, scaling: float | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """SDPA whose mask-free case is causal aligned to the bottom right (queries are the last q of kv keys).
+
+    transformers' SDPA path materialises a (B, 1, S, P+S) mask as soon as a cache holds a prefix, which
+    keeps PyTorch off its flash kernel and repeats grouped key/value heads. ``causal_lower_right`` states the
+    same pattern without a tensor, so the fused kernels and native grouped-query attention are used. When a
+    real padding mask is needed, :func:`_causal_mask` builds it and this falls back to transformers' SDPA.
+    """
+    if attention_mask is not None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    from torch.nn.attention.bias import causal_lower_right
+
+    q_len, kv_len = query.shape[2], key.shape[2]
+    gqa = query.shape[1] != key.shape[1]
+    if gqa and query.device.type != "cuda":
+        # CPU kernels take the materialising path, where grouped heads must be repeated explicitly.
+        from transformers.integrations.sdpa_attention import repeat_kv
+
+        n_rep = query.shape[1] // key.shape[1]
+        key, value, gqa = repeat_kv(key, n_rep), repeat_kv(value, n_rep), False
+    bias = None if q_len == kv_len else causal_lower_right(q_len, kv_len)
+    out = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=bias, is_causal=bias is None and q_len > 1,
+        dropout_p=dropout if module.training else 0.0, scale=scaling, enable_gqa=gqa,
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _causal_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0, mask_function: Any = None, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor | None:
+    """No mask where plain bottom-right causality is the whole story; transformers' SDPA mask otherwise."""
+    from transformers.masking_utils import causal_mask_function, sdpa_mask
+
+    mask_function = mask_function or causal_mask_function
+    plain = mask_function is causal_mask_function and kv_offset == 0 and q_offset + q_length == kv_length
+    if plain and (attention_mask is None or bool(attention_mask.all())):
+        return None
+    kwargs["allow_is_causal_skip"] = False  # the attention above reads "no mask" as bottom-right causal
+    return sdpa_mask(
+        batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset, kv_offset=kv_offset,
+        mask_function=mask_function, attention_mask=attention_mask, **kwargs,
+    )
+
+
+def _register_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    AttentionInterface.register(CAUSAL_ATTENTION, _causal_sdpa)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(CAUSAL_ATTENTION, _causal_mask)
+
+
+_register_attention()
+
+
+def use_causal_attention(model: Any) -> bool:
+    """Switch the language model from ``sdpa`` to :func:`_causal_sdpa` (exact; faster with a cached prefix).
+
+    Only the text decoder changes; the vision tower keeps its own attention. Returns whether it switched.
+    """
+    core, _ = core_and_head(model)
+    cfg = core.language_model.config
+    if cfg._attn_implementation != "sdpa":
+        return False
+    cfg._attn_implementation = CAUSAL_ATTENTION
+    return True
+
+
 # ------------------------------------------------------------------------------------------ prefix cache
 
 
