@@ -88,10 +88,23 @@ def timed(fn, repeat: int = 1) -> float:
 
 
 def set_attention(model: Any, name: str) -> None:
-    """Baselines run transformers' stock SDPA; mcvqa rows run mcvqa's (see scoring._causal_sdpa)."""
-    from mcvqa.scoring import core_and_head
+    """Baselines run transformers' stock SDPA (text and vision); mcvqa rows run mcvqa's attention."""
+    from mcvqa.scoring import core_and_head, use_causal_attention
 
-    core_and_head(model)[0].language_model.config._attn_implementation = name
+    core = core_and_head(model)[0]
+    core.language_model.config._attn_implementation = "sdpa"
+    core.visual.config._attn_implementation = "sdpa"
+    if name != "sdpa":
+        use_causal_attention(model)
+
+
+def agreement(ref: torch.Tensor, ours: torch.Tensor, what: str, n: int) -> dict[str, Any]:
+    top2 = ref.topk(2, dim=-1).values
+    return {
+        "path": what, "argmax_agreement": (ref.argmax(-1) == ours.argmax(-1)).float().mean().item(),
+        "max_abs_prob_diff": (ref - ours).abs().max().item(), "mean_abs_prob_diff": (ref - ours).abs().mean().item(),
+        "median_top1_top2_gap": (top2[:, 0] - top2[:, 1]).median().item(), "n": n,
+    }
 
 
 def bench_predict(model: Any, processor: Any, prompt: Prompt, cfg: Any, items: list, args: argparse.Namespace, tag: str) -> list[dict[str, Any]]:
@@ -131,7 +144,7 @@ def bench_predict(model: Any, processor: Any, prompt: Prompt, cfg: Any, items: l
     with torch.no_grad():
         one = torch.cat([plain.logprobs(collate([e], enc.pad_id, enc.image_token_id, enc.prefix_ids)) for e in exs[: args.n_exact]]).exp()
         many = torch.cat([plain.logprobs(collate(exs[s : min(s + 16, args.n_exact)], enc.pad_id, enc.image_token_id, enc.prefix_ids)) for s in range(0, args.n_exact, 16)]).exp()
-    rows.append({"path": "noise floor: stock batched bs 16 vs unbatched", "argmax_agreement": (one.argmax(-1) == many.argmax(-1)).float().mean().item(), "max_abs_prob_diff": (one - many).abs().max().item(), "n": args.n_exact})
+    rows.append(agreement(one, many, "noise floor: stock batched bs 16 vs unbatched", args.n_exact))
     log(rows[-1])
 
     # mcvqa with transformers' stock SDPA (the materialised-mask path), for the attention lever
@@ -146,9 +159,10 @@ def bench_predict(model: Any, processor: Any, prompt: Prompt, cfg: Any, items: l
     rows.append({"path": f"mcvqa with stock sdpa (materialised mask), bs {bs0}", "q_per_s": n / t, "peak_gib": gpu_mem(), **meta})
     log(rows[-1])
 
-    # mcvqa: prefix cache + bottom-right causal SDPA, several batch sizes
+    # mcvqa: prefix cache + bottom-right causal SDPA + batched vision attention + length-sorted batches
     set_attention(model, CAUSAL_ATTENTION)
     scorer.invalidate()
+    exs = sorted(exs, key=lambda e: len(e.suffix_ids))  # what predict does (sort_by_length)
     best = None
     for bs in args.batch_sizes:
         def run(bs=bs):
@@ -174,9 +188,7 @@ def bench_predict(model: Any, processor: Any, prompt: Prompt, cfg: Any, items: l
         set_attention(model, CAUSAL_ATTENTION)
         bs = max(args.batch_sizes)
         ours = torch.cat([scorer.logprobs(collate(exs[s : min(s + bs, args.n_exact)], enc.pad_id, enc.image_token_id)) for s in range(0, args.n_exact, bs)]).exp()
-    agree = (ref.argmax(-1) == ours.argmax(-1)).float().mean().item()
-    maxdiff = (ref - ours).abs().max().item()
-    rows.append({"path": "mcvqa vs unbatched uncached", "argmax_agreement": agree, "max_abs_prob_diff": maxdiff, "n": args.n_exact})
+    rows.append(agreement(ref, ours, "mcvqa vs unbatched uncached", args.n_exact))
     log(rows[-1])
 
     # four cyclic orders, shared image+question prefix
@@ -323,6 +335,37 @@ def bench_train(cfg: Any, prompt: Prompt, items: list, args: argparse.Namespace,
 # ----------------------------------------------------------------------------------------------- main
 
 
+def bench_exact32(args: argparse.Namespace, _unused: Any = None) -> list[dict[str, Any]]:
+    """fp32 on the GPU: cached + batched equals unbatched + uncached up to fp32 rounding (the logic is exact)."""
+    from mcvqa.model import load_model
+
+    if not (args.data / "test_labels.csv").exists():
+        from mcvqa.synth import SynthConfig, synthesize
+
+        synthesize(args.data, SynthConfig(train=0, test=max(args.n, 64), size=(720, 540), option_order="random"))
+    items = read_csv(args.data / "test_labels.csv").items[:32]
+    cfg = load_config(None, [f"model.name_or_path={args.build}", "model.dtype=fp32", "image.size=512"], env=False)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    reset_mem()
+    model, processor = load_model(cfg.model)
+    enc = Encoder(processor, bench_prompt(processor.tokenizer, args.system_tokens), cfg.image)
+    exs = [enc.encode(it) for it in items]
+    with torch.no_grad():
+        set_attention(model, "sdpa")
+        plain = Scorer(model, enc, prefix_cache=False)
+        ref = torch.cat([plain.logprobs(collate([e], enc.pad_id, enc.image_token_id, enc.prefix_ids)) for e in exs]).exp()
+        set_attention(model, "mcvqa")
+        scorer = Scorer(model, enc, prefix_cache=True)
+        ours = torch.cat([scorer.logprobs(collate(exs[s : s + 16], enc.pad_id, enc.image_token_id)) for s in range(0, len(exs), 16)]).exp()
+    row = agreement(ref, ours, "fp32: mcvqa (cache, bs 16) vs unbatched uncached", len(exs))
+    row["setting"] = "fp32 letterbox"
+    log(row)
+    del model
+    reset_mem()
+    return [row]
+
+
 def versions() -> dict[str, str]:
     import transformers
 
@@ -375,6 +418,8 @@ def main() -> None:
     from mcvqa.model import load_model
 
     results: list[dict[str, Any]] = []
+    if "exact32" in args.phases:
+        results += bench_exact32(args)
     for quant in args.quants.split(","):
         for mode in args.modes.split(","):
             tag = f"{'bf16' if quant == 'none' else quant} {mode}"

@@ -130,3 +130,24 @@ def test_shared_question_prefix_for_option_orders_is_exact(tiny_loaded, encoder,
         alone = scorer.logprobs(collate([encoder.encode(p) for p in perm], encoder.pad_id, encoder.image_token_id))
         # alone[:, j] is the option shown at letter j = original option order[j]
         torch.testing.assert_close(shared[:, v, list(order)], alone, atol=1e-5, rtol=0)
+
+
+def test_batched_vision_attention_equals_per_image_loop(tiny_loaded) -> None:
+    """mcvqa runs the vision tower's attention once per group of equal-size images instead of once per image."""
+    from PIL import Image
+
+    from mcvqa.scoring import VISION_ATTENTION, core_and_head
+
+    model, processor = tiny_loaded
+    core = core_and_head(model)[0]
+    assert core.visual.config._attn_implementation == VISION_ATTENTION
+    images = [Image.new("RGB", (64, 64), (40 * i, 90, 200)) for i in range(3)] + [Image.effect_noise((96, 64), 40).convert("RGB")]
+    px = processor.image_processor(images=images, return_tensors="pt")
+    with torch.no_grad():
+        fast = core.visual(px["pixel_values"], grid_thw=px["image_grid_thw"]).pooler_output
+        core.visual.config._attn_implementation = "sdpa"
+        try:
+            stock = core.visual(px["pixel_values"], grid_thw=px["image_grid_thw"]).pooler_output
+        finally:
+            core.visual.config._attn_implementation = VISION_ATTENTION
+    torch.testing.assert_close(fast, stock, atol=1e-5, rtol=0)

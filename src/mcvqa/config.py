@@ -210,6 +210,8 @@ class PredictConfig:
     """logits: softmax over the a/b/c/d token logits at the answer position | generate: the reference's generate-and-parse."""
     prefix_cache: bool = True
     """Reuse the system prompt's key/value cache for every batch (exact; the prompt is ~80% of each sequence)."""
+    sort_by_length: bool = True
+    """Batch questions of similar token length together (less padding); outputs stay in the CSV's order."""
     num_workers: int = 0
     """DataLoader workers decoding images in parallel with the model (0: in the main process)."""
     on_bad_image: str = "fail"

@@ -204,6 +204,24 @@ class Encoder:
         return self.frame.render(user, placeholder) if placeholder else self.frame.render(user)
 
 
+def token_lengths(items: Sequence[Item], encoder: Encoder) -> list[int]:
+    """Suffix length of each item (text tokens + image tokens), for length-grouped batching."""
+    from mcvqa.images import FACTOR, native_size, open_image
+
+    cfg = encoder.image_cfg
+    out = []
+    for it in items:
+        if cfg.mode == "letterbox":
+            side = max(FACTOR, round(cfg.size / FACTOR) * FACTOR) // FACTOR
+            n_img = side * side
+        else:
+            with open_image(it.image, cfg.max_image_pixels) as im:
+                w, h = native_size(*im.size, max_pixels=cfg.max_pixels, min_pixels=cfg.min_pixels)
+            n_img = (w // FACTOR) * (h // FACTOR)
+        out.append(n_img + 2 + len(encoder.question_ids(it.question)) + len(encoder.option_ids(it.options)))
+    return out
+
+
 def collate(examples: Sequence[Example], pad_id: int, image_token_id: int, prefix_ids: Sequence[int] | None = None) -> Batch:
     """Right-pad examples into a batch. With ``prefix_ids`` every row starts with the prefix (the uncached path)."""
     prefix = list(prefix_ids or [])

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from mcvqa.config import LETTERS, Config
 from mcvqa.data import Dataset, Item, read_csv
 from mcvqa.errors import DataError, McvqaError
-from mcvqa.features import Batch, Collator, Encoder, ItemDataset, collate
+from mcvqa.features import Batch, Collator, Encoder, ItemDataset, collate, token_lengths
 from mcvqa.io import atomic_write_csv, atomic_write_json
 from mcvqa.prompts import load_prompt
 from mcvqa.scoring import Scorer, parse_letter, score_generate
@@ -215,12 +215,22 @@ def score_items(
     source: Path | None = None,
     desc: str = "scoring",
     stats: ScoreStats | None = None,
+    sort_by_length: bool = True,
 ) -> np.ndarray:
-    """(N, 4) probabilities in item order. Skips batches already in ``done`` (resume)."""
+    """(N, 4) probabilities in item order. Skips batches already in ``done`` (resume).
+
+    With ``sort_by_length`` the batches hold questions of similar token length (less padding); the order is
+    a pure function of the data, so a resumed run forms exactly the same batches.
+    """
     stats = stats if stats is not None else ScoreStats()
     done = done or {}
     n = len(items)
-    slices = batch_slices(n, batch_size)
+    if sort_by_length and n > batch_size:
+        lengths = token_lengths(items, scorer.encoder)
+        order = sorted(range(n), key=lambda i: (lengths[i], i))
+        slices = [[order[i] for i in s] for s in batch_slices(n, batch_size)]
+    else:
+        slices = batch_slices(n, batch_size)
     probs = np.zeros((n, 4), dtype=np.float64)
     todo = []
     for b, idx in enumerate(slices):
@@ -330,6 +340,7 @@ def predict(
             "image": cfg.to_dict()["image"],
             "batch_size": cfg.predict.batch_size,
             "scoring": cfg.predict.scoring,
+            "sort_by_length": cfg.predict.sort_by_length,
         }
     )
     journal = Journal(journal_path, fp)
@@ -342,7 +353,7 @@ def predict(
     else:
         probs = score_items(
             scorer, ds.items, cfg.predict.batch_size, num_workers=cfg.predict.num_workers, on_bad_image=cfg.predict.on_bad_image,
-            progress=progress, journal=journal, done=done, source=ds.source, stats=stats,
+            progress=progress, journal=journal, done=done, source=ds.source, stats=stats, sort_by_length=cfg.predict.sort_by_length,
         )
     seconds = time.perf_counter() - t0
     ids = [it.id for it in ds]

@@ -158,12 +158,45 @@ def _causal_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int =
     )
 
 
+# The name must contain "flash": that is what makes Qwen-VL's vision attention hand over the whole batch
+# with its cu_seqlens instead of looping over images one SDPA call at a time (27 blocks x B images).
+VISION_ATTENTION = "mcvqa_flash_sdpa_varlen"
+
+
+def _vision_sdpa(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: Any = None, dropout: float = 0.0, scaling: float | None = None, cu_seq_lens_q: torch.Tensor | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """Bidirectional attention within each image of a packed batch: one SDPA call per group of equal-size images.
+
+    ``query``/``key``/``value``: (1, heads, total_patches, d). Returns (1, total_patches, heads, d).
+    """
+    total = query.shape[2]
+    if cu_seq_lens_q is None:
+        cu_seq_lens_q = torch.tensor([0, total], device=query.device)
+    lengths = (cu_seq_lens_q[1:] - cu_seq_lens_q[:-1]).tolist()
+    out = torch.empty_like(query)
+    start = 0
+    i = 0
+    while i < len(lengths):
+        # Run of consecutive images of the same size -> one batched call (letterbox: the whole batch).
+        j = i
+        while j < len(lengths) and lengths[j] == lengths[i]:
+            j += 1
+        n, length = j - i, lengths[i]
+        stop = start + n * length
+        shape = (query.shape[1], n, length, query.shape[3])
+        q, k, v = (t[0, :, start:stop].reshape(shape).transpose(0, 1) for t in (query, key, value))
+        o = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout if module.training else 0.0, scale=scaling)
+        out[0, :, start:stop] = o.transpose(0, 1).reshape(query.shape[1], n * length, query.shape[3])
+        start, i = stop, j
+    return out.transpose(1, 2).contiguous(), None
+
+
 def _register_attention() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
     AttentionInterface.register(CAUSAL_ATTENTION, _causal_sdpa)
     ALL_MASK_ATTENTION_FUNCTIONS.register(CAUSAL_ATTENTION, _causal_mask)
+    AttentionInterface.register(VISION_ATTENTION, _vision_sdpa)
 
 
 _register_attention()
@@ -179,6 +212,9 @@ def use_causal_attention(model: Any) -> bool:
     if cfg._attn_implementation != "sdpa":
         return False
     cfg._attn_implementation = CAUSAL_ATTENTION
+    vision_cfg = getattr(core, "visual", None) and core.visual.config
+    if vision_cfg is not None and vision_cfg._attn_implementation == "sdpa" and type(core).__name__.startswith("Qwen3VL"):
+        vision_cfg._attn_implementation = VISION_ATTENTION
     return True
 
 

@@ -36,7 +36,7 @@ from mcvqa.config import Config
 from mcvqa.data import Dataset, Item, kfold_splits, read_csv, stratified_split
 from mcvqa.errors import McvqaError
 from mcvqa.evaluate import metrics
-from mcvqa.features import Batch, Collator, Encoder, Example
+from mcvqa.features import Batch, Collator, Encoder, Example, token_lengths
 from mcvqa.io import atomic_write_json, atomic_write_text
 from mcvqa.prompts import load_prompt
 from mcvqa.scoring import (
@@ -82,24 +82,6 @@ class TrainDataset(torch.utils.data.Dataset):
         return self.encoder.encode(self.item(i))
 
 
-def token_lengths(items: Sequence[Item], encoder: Encoder) -> list[int]:
-    """Suffix length of each item (text tokens + image tokens), for length-grouped batching."""
-    from mcvqa.images import FACTOR, native_size, open_image
-
-    cfg = encoder.image_cfg
-    out = []
-    for it in items:
-        if cfg.mode == "letterbox":
-            side = max(FACTOR, round(cfg.size / FACTOR) * FACTOR) // FACTOR
-            n_img = side * side
-        else:
-            with open_image(it.image, cfg.max_image_pixels) as im:
-                w, h = native_size(*im.size, max_pixels=cfg.max_pixels, min_pixels=cfg.min_pixels)
-            n_img = (w // FACTOR) * (h // FACTOR)
-        out.append(n_img + 2 + len(encoder.question_ids(it.question)) + len(encoder.option_ids(it.options)))
-    return out
-
-
 def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int, group_by_length: bool) -> list[list[int]]:
     """The epoch's batches: shuffled; with grouping, sorted by length inside chunks of 64 batches and the
     batch order shuffled again, so padding shrinks while the data order stays random."""
@@ -139,7 +121,7 @@ class AnswerLoss(torch.nn.Module):
             hidden = answer_hidden(self.model, batch, None)
         logits = head(hidden).float()
         assert batch.labels is not None
-        loss = F.cross_entropy(logits, self.target_ids[batch.labels.to(device)])
+        loss = F.cross_entropy(logits, self.target_ids.to(device)[batch.labels.to(device)])
         return loss, logits
 
 
