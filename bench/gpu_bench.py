@@ -256,7 +256,7 @@ def bench_train(cfg: Any, prompt: Prompt, items: list, args: argparse.Namespace,
             model, processor = plain_peft_model(cfg)
         else:
             sets = []
-            if method.startswith("mcvqa-ckpt"):
+            if method.startswith("mcvqa-ckpt") and method[len("mcvqa-ckpt"):].isdigit():
                 sets.append(f"train.checkpoint_every_n_layers={int(method.removeprefix('mcvqa-ckpt'))}")
             elif method == "mcvqa-nockpt":
                 sets.append("train.gradient_checkpointing=false")
@@ -303,7 +303,7 @@ def bench_train(cfg: Any, prompt: Prompt, items: list, args: argparse.Namespace,
                 opt.step()
                 opt.zero_grad(set_to_none=True)
         else:
-            module = AnswerLoss(model, enc.prefix_ids, letters.target, use_prefix=True)
+            module = AnswerLoss(model, enc.prefix_ids, letters.target, shared_prefix="cache" if "cache" in method else "packed")
             if torch.cuda.is_available():
                 from mcvqa.scoring import core_and_head
 
@@ -386,6 +386,7 @@ def main() -> None:
     ap.add_argument("--build", type=Path, default=Path("/tmp/q8b"), help="where the random 8B checkpoint is (built if missing)")
     ap.add_argument("--data", type=Path, default=Path("/tmp/bench_data"))
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench_out")))
+    ap.add_argument("--json", default="bench.json", help="results file name under --out")
     ap.add_argument("--phases", default="predict,train")
     ap.add_argument("--quants", default="none,nf4")
     ap.add_argument("--modes", default="letterbox", help="letterbox,native")
@@ -440,7 +441,7 @@ def main() -> None:
 
                 prompt = bench_prompt(load_processor(str(args.build)).tokenizer, args.system_tokens)
                 results += bench_train(tcfg, prompt, items, args, tag)
-            (args.out / "bench.json").write_text(json.dumps({"versions": info, "results": results}, indent=2))
+            (args.out / args.json).write_text(json.dumps({"versions": info, "results": results}, indent=2))
     log("\n| setting | path | q/s or samples/s | peak GiB |")
     for r in results:
         rate = r.get("q_per_s", r.get("samples_per_s"))

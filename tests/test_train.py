@@ -57,7 +57,7 @@ def test_answer_loss_equals_masked_label_loss(cfg_factory, tiny_loaded, encoder,
     letters = letter_tokens(processor.tokenizer)
     items = data[0].items[:4]
     exs = [encoder.encode(it) for it in items]
-    module = AnswerLoss(model, encoder.prefix_ids, letters.target, use_prefix=True)
+    module = AnswerLoss(model, encoder.prefix_ids, letters.target, shared_prefix="cache")
     with torch.no_grad():
         ours, _ = module(collate(exs, encoder.pad_id, encoder.image_token_id))
         ref = []
@@ -74,7 +74,8 @@ def test_answer_loss_equals_masked_label_loss(cfg_factory, tiny_loaded, encoder,
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_shared_prefix_step_equals_plain_step(cfg_factory, data, checkpointing) -> None:
+@pytest.mark.parametrize("mode", ["cache", "packed"])
+def test_shared_prefix_step_equals_plain_step(cfg_factory, data, checkpointing, mode) -> None:
     """Loss and every gradient match between the prefix-once step and the whole-sequence step."""
     cfg = cfg_factory(*LORA, f"train.gradient_checkpointing={str(checkpointing).lower()}", "prompt.name=fewshot_ko")
     model, processor = build_model(cfg)
@@ -86,13 +87,13 @@ def test_shared_prefix_step_equals_plain_step(cfg_factory, data, checkpointing) 
     letters = letter_tokens(processor.tokenizer)
     exs = [enc.encode(it) for it in data[0].items[:5]]
     grads = {}
-    for use_prefix in (True, False):
+    for shared in (mode, "off"):
         model.zero_grad(set_to_none=True)
-        module = AnswerLoss(model, enc.prefix_ids, letters.target, use_prefix=use_prefix)
-        batch = collate(exs, enc.pad_id, enc.image_token_id, None if use_prefix else enc.prefix_ids)
+        module = AnswerLoss(model, enc.prefix_ids, letters.target, shared_prefix=shared)
+        batch = collate(exs, enc.pad_id, enc.image_token_id, enc.prefix_ids if shared == "off" else None)
         loss, _ = module(batch)
         loss.backward()
-        grads[use_prefix] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        grads[shared != "off"] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     (l1, g1), (l2, g2) = grads[True], grads[False]
     torch.testing.assert_close(l1, l2, atol=1e-5, rtol=0)
     assert g1.keys() == g2.keys() and len(g1) > 0

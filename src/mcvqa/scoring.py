@@ -345,6 +345,42 @@ def answer_hidden(model: Any, batch: Batch, prefix: PrefixKV | None = None) -> t
     return hidden[rows, batch.lengths.to(hidden.device) - 1]
 
 
+def packed_answer_hidden(model: Any, batch: Batch, prefix_ids: Sequence[int]) -> torch.Tensor:
+    """Like :func:`answer_hidden` with a shared prefix, but prefix and every row go through ONE forward pass.
+
+    The batch is packed into a single sequence ``[prefix, row 1, row 2, ...]`` (padding dropped) with a
+    mask that lets each row see the prefix and its own earlier tokens only. Each layer then runs one matrix
+    product over ``P + sum(len)`` tokens instead of one for the prefix and one for the rows - which matters
+    for 4-bit weights, dequantised once per matrix product. Exact: same keys, queries and positions.
+    """
+    core, _ = core_and_head(model)
+    device = batch.input_ids.device
+    p = len(prefix_ids)
+    b = batch.input_ids.shape[0]
+    lengths = batch.lengths.tolist()
+    pos = mrope_positions(core, batch.input_ids, batch.mm_token_type_ids, batch.image_grid_thw, p)
+    prefix_t = torch.tensor(list(prefix_ids), dtype=torch.long, device=device)
+    ids = torch.cat([prefix_t] + [batch.input_ids[i, : lengths[i]] for i in range(b)])[None]
+    mm = torch.cat([torch.zeros(p, dtype=batch.mm_token_type_ids.dtype, device=device)] + [batch.mm_token_type_ids[i, : lengths[i]] for i in range(b)])[None]
+    prefix_pos = torch.arange(p, device=device).view(1, p).expand(4, p)
+    positions = torch.cat([prefix_pos] + [pos[:, i, : lengths[i]] for i in range(b)], dim=1)[:, None, :]
+    segment = torch.cat([torch.zeros(p, dtype=torch.long, device=device)] + [torch.full((n,), i + 1, dtype=torch.long, device=device) for i, n in enumerate(lengths)])
+    t = segment.shape[0]
+    idx = torch.arange(t, device=device)
+    allowed = (idx[None, :] <= idx[:, None]) & ((segment[None, :] == 0) | (segment[None, :] == segment[:, None]))
+    out = core(
+        input_ids=ids,
+        attention_mask=allowed[None, None],  # 4D boolean mask: transformers passes it through as is
+        pixel_values=batch.pixel_values,
+        image_grid_thw=batch.image_grid_thw,
+        mm_token_type_ids=mm,
+        position_ids=positions,
+        use_cache=False,
+    )
+    ends = p + torch.cumsum(batch.lengths.to(device), 0) - 1
+    return out.last_hidden_state[0, ends]
+
+
 def head_rows(head: torch.nn.Module, hidden: torch.Tensor, token_ids: Sequence[int]) -> torch.Tensor:
     """Logits of selected vocabulary rows only: 4-16 dot products instead of the whole vocabulary."""
     weight = getattr(head, "weight", None)

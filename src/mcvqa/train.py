@@ -46,6 +46,7 @@ from mcvqa.scoring import (
     compute_prefix,
     core_and_head,
     letter_tokens,
+    packed_answer_hidden,
     unwrap,
 )
 
@@ -101,24 +102,31 @@ def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int
 
 
 class AnswerLoss(torch.nn.Module):
-    """The training forward as one module, so DDP/FSDP wrap it and see every parameter it uses."""
+    """The training forward as one module, so DDP/FSDP wrap it and see every parameter it uses.
 
-    def __init__(self, model: Any, prefix_ids: Sequence[int], target_ids: Sequence[int], use_prefix: bool) -> None:
+    ``shared_prefix``: ``packed`` (prefix + rows in one pass, see ``scoring.packed_answer_hidden``),
+    ``cache`` (prefix pass, then rows reading its keys/values) or ``off`` (batch rows carry the prefix).
+    """
+
+    def __init__(self, model: Any, prefix_ids: Sequence[int], target_ids: Sequence[int], shared_prefix: str = "packed") -> None:
         super().__init__()
+        if shared_prefix not in ("packed", "cache", "off"):
+            raise ValueError(f"shared_prefix must be packed, cache or off, got {shared_prefix!r}")
         self.model = model
         self.prefix_ids = list(prefix_ids)
         self.register_buffer("target_ids", torch.tensor(list(target_ids), dtype=torch.long), persistent=False)
-        self.use_prefix = use_prefix
+        self.shared_prefix = shared_prefix
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean loss, (B, V) logits at the answer position)."""
         _, head = core_and_head(self.model)
         device = batch.input_ids.device
-        if self.use_prefix and not batch.prefix_len:
-            prefix = compute_prefix(self.model, self.prefix_ids, device)
-            hidden = answer_hidden(self.model, batch, prefix)
-        else:
+        if batch.prefix_len or self.shared_prefix == "off":
             hidden = answer_hidden(self.model, batch, None)
+        elif self.shared_prefix == "packed":
+            hidden = packed_answer_hidden(self.model, batch, self.prefix_ids)
+        else:
+            hidden = answer_hidden(self.model, batch, compute_prefix(self.model, self.prefix_ids, device))
         logits = head(hidden).float()
         assert batch.labels is not None
         loss = F.cross_entropy(logits, self.target_ids.to(device)[batch.labels.to(device)])
@@ -410,9 +418,10 @@ def train_split(
         raise McvqaError("every training row needs an answer")
     dataset = TrainDataset(items, encoder, tc.option_shuffle, tc.seed)
     lengths = token_lengths(items, encoder)
-    collator = Collator(encoder, with_prefix=not tc.prefix_cache)
+    shared = tc.shared_prefix if tc.shared_prefix != "auto" else ("cache" if cpu else "packed")
+    collator = Collator(encoder, with_prefix=shared == "off")
 
-    loss_module = AnswerLoss(model, encoder.prefix_ids, letters.target, use_prefix=tc.prefix_cache)
+    loss_module = AnswerLoss(model, encoder.prefix_ids, letters.target, shared_prefix=shared)
     optimizer = torch.optim.AdamW(param_groups(loss_module, tc.weight_decay), lr=tc.lr, betas=(0.9, 0.999), eps=1e-8)
     micro_per_epoch = math.ceil(len(items) / tc.batch_size) // world
     if micro_per_epoch == 0:
