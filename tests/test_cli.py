@@ -62,3 +62,16 @@ def test_config_show_documents_fields(capsys) -> None:
 def test_help_explains_options(capsys) -> None:
     code, out, _ = run(["predict", "--help"], capsys)
     assert code == 0 and "--on-bad-image" in out and "--adapter" in out
+
+
+def test_generate_scoring_is_kept_for_comparison(tmp_path: Path, tiny_model: Path, synth_data: Path, capsys) -> None:
+    code, _, err = run(
+        ["predict", "--model", str(tiny_model), "--data", str(synth_data / "test.csv"), "--out", str(tmp_path / "g"), "--scoring", "generate", "-q"],
+        capsys,
+    )
+    assert code == 0, err
+    import json
+
+    summary = json.loads((tmp_path / "g" / "predict_summary.json").read_text())
+    # An untrained model rarely emits a parseable letter: the fallback must be counted, not hidden.
+    assert summary["generate_unparsed"] is not None and 0 <= summary["generate_unparsed"] <= summary["questions"]

@@ -164,8 +164,8 @@ class TrainConfig:
     """Augmentation: permute the content of options a-d per example and remap the label."""
     shared_prefix: str = "auto"
     """Run the shared system prompt once per batch, not once per row (exact): packed (prefix and rows in one
-    pass; fastest on GPUs, esp. 4-bit) | cache (prefix pass, rows read its keys/values) | off | auto (packed on
-    GPU, cache on CPU)."""
+    pass; fastest with 4-bit weights) | cache (prefix pass, rows read its keys/values; fastest in bf16 and on CPU)
+    | off | auto (packed for quantised models on GPU, else cache)."""
     seed: int = 42
     """Seed for weights of new layers, data order, dropout and augmentation."""
     eval_every: str = "epoch"

@@ -21,6 +21,8 @@ from mcvqa.errors import ModelError
 log = logging.getLogger(__name__)
 
 VISION_LORA_TARGETS = ["qkv", "proj", "linear_fc1", "linear_fc2"]
+# transformers matches these from the start of a module's full name (or as a suffix): "model.visual", not "visual".
+SKIP_QUANT = ["model.visual", "visual", "lm_head"]
 
 
 def resolve_device(cfg: ModelConfig) -> torch.device:
@@ -77,9 +79,9 @@ def quantization_config(cfg: ModelConfig, compute_dtype: torch.dtype) -> Any | N
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=compute_dtype,
             # Keep the vision tower and the head in full precision: small, and quantising them costs accuracy.
-            llm_int8_skip_modules=["visual", "lm_head"],
+            llm_int8_skip_modules=SKIP_QUANT,
         )
-    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=["visual", "lm_head"])
+    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=SKIP_QUANT)
 
 
 def load_processor(name_or_path: str, trust_remote_code: bool = False) -> Any:

@@ -418,7 +418,11 @@ def train_split(
         raise McvqaError("every training row needs an answer")
     dataset = TrainDataset(items, encoder, tc.option_shuffle, tc.seed)
     lengths = token_lengths(items, encoder)
-    shared = tc.shared_prefix if tc.shared_prefix != "auto" else ("cache" if cpu else "packed")
+    shared = tc.shared_prefix
+    if shared == "auto":
+        # Measured on an H100 (BENCHMARKS.md): packed wins with 4-bit weights (one dequantisation per layer
+        # pass), the cached prefix wins with bf16 weights and on CPU.
+        shared = "packed" if cfg.model.quant != "none" and not cpu else "cache"
     collator = Collator(encoder, with_prefix=shared == "off")
 
     loss_module = AnswerLoss(model, encoder.prefix_ids, letters.target, shared_prefix=shared)
