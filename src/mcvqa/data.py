@@ -186,6 +186,11 @@ def read_csv(
     if not raw.strip():
         raise DataError(csv_path, "is empty", fix="expected a header line id,path,question,a,b,c,d[,answer]")
     text, _encoding = decode_csv_bytes(raw, csv_path)
+    # pandas silently renames a repeated column ("d" -> "d.1"); look at the header line ourselves.
+    header = [h.strip().lstrip("\ufeff").lower() for h in next(csv.reader(io.StringIO(text)), [])]
+    dupes = sorted({h for h in header if h and header.count(h) > 1})
+    if dupes:
+        raise DataError(csv_path, f"column {dupes[0]!r} appears twice in the header")
     try:
         df = pd.read_csv(
             io.StringIO(text),
@@ -196,14 +201,12 @@ def read_csv(
             quoting=csv.QUOTE_MINIMAL,
         )
     except pd.errors.ParserError as e:
-        raise DataError(csv_path, f"is not a valid CSV ({str(e).strip().splitlines()[-1]})", fix="check quoting") from None
+        detail = str(e).strip().splitlines()[-1].removeprefix("Error tokenizing data. C error: ")
+        raise DataError(csv_path, f"is not a valid CSV ({detail})", fix="check quoting") from None
     except pd.errors.EmptyDataError:
         raise DataError(csv_path, "has no header line", fix="expected id,path,question,a,b,c,d[,answer]") from None
 
     df.columns = [str(c).strip().lstrip("\ufeff").lower() for c in df.columns]
-    dupes = sorted({c for c in df.columns if list(df.columns).count(c) > 1})
-    if dupes:
-        raise DataError(csv_path, f"column {dupes[0]!r} appears twice in the header")
     missing = [c for c in REQUIRED if c not in df.columns]
     if missing:
         raise DataError(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -46,3 +47,27 @@ def atomic_write_json(path: str | Path, obj: Any) -> Path:
 def atomic_write_csv(path: str | Path, df: Any, float_format: str | None = None) -> Path:
     """Write a pandas DataFrame as UTF-8 CSV with ``\\n`` line endings, atomically."""
     return _atomic(path, lambda fh: df.to_csv(fh, index=False, lineterminator="\n", float_format=float_format))
+
+
+def replace_dir(tmp: str | Path, path: str | Path) -> Path:
+    """Put the finished folder ``tmp`` at ``path`` without a moment where neither old nor new exists.
+
+    POSIX can't rename a folder onto a non-empty one, so: path -> path.old, tmp -> path, drop path.old. A
+    kill between the two renames leaves ``path.old``, which :func:`recover_dir` puts back.
+    """
+    tmp, path = Path(tmp), Path(path)
+    old = path.with_name(path.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def recover_dir(path: str | Path) -> None:
+    """Undo a :func:`replace_dir` interrupted between its two renames."""
+    path = Path(path)
+    old = path.with_name(path.name + ".old")
+    if not path.exists() and old.exists():
+        os.replace(old, path)

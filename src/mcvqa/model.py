@@ -61,7 +61,20 @@ def _check_remote_code(cfg: ModelConfig, path: Path | None) -> None:
     if cfg.trust_remote_code:
         warnings.warn("model.trust_remote_code is on: Python code inside the checkpoint will run", stacklevel=3)
         return
-    if path is not None and any(path.glob("*.py")):
+    if path is None:
+        return
+    import json
+
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise ModelError(f"{path}: config.json is not valid JSON") from None
+    if isinstance(config, dict) and config.get("auto_map"):
+        raise ModelError(
+            f"{path}: the checkpoint ships its own model code (auto_map in config.json); "
+            "mcvqa does not run it unless you set model.trust_remote_code=true"
+        )
+    if any(path.glob("*.py")):
         log.warning("%s ships Python files; they are ignored (trust_remote_code is off)", path)
 
 
@@ -89,7 +102,7 @@ def load_processor(name_or_path: str, trust_remote_code: bool = False) -> Any:
 
     try:
         return AutoProcessor.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-    except OSError as e:
+    except (OSError, ValueError) as e:
         raise ModelError(f"{name_or_path}: cannot load the processor ({str(e).splitlines()[0]})") from None
 
 

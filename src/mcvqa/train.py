@@ -37,7 +37,7 @@ from mcvqa.data import Dataset, Item, kfold_splits, read_csv, stratified_split
 from mcvqa.errors import McvqaError
 from mcvqa.evaluate import metrics
 from mcvqa.features import Batch, Collator, Encoder, Example, token_lengths
-from mcvqa.io import atomic_write_json, atomic_write_text
+from mcvqa.io import atomic_write_json, atomic_write_text, recover_dir, replace_dir
 from mcvqa.prompts import load_prompt
 from mcvqa.scoring import (
     Scorer,
@@ -258,8 +258,7 @@ def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: Any, schedule
     plain, tensors = _rng_state()
     save_file(tensors, str(tmp / "rng.safetensors"))
     atomic_write_json(tmp / "trainer_state.json", {**state, "rng": plain})
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
+    replace_dir(tmp, path)
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: Any, scheduler: Any) -> dict[str, Any]:
@@ -298,8 +297,7 @@ def save_model(path: Path, model: Any, processor: Any, cfg: Config, method: str,
         processor.save_pretrained(str(tmp))
     cfg.dump(tmp / "mcvqa.yaml")
     atomic_write_json(tmp / "metrics.json", extra)
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
+    replace_dir(tmp, path)
 
 
 # ------------------------------------------------------------------------------------------ trackers
@@ -400,6 +398,8 @@ def train_split(
 
     tc = cfg.train
     out.mkdir(parents=True, exist_ok=True)
+    for folder in ("best", "last"):
+        recover_dir(out / folder)  # a kill between the two renames of a folder swap
     ckpt = latest_checkpoint(out)
     if ckpt is not None and not resume:
         raise McvqaError(f"{out} already holds a training run ({ckpt.name}); pass --resume to continue it or use another --out")

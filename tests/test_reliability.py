@@ -1,0 +1,188 @@
+"""Crashes lose nothing: SIGKILL mid-predict, torn journals, out-of-memory, atomic writes; no unsafe code paths."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from mcvqa.io import atomic_write_csv
+from mcvqa.predict import JOURNAL, build_scorer, predict
+from mcvqa.synth import SynthConfig, synthesize
+
+SRC = Path(__file__).resolve().parent.parent / "src" / "mcvqa"
+
+
+@pytest.fixture(scope="module")
+def big_test(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("big")
+    synthesize(out, SynthConfig(train=0, test=240, seed=21))
+    return out / "test.csv"
+
+
+def _cmd(tiny_model: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "mcvqa", "predict", "--model", str(tiny_model), "--data", str(data), "--out", str(out),
+            "--batch-size", "2", "--image-size", "128", "--device", "cpu", "-q", *extra]
+
+
+def test_sigkill_then_resume_is_byte_identical(tiny_model: Path, big_test: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    full = subprocess.run(_cmd(tiny_model, big_test, tmp_path / "full"), env=env, capture_output=True, text=True, timeout=600)
+    assert full.returncode == 0, full.stderr
+    proc = subprocess.Popen(_cmd(tiny_model, big_test, tmp_path / "cut"), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    journal = tmp_path / "cut" / JOURNAL
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if journal.exists() and journal.read_bytes().count(b"\n") >= 6:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed; make the test data bigger"
+    assert not (tmp_path / "cut" / "submission.csv").exists()
+    done_before = journal.read_bytes().count(b"\n") - 1
+    resumed = subprocess.run(_cmd(tiny_model, big_test, tmp_path / "cut", "--resume"), env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming:" in resumed.stderr
+    assert json.loads((tmp_path / "cut" / "predict_summary.json").read_text())["resumed_batches"] >= done_before - 1
+    assert (tmp_path / "cut" / "submission.csv").read_bytes() == (tmp_path / "full" / "submission.csv").read_bytes()
+    assert (tmp_path / "cut" / "probs.csv").read_bytes() == (tmp_path / "full" / "probs.csv").read_bytes()
+
+
+def test_torn_journal_line_is_ignored(cfg_factory, tiny_loaded, synth_data, tmp_path) -> None:
+    cfg = cfg_factory("predict.batch_size=4")
+    scorer = build_scorer(cfg, model=tiny_loaded[0], processor=tiny_loaded[1])
+    ref = predict(cfg, synth_data / "test.csv", tmp_path / "ref", scorer=scorer, progress=False, log=lambda s: None)
+    out = tmp_path / "torn"
+    predict(cfg, synth_data / "test.csv", out, scorer=scorer, progress=False, log=lambda s: None)
+    # Rebuild the state of a kill in the middle of writing the third batch's line.
+    done = (out / (JOURNAL + ".done")).read_text().splitlines(keepends=True)
+    (out / JOURNAL).write_text("".join(done[:3]) + done[3][: len(done[3]) // 2])
+    for f in ("submission.csv", "probs.csv"):
+        (out / f).unlink()
+    res = predict(cfg, synth_data / "test.csv", out, scorer=scorer, resume=True, progress=False, log=lambda s: None)
+    assert res.resumed_batches == 2
+    assert res.submission.read_bytes() == ref.submission.read_bytes()
+
+
+def test_journal_from_another_run_is_refused(cfg_factory, tiny_loaded, synth_data, tmp_path) -> None:
+    from mcvqa.errors import McvqaError
+
+    scorer = build_scorer(cfg_factory(), model=tiny_loaded[0], processor=tiny_loaded[1])
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / JOURNAL).write_text(json.dumps({"fingerprint": "someone-else"}) + "\n")
+    with pytest.raises(McvqaError, match="written by a different model, adapter, data or settings"):
+        predict(cfg_factory(), synth_data / "test.csv", out, scorer=scorer, resume=True, progress=False, log=lambda s: None)
+
+
+def test_out_of_memory_halves_the_batch(cfg_factory, tiny_loaded, synth_data, tmp_path, monkeypatch) -> None:
+    cfg = cfg_factory("predict.batch_size=8")
+    scorer = build_scorer(cfg, model=tiny_loaded[0], processor=tiny_loaded[1])
+    ref = predict(cfg_factory("predict.batch_size=2"), synth_data / "test.csv", tmp_path / "ref", scorer=scorer, progress=False, log=lambda s: None)
+    real = scorer.logprobs
+
+    def small_gpu(batch, grad=False):
+        if len(batch) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(batch, grad)
+
+    monkeypatch.setattr(scorer, "logprobs", small_gpu)
+    messages: list[str] = []
+    res = predict(cfg, synth_data / "test.csv", tmp_path / "oom", scorer=scorer, progress=False, log=messages.append)
+    summary = json.loads((tmp_path / "oom" / "predict_summary.json").read_text())
+    assert summary["batch_size_used"] == 2 and summary["oom_halvings"] > 0
+    assert any("continued with batch size 2" in m for m in messages)
+    a, b = pd.read_csv(res.probs), pd.read_csv(ref.probs)
+    assert (a["answer"] == b["answer"]).all()
+    assert (a[["p_a", "p_b", "p_c", "p_d"]] - b[["p_a", "p_b", "p_c", "p_d"]]).abs().max().max() < 1e-6
+
+
+def test_atomic_write_leaves_nothing_on_failure(tmp_path, monkeypatch) -> None:
+    atomic_write_csv(tmp_path / "submission.csv", pd.DataFrame({"id": ["a"], "answer": ["b"]}))
+    before = (tmp_path / "submission.csv").read_bytes()
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(OSError):
+        atomic_write_csv(tmp_path / "submission.csv", pd.DataFrame({"id": ["x"], "answer": ["c"]}))
+    assert (tmp_path / "submission.csv").read_bytes() == before  # the old file is intact
+    assert [p.name for p in tmp_path.iterdir()] == ["submission.csv"]  # and no temp file is left behind
+
+
+FORBIDDEN = {
+    r"\bsubprocess\b": "no process is ever started from data",
+    r"os\.system|os\.popen|shell\s*=\s*True": "no shell is ever built",
+    r"^\s*(import|from)\s+(pickle|marshal|dill|cloudpickle)\b|pickle\.loads?\(": "no pickle",
+    r"(?<![\w.])eval\(|(?<![\w.])exec\(": "no eval/exec",
+    r"torch\.load\((?![^)]*weights_only=True)": "torch.load only with weights_only=True",
+    r"trust_remote_code=True": "remote code only when the config says so",
+}
+
+
+@pytest.mark.parametrize("pattern", list(FORBIDDEN))
+def test_source_has_no_unsafe_calls(pattern: str) -> None:
+    hits = []
+    for path in SRC.rglob("*.py"):
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            code = line.split("#", 1)[0]
+            if re.search(pattern, code):
+                hits.append(f"{path.name}:{n}: {line.strip()}")
+    assert not hits, f"{FORBIDDEN[pattern]}: {hits}"
+
+
+def test_sigkill_during_training_then_resume(tiny_model: Path, synth_data: Path, tmp_path: Path) -> None:
+    """Killed at an arbitrary moment (after a few checkpoints), `train --resume` ends with the same weights."""
+    from safetensors.torch import load_file
+
+    def cmd(out: Path, *extra: str) -> list[str]:
+        return [sys.executable, "-m", "mcvqa", "train", "--model", str(tiny_model), "--data", str(synth_data / "train.csv"), "--out", str(out),
+                "--device", "cpu", "-q", "--set", "train.method=lora", "--set", "lora.r=4", "--set", "train.epochs=3", "--set", "train.batch_size=4",
+                "--set", "train.checkpoint_every_steps=1", "--set", "train.save_total_limit=2", "--set", "train.report_to=[]",
+                "--set", "prompt.name=plain_ko", "--set", "image.size=64", *extra]
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    straight = subprocess.run(cmd(tmp_path / "straight"), env=env, capture_output=True, text=True, timeout=600)
+    assert straight.returncode == 0, straight.stderr
+    proc = subprocess.Popen(cmd(tmp_path / "cut"), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    ckpts = tmp_path / "cut" / "checkpoints"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        steps = sorted(ckpts.glob("step_*[0-9]")) if ckpts.exists() else []
+        if steps and int(steps[-1].name.split("_")[1]) >= 5:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "training finished before it could be killed"
+    resumed = subprocess.run(cmd(tmp_path / "cut", "--resume"), env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stderr
+    a = load_file(str(tmp_path / "straight" / "last" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "last" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_replace_dir_recovers_from_a_kill_between_renames(tmp_path) -> None:
+    from mcvqa.io import recover_dir, replace_dir
+
+    (tmp_path / "best").mkdir()
+    (tmp_path / "best" / "w").write_text("old")
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "w").write_text("new")
+    replace_dir(tmp_path / "new", tmp_path / "best")
+    assert (tmp_path / "best" / "w").read_text() == "new" and not (tmp_path / "best.old").exists()
+    os.replace(tmp_path / "best", tmp_path / "best.old")  # the state a kill between the renames leaves
+    recover_dir(tmp_path / "best")
+    assert (tmp_path / "best" / "w").read_text() == "new"
