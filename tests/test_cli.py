@@ -75,3 +75,21 @@ def test_generate_scoring_is_kept_for_comparison(tmp_path: Path, tiny_model: Pat
     summary = json.loads((tmp_path / "g" / "predict_summary.json").read_text())
     # An untrained model rarely emits a parseable letter: the fallback must be counted, not hidden.
     assert summary["generate_unparsed"] is not None and 0 <= summary["generate_unparsed"] <= summary["questions"]
+
+
+def test_predict_with_order_averaging_reports_circular_eval(tmp_path: Path, tiny_model: Path, synth_data: Path, capsys) -> None:
+    code, _, err = run(["predict", "--model", str(tiny_model), "--data", str(synth_data / "test.csv"), "--out", str(tmp_path / "o"), "--tta", "orders,views", "-q"], capsys)
+    assert code == 0, err
+    assert (tmp_path / "o" / "per_order.csv").exists()
+    code, out, _ = run(["evaluate", "--pred", str(tmp_path / "o" / "probs.csv"), "--data", str(synth_data / "test_labels.csv")], capsys)
+    assert code == 0 and "circular" in out
+
+
+def test_ensemble_command(tmp_path: Path, tiny_model: Path, synth_data: Path, capsys) -> None:
+    for name in ("m1", "m2"):
+        assert run(["predict", "--model", str(tiny_model), "--data", str(synth_data / "test.csv"), "--out", str(tmp_path / name), "-q"], capsys)[0] == 0
+    code, out, err = run(["ensemble", "-p", str(tmp_path / "m1" / "probs.csv"), "-p", str(tmp_path / "m2" / "probs.csv"), "--weights", "1,3",
+                          "--data", str(synth_data / "test.csv"), "--out", str(tmp_path / "ens")], capsys)
+    assert code == 0, err
+    # identical members: the ensemble is the member
+    assert (tmp_path / "ens" / "submission.csv").read_bytes() == (tmp_path / "m1" / "submission.csv").read_bytes()

@@ -148,6 +148,7 @@ def predict(
     num_workers: Annotated[Optional[int], typer.Option(help="Image-decoding worker processes.")] = None,
     on_bad_image: Annotated[Optional[str], typer.Option(help="fail (default) | skip: answer an unreadable image's question with a blank image.")] = None,
     no_prefix_cache: Annotated[bool, typer.Option("--no-prefix-cache", help="Run the system prompt for every question (for comparison).")] = False,
+    tta: Annotated[Optional[str], typer.Option(help="Test-time methods, comma-separated: orders | pride, views, blend; or one of tent, sar, tpt, zero. Tune them with --set tta.*")] = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run in --out from its journal.")] = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -158,6 +159,7 @@ def predict(
         config, sets, [model, adapter], model__name_or_path=model, model__quant=quant, model__device=device, model__dtype=dtype,
         predict__batch_size=batch_size, predict__scoring=scoring, predict__num_workers=num_workers,
         predict__on_bad_image=on_bad_image, predict__prefix_cache=False if no_prefix_cache else None,
+        tta__methods=tta,
         prompt__name=prompt, image__size=image_size, image__mode=image_mode,
         data__root=str(data_root) if data_root else None,
     )
@@ -227,6 +229,35 @@ def demo(
     from mcvqa.demo import run_demo
 
     run_demo(out, train_rows=train_rows, test_rows=test_rows, config=config, progress=not quiet, log=_echo)
+
+
+@app.command()
+def ensemble(
+    probs: Annotated[list[Path], typer.Option("--probs", "-p", help="probs.csv of one member; repeat for each (scored anywhere, same test ids).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the ensemble's submission.csv and probs.csv.")],
+    weights: Annotated[Optional[str], typer.Option(help="Comma-separated weights, one per member (default equal).")] = None,
+    data: Annotated[Optional[Path], typer.Option("--data", "-d", help="Test CSV: fixes the submission's row order (default: the first member's).")] = None,
+) -> None:
+    """Average members' log-probabilities (weighted) into one submission."""
+    from mcvqa.adapt import ensemble_files
+    from mcvqa.data import read_csv
+    from mcvqa.predict import write_outputs
+
+    w = [float(x) for x in weights.split(",")] if weights else None
+    if w is not None and len(w) != len(probs):
+        raise McvqaError(f"--weights has {len(w)} values for {len(probs)} members")
+    ids, p = ensemble_files([str(x) for x in probs], w)
+    if data is not None:
+        order = [it.id for it in read_csv(data)]
+        missing = sorted(set(order) - set(ids))
+        if missing:
+            raise McvqaError(f"{data}: id {missing[0]!r} has no prediction in the members")
+        index = {i: k for k, i in enumerate(ids)}
+        p = p[[index[i] for i in order]]
+        ids = order
+    sub, pr = write_outputs(out, ids, p)
+    typer.echo(f"submission {sub}")
+    typer.echo(f"probs      {pr}")
 
 
 @app.command("config")

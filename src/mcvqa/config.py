@@ -229,6 +229,61 @@ class PredictConfig:
 
 
 @dataclass
+class TTAConfig:
+    methods: list[str] = field(default_factory=list)
+    """Test-time methods for predict, composable in this order: orders | pride, views, blend; or one of tent, sar, tpt, zero alone. [] = plain scoring."""
+    orders: int = 4
+    """Cyclic option orders scored by orders/pride (4: every option visits every letter)."""
+    pride_fraction: float = 0.05
+    """pride: fraction of the test questions scored under all orders to estimate the letter prior."""
+    views: list[str] = field(default_factory=lambda: ["rescale", "crop", "colour", "jpeg"])
+    """views: mild, text-safe image changes averaged with the original (rescale, crop, colour, jpeg; never flips)."""
+    blend_fraction: float = 0.1
+    """blend: the least confident fraction of questions rescored with the adapter disabled."""
+    blend_weight: float = 0.5
+    """blend: weight of the base model's log-probabilities on those questions."""
+    params: str = "lora"
+    """tent/sar: which weights adapt: lora (needs --adapter) | norm (the language model's RMSNorm weights)."""
+    lr: float = 1e-4
+    """tent/sar learning rate."""
+    steps: int = 1
+    """tent/sar: gradient steps per batch."""
+    episodic: bool = False
+    """tent/sar: reset the weights after every batch."""
+    optimizer: str = "adam"
+    """tent/sar optimiser: adam | sgd (momentum 0.9)."""
+    sar_e0: float = 0.4
+    """sar: adapt only on samples with entropy below e0 x ln 4."""
+    sar_rho: float = 0.05
+    """sar: radius of the sharpness-aware step."""
+    sar_reset_below: float = 0.2
+    """sar: reset the weights when the moving average of the loss falls below this."""
+    consistency: float = 0.0
+    """sar: weight of the term that makes the prediction on an augmented view agree with the original's."""
+    tpt_tokens: int = 4
+    """tpt: learnable soft-prompt tokens."""
+    tpt_lr: float = 5e-3
+    """tpt: learning rate of the single step per question."""
+    select: float = 0.3
+    """tpt/zero: fraction of the most confident views kept."""
+
+    def __post_init__(self) -> None:
+        for m in self.methods:
+            _choice("tta.methods", m, ("orders", "pride", "views", "blend", "tent", "sar", "tpt", "zero"))
+        for v in self.views:
+            _choice("tta.views", v, ("rescale", "crop", "colour", "jpeg"))
+        _choice("tta.params", self.params, ("lora", "norm"))
+        _choice("tta.optimizer", self.optimizer, ("adam", "sgd"))
+        if not 2 <= self.orders <= 4:
+            raise ConfigError(f"tta.orders must be 2, 3 or 4, got {self.orders}")
+        for name in ("pride_fraction", "blend_fraction", "select"):
+            if not 0.0 < getattr(self, name) <= 1.0:
+                raise ConfigError(f"tta.{name} must be in (0, 1], got {getattr(self, name)}")
+        _positive("tta.steps", self.steps)
+        _positive("tta.tpt_tokens", self.tpt_tokens)
+
+
+@dataclass
 class Config:
     """Everything a run needs; one YAML recipe maps onto it section by section."""
 
@@ -239,6 +294,7 @@ class Config:
     lora: LoraConfig = field(default_factory=LoraConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
+    tta: TTAConfig = field(default_factory=TTAConfig)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -259,6 +315,7 @@ SECTIONS: dict[str, type] = {
     "lora": LoraConfig,
     "train": TrainConfig,
     "predict": PredictConfig,
+    "tta": TTAConfig,
 }
 
 

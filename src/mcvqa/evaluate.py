@@ -132,9 +132,25 @@ def align(pred: pd.DataFrame, labels: dict[str, int], pred_path: str | Path = "p
     return probs, y, keep["id"].tolist()
 
 
+def circular_from_file(path: str | Path, labels: dict[str, int]) -> float:
+    """CircularEval accuracy from a ``per_order.csv``: right under every option order."""
+    df = _read_table(path)
+    for c in PROB_COLUMNS:
+        df[c] = pd.to_numeric(df[c], errors="coerce")
+    df = df[df["id"].isin(labels)]
+    pred = df[PROB_COLUMNS].to_numpy().argmax(axis=1)
+    right = pd.Series(pred == df["id"].map(labels).to_numpy()).groupby(df["id"].to_numpy()).all()
+    return float(right.mean())
+
+
 def evaluate_files(pred: str | Path, data: str | Path) -> dict[str, Any]:
-    probs, y, _ = align(read_probs(pred), read_labels(data), pred)
-    return metrics(probs, y)
+    labels = read_labels(data)
+    probs, y, _ = align(read_probs(pred), labels, pred)
+    m = metrics(probs, y)
+    per_order = Path(pred).with_name("per_order.csv")
+    if per_order.exists():
+        m["circular_accuracy"] = circular_from_file(per_order, labels)
+    return m
 
 
 def format_metrics(m: dict[str, Any], title: str = "evaluation") -> str:
@@ -145,6 +161,7 @@ def format_metrics(m: dict[str, Any], title: str = "evaluation") -> str:
         f"  nll        {m['nll']:.4f}",
         f"  ece        {m['ece']:.4f}",
         f"  brier      {m['brier']:.4f}",
+        *([f"  circular   {m['circular_accuracy']:.4f}  (right under every option order)"] if "circular_accuracy" in m else []),
         "",
         "  letter   acc|true   predicted   true",
     ]

@@ -61,6 +61,15 @@ def write_outputs(out: Path, ids: Sequence[str], probs: np.ndarray) -> tuple[Pat
     return sub_path, probs_path
 
 
+def write_per_order(path: Path, ids: Sequence[str], per_order: np.ndarray) -> Path:
+    """``id,order,p_a..p_d`` for each option order scored (by original option): what CircularEval needs."""
+    n, v, _ = per_order.shape
+    df = pd.DataFrame(
+        {"id": np.repeat(list(ids), v), "order": np.tile(np.arange(v), n), **{f"p_{l}": per_order[:, :, k].reshape(-1) for k, l in enumerate(LETTERS)}}
+    )
+    return atomic_write_csv(path, df, float_format="%.8g")
+
+
 # ------------------------------------------------------------------------------------------ journal
 
 
@@ -348,7 +357,14 @@ def predict(
     journal.start()
     if done:
         log(f"resuming: {sum(len(r['ids']) for r in done.values())} of {len(ds)} questions already scored")
-    if cfg.predict.scoring == "generate":
+    tta_result = None
+    if cfg.tta.methods:
+        from mcvqa.adapt import run_tta
+
+        # Test-time methods score (and may adapt) across the whole set; they are not journaled batch by batch.
+        tta_result = run_tta(scorer, ds.items, cfg.tta, cfg.predict.batch_size, progress)
+        probs = tta_result.probs
+    elif cfg.predict.scoring == "generate":
         probs = score_items_generate(scorer.model, scorer.encoder, ds.items, max_new_tokens=cfg.predict.max_new_tokens, progress=progress, stats=stats)
     else:
         probs = score_items(
@@ -361,6 +377,8 @@ def predict(
     cfg.dump(out / "config.yaml")
     if stats.bad_images:
         atomic_write_csv(out / "bad_images.csv", pd.DataFrame(stats.bad_images, columns=["id", "problem"]))
+    if tta_result is not None and tta_result.per_order is not None:
+        write_per_order(out / "per_order.csv", ids, tta_result.per_order)
     atomic_write_json(
         out / "predict_summary.json",
         {
@@ -375,6 +393,9 @@ def predict(
             "model": cfg.model.name_or_path,
             "adapter": str(adapter) if adapter else None,
             "resumed_batches": len(done),
+            "tta": list(cfg.tta.methods),
+            "tta_cost_per_question": None if tta_result is None else {"forwards": tta_result.cost.forwards, "backwards": tta_result.cost.backwards},
+            "tta_notes": None if tta_result is None else tta_result.notes,
         },
     )
     # The run is complete and its outputs are on disk: the journal has done its job.

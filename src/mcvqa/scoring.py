@@ -418,12 +418,16 @@ class Scorer:
                 self._prefix = compute_prefix(self.model, self.encoder.prefix_ids, self.device)
         return self._prefix
 
-    def logprobs(self, batch: Batch, grad: bool = False) -> torch.Tensor:
-        """(B, 4) float32 log-probabilities over a-d. ``batch`` must hold suffixes (see :class:`~mcvqa.features.Collator`)."""
+    def logprobs(self, batch: Batch, grad: bool = False, prefix_grad: bool = True) -> torch.Tensor:
+        """(B, 4) float32 log-probabilities over a-d. ``batch`` must hold suffixes (see :class:`~mcvqa.features.Collator`).
+
+        With ``grad``, the prefix is recomputed with gradients too unless ``prefix_grad`` is False (when
+        what is being tuned does not touch it, e.g. a soft prompt after the image).
+        """
         batch = batch.to(self.device)
         with torch.set_grad_enabled(grad):
             if self.use_prefix_cache and not batch.prefix_len:
-                prefix = self.prefix() if not grad else compute_prefix(self.model, self.encoder.prefix_ids, self.device)
+                prefix = self.prefix() if not (grad and prefix_grad) else compute_prefix(self.model, self.encoder.prefix_ids, self.device)
                 hidden = answer_hidden(self.model, batch, prefix)
             else:
                 hidden = answer_hidden(self.model, batch, None)

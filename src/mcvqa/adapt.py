@@ -1,0 +1,584 @@
+"""Test-time methods: option-order averaging, letter-prior debiasing, image views, ensembles, blending with
+the base model, TENT, SAR and TPT (with its gradient-free variant).
+
+Every method is a function (or a small class) over a :class:`~mcvqa.scoring.Scorer` and a list of items,
+returning a :class:`TTAResult`: (N, 4) probabilities indexed by ORIGINAL option, optionally the per-order
+probabilities (for CircularEval), and its cost in forward and backward passes per question. ``predict``
+exposes them as ``--tta`` (composable where it makes sense: orders/pride/views/blend stack; TENT, SAR and
+TPT adapt weights or prompts and run on their own).
+
+Parameter-changing methods (TENT, SAR, TPT) touch only what they claim - LoRA weights, norm weights or the
+soft prompt - and :meth:`reset` restores them bit for bit (tested).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageEnhance
+from tqdm.auto import tqdm
+
+from mcvqa.config import TTAConfig
+from mcvqa.data import Item
+from mcvqa.features import Batch, Example, collate, cyclic_orders
+from mcvqa.images import load_image, prepare
+from mcvqa.scoring import MAX_ENTROPY, Scorer, core_and_head, entropy
+
+# ------------------------------------------------------------------------------------------ results
+
+
+@dataclass
+class Cost:
+    forwards: float = 0.0
+    """Question-level forward passes per question (a shared-prefix pass over V orders counts as V)."""
+    backwards: float = 0.0
+
+    def __add__(self, other: Cost) -> Cost:
+        return Cost(self.forwards + other.forwards, self.backwards + other.backwards)
+
+
+@dataclass
+class TTAResult:
+    probs: np.ndarray
+    """(N, 4) probabilities by original option."""
+    cost: Cost = field(default_factory=Cost)
+    per_order: np.ndarray | None = None
+    """(N, V, 4) probabilities of each question under each option order, by original option."""
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+def circular_accuracy(per_order: np.ndarray, labels: np.ndarray) -> float:
+    """MMBench's CircularEval: a question counts only if it is answered right under every option order."""
+    right = per_order.argmax(-1) == labels[:, None]
+    return float(right.all(axis=1).mean())
+
+
+def _normalise(logp: np.ndarray) -> np.ndarray:
+    logp = logp - logp.max(axis=-1, keepdims=True)
+    p = np.exp(logp)
+    return p / p.sum(axis=-1, keepdims=True)
+
+
+def _batches(n: int, bs: int) -> list[range]:
+    return [range(s, min(s + bs, n)) for s in range(0, n, bs)]
+
+
+# ------------------------------------------------------------------------------------------ plain + orders
+
+
+def plain(scorer: Scorer, items: Sequence[Item], batch_size: int = 16, progress: bool = False) -> TTAResult:
+    enc = scorer.encoder
+    out = np.zeros((len(items), 4))
+    for r in tqdm(_batches(len(items), batch_size), desc="plain", disable=not progress, leave=False):
+        batch = collate([enc.encode(items[i]) for i in r], enc.pad_id, enc.image_token_id)
+        out[list(r)] = scorer.logprobs(batch).exp().double().cpu().numpy()
+    return TTAResult(out / out.sum(-1, keepdims=True), Cost(1.0, 0.0))
+
+
+def item_orders(item: Item, k: int = 4) -> list[tuple[int, ...]]:
+    """The k cyclic rotations of the options sorted by their text.
+
+    Rotating a canonical order (not the order the CSV happens to list) makes the set of orders scored -
+    and so the averaged answer - independent of how the options arrived (tested).
+    """
+    base = sorted(range(4), key=lambda j: (item.options[j], j))
+    return [tuple(base[j] for j in rot) for rot in cyclic_orders(k)]
+
+
+def score_orders(scorer: Scorer, items: Sequence[Item], k: int = 4, batch_size: int = 16, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(N, k, 4) log-probabilities by original option under k cyclic orders (image + question shared), and
+    the (N, k, 4) orders themselves."""
+    enc = scorer.encoder
+    out = np.zeros((len(items), k, 4))
+    orders = np.array([item_orders(it, k) for it in items], dtype=np.int64).reshape(len(items), k, 4)
+    for r in tqdm(_batches(len(items), batch_size), desc="orders", disable=not progress, leave=False):
+        exs = [enc.encode_orders(items[i], [tuple(o) for o in orders[i]]) for i in r]
+        out[list(r)] = scorer.logprobs_orders(exs).double().cpu().numpy()
+    return out, orders
+
+
+def order_average(scorer: Scorer, items: Sequence[Item], k: int = 4, batch_size: int = 16, progress: bool = False) -> TTAResult:
+    """Average log-probabilities over the k cyclic orders, mapped back to option content."""
+    lp, _ = score_orders(scorer, items, k, batch_size, progress)
+    return TTAResult(_normalise(lp.mean(axis=1)), Cost(float(k), 0.0), per_order=np.exp(lp))
+
+
+def estimate_prior(order_logprobs: np.ndarray, orders: np.ndarray) -> np.ndarray:
+    """PriDe: the model's prior over displayed letters, from questions scored under cyclic orders.
+
+    ``order_logprobs``: (M, V, 4) by ORIGINAL option; ``orders``: (M, V, 4), ``orders[m, v, d]`` = original
+    option shown at letter d. Under cyclic permutations every option visits every letter once, so averaging
+    the observed log-probability of each displayed letter over orders cancels the content term and leaves
+    log prior(letter) + const (Zheng et al. 2024).
+    """
+    by_letter = np.take_along_axis(order_logprobs, orders, axis=2)  # (M, V, 4) by displayed letter
+    log_prior = by_letter.mean(axis=1).mean(axis=0)
+    return _normalise(log_prior)
+
+
+def pride(scorer: Scorer, items: Sequence[Item], fraction: float = 0.05, k: int = 4, batch_size: int = 16, seed: int = 0, progress: bool = False) -> TTAResult:
+    """Estimate the letter prior on ``fraction`` of the questions (scored under k orders), divide it out elsewhere."""
+    n = len(items)
+    m = min(n, max(4, math.ceil(fraction * n)))
+    est = sorted(random.Random(seed).sample(range(n), m))
+    lp_est, orders = score_orders(scorer, [items[i] for i in est], k, batch_size, progress)
+    prior = estimate_prior(lp_est, orders)
+    rest = [i for i in range(n) if i not in set(est)]
+    probs = np.zeros((n, 4))
+    if rest:
+        base = plain(scorer, [items[i] for i in rest], batch_size, progress).probs
+        probs[rest] = _normalise(np.log(base) - np.log(prior))  # debias the displayed (original) order
+    probs[est] = _normalise(lp_est.mean(axis=1))  # these were seen under every order: already debiased
+    cost = Cost(1.0 + (k - 1) * m / n, 0.0)
+    return TTAResult(probs, cost, notes={"prior": prior.tolist(), "estimation_questions": m})
+
+
+# ------------------------------------------------------------------------------------------ image views
+
+
+def _seeded(item: Item, view: int) -> random.Random:
+    return random.Random(f"{item.id}/{view}")
+
+
+def view_rescale(img: Image.Image, rng: random.Random) -> Image.Image:
+    w, h = img.size
+    s = rng.uniform(0.6, 0.8)
+    return img.resize((max(1, int(w * s)), max(1, int(h * s))), Image.Resampling.BILINEAR).resize((w, h), Image.Resampling.BILINEAR)
+
+
+def view_crop(img: Image.Image, rng: random.Random) -> Image.Image:
+    """A crop keeping 90% of each side (81% of the area): text near the edges survives, unlike flips."""
+    w, h = img.size
+    cw, ch = max(1, int(w * 0.9)), max(1, int(h * 0.9))
+    x, y = rng.randint(0, w - cw), rng.randint(0, h - ch)
+    return img.crop((x, y, x + cw, y + ch))
+
+
+def view_colour(img: Image.Image, rng: random.Random) -> Image.Image:
+    img = ImageEnhance.Brightness(img).enhance(rng.uniform(0.85, 1.15))
+    return ImageEnhance.Contrast(img).enhance(rng.uniform(0.85, 1.15))
+
+
+def view_jpeg(img: Image.Image, rng: random.Random) -> Image.Image:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=rng.randint(40, 70))
+    buf.seek(0)
+    return Image.open(buf).convert("RGB")
+
+
+VIEWS: dict[str, Callable[[Image.Image, random.Random], Image.Image]] = {
+    "rescale": view_rescale,
+    "crop": view_crop,
+    "colour": view_colour,
+    "jpeg": view_jpeg,
+}
+"""Mild, text-safe image changes. No flips: they mirror text and swap left and right."""
+
+
+def view_examples(scorer: Scorer, item: Item, views: Sequence[str]) -> list[Example]:
+    """The original view plus each named augmentation, encoded (deterministic per item and view)."""
+    enc = scorer.encoder
+    raw = load_image(item.image, enc.image_cfg.max_image_pixels)
+    out = [enc.encode(item, image=prepare(raw, enc.image_cfg))]
+    for v, name in enumerate(views, start=1):
+        out.append(enc.encode(item, image=prepare(VIEWS[name](raw, _seeded(item, v)), enc.image_cfg)))
+    return out
+
+
+def image_views(scorer: Scorer, items: Sequence[Item], views: Sequence[str] = ("rescale", "crop", "colour", "jpeg"), batch_size: int = 16, progress: bool = False) -> TTAResult:
+    """Average log-probabilities over the original image and mild views of it (passive TTA)."""
+    enc = scorer.encoder
+    v = 1 + len(views)
+    out = np.zeros((len(items), 4))
+    per_batch = max(1, batch_size // v)
+    for r in tqdm(_batches(len(items), per_batch), desc="views", disable=not progress, leave=False):
+        exs = [e for i in r for e in view_examples(scorer, items[i], views)]
+        lp = scorer.logprobs(collate(exs, enc.pad_id, enc.image_token_id)).double().cpu().numpy().reshape(len(r), v, 4)
+        out[list(r)] = _normalise(lp.mean(axis=1))
+    return TTAResult(out, Cost(float(v), 0.0))
+
+
+# ------------------------------------------------------------------------------------------ ensembles
+
+
+def ensemble(members: Sequence[np.ndarray], weights: Sequence[float] | None = None) -> np.ndarray:
+    """Weighted average of log-probabilities (a geometric mean of the members' probabilities)."""
+    weights = list(weights) if weights is not None else [1.0] * len(members)
+    if len(weights) != len(members):
+        raise ValueError("one weight per member")
+    total = float(sum(weights))
+    logp = sum(w * np.log(np.clip(m, 1e-12, 1.0)) for w, m in zip(weights, members)) / total
+    return _normalise(logp)
+
+
+def ensemble_files(paths: Sequence[str], weights: Sequence[float] | None = None) -> tuple[list[str], np.ndarray]:
+    """Members scored anywhere, one probs.csv each; ids must match (order may differ)."""
+    from mcvqa.errors import DataError
+    from mcvqa.evaluate import PROB_COLUMNS, read_probs
+
+    frames = [read_probs(p) for p in paths]
+    ids = frames[0]["id"].tolist()
+    members = []
+    for p, f in zip(paths, frames):
+        if set(f["id"]) != set(ids):
+            missing = sorted(set(ids) ^ set(f["id"]))[0]
+            raise DataError(p, f"ids differ from {paths[0]} (e.g. {missing!r})", fix="score every member on the same test CSV")
+        members.append(f.set_index("id").loc[ids, PROB_COLUMNS].to_numpy(dtype=np.float64))
+    return ids, ensemble(members, weights)
+
+
+def blend_with_base(scorer: Scorer, items: Sequence[Item], fraction: float = 0.1, weight: float = 0.5, batch_size: int = 16, base: TTAResult | None = None, progress: bool = False) -> TTAResult:
+    """Score with the adapter; rescore the least confident ``fraction`` with the adapter disabled and blend.
+
+    Later cohort winners used this: where the fine-tuned model is unsure, the base model's knowledge helps.
+    """
+    model = scorer.model
+    if not hasattr(model, "disable_adapter"):
+        raise ValueError("blending with the base model needs a LoRA adapter (--adapter)")
+    first = base or plain(scorer, items, batch_size, progress)
+    n = len(items)
+    m = max(1, math.ceil(fraction * n))
+    unsure = np.argsort(first.probs.max(axis=1))[:m]
+    with model.disable_adapter():
+        scorer.invalidate()
+        try:
+            base_probs = plain(scorer, [items[i] for i in unsure], batch_size, progress).probs
+        finally:
+            scorer.invalidate()
+    probs = first.probs.copy()
+    probs[unsure] = _normalise((1 - weight) * np.log(np.clip(first.probs[unsure], 1e-12, 1)) + weight * np.log(np.clip(base_probs, 1e-12, 1)))
+    return TTAResult(probs, first.cost + Cost(m / n, 0.0), first.per_order, notes={"blended": int(m)})
+
+
+# ------------------------------------------------------------------------------------------ TENT / SAR
+
+
+def adaptable_parameters(model: Any, which: str) -> dict[str, torch.nn.Parameter]:
+    """``lora``: the LoRA matrices; ``norm``: the language model's RMSNorm weights."""
+    params = dict(model.named_parameters())
+    if which == "lora":
+        chosen = {n: p for n, p in params.items() if "lora_" in n}
+        if not chosen:
+            raise ValueError("no LoRA weights to adapt: pass --adapter, or adapt norm weights (tta.params=norm)")
+    elif which == "norm":
+        chosen = {n: p for n, p in params.items() if "language_model" in n and "norm" in n.lower()}
+    else:
+        raise ValueError(f"tta.params must be lora or norm, got {which!r}")
+    return chosen
+
+
+class _WeightAdapter:
+    """Shared machinery: freeze all but the chosen parameters, remember them, restore them exactly."""
+
+    def __init__(self, scorer: Scorer, params: str, lr: float, optimizer: str) -> None:
+        self.scorer = scorer
+        self.params = adaptable_parameters(scorer.model, params)
+        self.initial = {n: p.detach().clone() for n, p in self.params.items()}
+        self.flags = {n: p.requires_grad for n, p in scorer.model.named_parameters()}
+        for n, p in scorer.model.named_parameters():
+            p.requires_grad_(n in self.params)
+        self.lr = lr
+        self.optimizer_name = optimizer
+        self.optimizer = self._new_optimizer()
+
+    def _new_optimizer(self) -> torch.optim.Optimizer:
+        ps = list(self.params.values())
+        if self.optimizer_name == "sgd":
+            return torch.optim.SGD(ps, lr=self.lr, momentum=0.9)
+        return torch.optim.Adam(ps, lr=self.lr)
+
+    def reset(self) -> None:
+        with torch.no_grad():
+            for n, p in self.params.items():
+                p.copy_(self.initial[n])
+        self.optimizer = self._new_optimizer()
+        self.scorer.invalidate()
+
+    def close(self) -> None:
+        """Restore the original weights and trainability."""
+        self.reset()
+        for n, p in self.scorer.model.named_parameters():
+            p.requires_grad_(self.flags[n])
+
+
+class Tent(_WeightAdapter):
+    """TENT (Wang et al. 2021): minimise the entropy of each batch's 4-way answer distribution, online.
+
+    Predictions come from the forward pass before the batch's update (steps=1: the same pass). With
+    ``episodic`` the weights are reset after every batch.
+    """
+
+    def __init__(self, scorer: Scorer, params: str = "lora", lr: float = 1e-4, steps: int = 1, episodic: bool = False, optimizer: str = "adam") -> None:
+        super().__init__(scorer, params, lr, optimizer)
+        self.steps = steps
+        self.episodic = episodic
+
+    def loss(self, lp: torch.Tensor, batch: Batch) -> torch.Tensor | None:
+        return entropy(lp).mean()
+
+    def adapt_batch(self, batch: Batch) -> torch.Tensor:
+        pred = None
+        for step in range(self.steps):
+            lp = self.scorer.logprobs(batch, grad=True)
+            if step == 0:
+                pred = lp.detach()
+            loss = self.loss(lp, batch)
+            if loss is not None and loss.requires_grad:
+                loss.backward()
+                self.update(batch)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scorer.invalidate()
+        if self.episodic:
+            self.reset()
+        assert pred is not None
+        return pred
+
+    def update(self, batch: Batch) -> None:
+        self.optimizer.step()
+
+    def run(self, items: Sequence[Item], batch_size: int = 16, progress: bool = False) -> TTAResult:
+        enc = self.scorer.encoder
+        out = np.zeros((len(items), 4))
+        for r in tqdm(_batches(len(items), batch_size), desc=type(self).__name__, disable=not progress, leave=False):
+            batch = collate([enc.encode(items[i]) for i in r], enc.pad_id, enc.image_token_id)
+            out[list(r)] = self.adapt_batch(batch).exp().double().cpu().numpy()
+        return TTAResult(out / out.sum(-1, keepdims=True), self.cost())
+
+    def cost(self) -> Cost:
+        return Cost(float(self.steps), float(self.steps))
+
+
+class SAR(Tent):
+    """SAR (Niu et al. 2023): TENT on reliable samples only (entropy < ``e0`` x ln 4), with a sharpness-aware
+    step (rho) and a reset when the moving average of the loss collapses; plus the reference authors' wish, a
+    consistency term pulling the prediction on an augmented view towards the original's.
+    """
+
+    def __init__(
+        self, scorer: Scorer, params: str = "lora", lr: float = 1e-4, steps: int = 1, episodic: bool = False, optimizer: str = "sgd",
+        e0: float = 0.4, rho: float = 0.05, reset_below: float = 0.2, consistency: float = 0.0, view: str = "crop",
+    ) -> None:
+        super().__init__(scorer, params, lr, steps, episodic, optimizer)
+        self.margin = e0 * MAX_ENTROPY
+        self.rho = rho
+        self.reset_below = reset_below
+        self.consistency = consistency
+        self.view = view
+        self.ema: float | None = None
+        self.resets = 0
+        self._view_batch: Batch | None = None
+
+    def loss(self, lp: torch.Tensor, batch: Batch) -> torch.Tensor | None:
+        ent = entropy(lp)
+        reliable = ent < self.margin
+        if not bool(reliable.any()):
+            return None
+        loss = ent[reliable].mean()
+        if self.consistency > 0 and self._view_batch is not None:
+            lv = self.scorer.logprobs(self._view_batch, grad=True)
+            # KL(original || view), the original detached: the view is pulled towards the original.
+            kl = (lp.detach().exp() * (lp.detach() - lv)).sum(-1)
+            loss = loss + self.consistency * kl[reliable].mean()
+        return loss
+
+    def update(self, batch: Batch) -> None:
+        # Sharpness-aware minimisation: climb to the worst point within rho, take the gradient there.
+        ps = [p for p in self.params.values() if p.grad is not None]
+        norm = torch.norm(torch.stack([p.grad.norm(2) for p in ps]), 2) + 1e-12
+        eps = []
+        with torch.no_grad():
+            for p in ps:
+                e = p.grad * (self.rho / norm)
+                p.add_(e)
+                eps.append(e)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scorer.invalidate()
+        loss2 = self.loss(self.scorer.logprobs(batch, grad=True), batch)
+        if loss2 is not None:
+            loss2.backward()
+        with torch.no_grad():
+            for p, e in zip(ps, eps):
+                p.sub_(e)
+        if loss2 is not None:
+            self.optimizer.step()
+            value = float(loss2.detach())
+            self.ema = value if self.ema is None else 0.9 * self.ema + 0.1 * value
+            if self.ema < self.reset_below:
+                self.reset()
+                self.ema = None
+                self.resets += 1
+
+    def run(self, items: Sequence[Item], batch_size: int = 16, progress: bool = False) -> TTAResult:
+        if self.consistency <= 0:
+            return super().run(items, batch_size, progress)
+        enc = self.scorer.encoder
+        out = np.zeros((len(items), 4))
+        for r in tqdm(_batches(len(items), batch_size), desc="SAR", disable=not progress, leave=False):
+            pairs = [view_examples(self.scorer, items[i], [self.view]) for i in r]
+            batch = collate([p[0] for p in pairs], enc.pad_id, enc.image_token_id)
+            self._view_batch = collate([p[1] for p in pairs], enc.pad_id, enc.image_token_id)
+            out[list(r)] = self.adapt_batch(batch).exp().double().cpu().numpy()
+        self._view_batch = None
+        return TTAResult(out / out.sum(-1, keepdims=True), self.cost(), notes={"resets": self.resets})
+
+    def cost(self) -> Cost:
+        extra = 1.0 if self.consistency > 0 else 0.0
+        return Cost(self.steps * (2 + 2 * extra), self.steps * 2.0)
+
+
+# ------------------------------------------------------------------------------------------ TPT / ZERO
+
+
+class SoftPrompt:
+    """``k`` learnable embeddings placed at the start of the question, through a placeholder token.
+
+    A forward hook on the token embedding swaps the placeholder rows for the learnable vectors, so the
+    rest of the pipeline (prefix cache, images, positions) is untouched and everything else stays frozen.
+    """
+
+    PLACEHOLDER = "<|box_start|>"
+
+    def __init__(self, scorer: Scorer, k: int = 4, init_text: str = "사진을 잘 보고") -> None:
+        self.scorer = scorer
+        tok = scorer.encoder.tokenizer
+        self.placeholder = tok.convert_tokens_to_ids(self.PLACEHOLDER)
+        core, _ = core_and_head(scorer.model)
+        self.embed = core.language_model.get_input_embeddings()
+        init_ids = tok.encode(init_text, add_special_tokens=False)[:k] or [self.placeholder]
+        while len(init_ids) < k:
+            init_ids.append(init_ids[-1])
+        with torch.no_grad():
+            init = self.embed.weight[torch.tensor(init_ids, device=self.embed.weight.device)].detach().clone().float()
+        self.init = init
+        self.vectors = torch.nn.Parameter(init.clone())
+        self.k = k
+        self.handle = self.embed.register_forward_hook(self._hook)
+
+    def _hook(self, module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
+        ids = inputs[0]
+        mask = ids == self.placeholder
+        if not bool(mask.any()):
+            return output
+        out = output.clone()
+        n_rows = int(mask.sum()) // self.k
+        out[mask] = self.vectors.to(out.dtype).repeat(n_rows, 1)
+        return out
+
+    def reset(self) -> None:
+        with torch.no_grad():
+            self.vectors.copy_(self.init)
+
+    def attach(self, ex: Example) -> Example:
+        ex.question_ids = [self.placeholder] * self.k + ex.question_ids
+        return ex
+
+    def close(self) -> None:
+        self.handle.remove()
+
+
+def _select_confident(lp: torch.Tensor, fraction: float) -> torch.Tensor:
+    n = max(1, math.ceil(fraction * lp.shape[0]))
+    return torch.argsort(entropy(lp))[:n]
+
+
+def tpt(
+    scorer: Scorer, items: Sequence[Item], views: Sequence[str] = ("rescale", "crop", "colour", "jpeg", "crop", "colour", "rescale"),
+    k: int = 4, lr: float = 5e-3, select: float = 0.3, progress: bool = False,
+) -> TTAResult:
+    """TPT (Shu et al. 2022): per question, one step on a soft prompt minimising the entropy of the averaged
+    prediction over its most confident views; predict the original view with the tuned prompt; reset."""
+    sp = SoftPrompt(scorer, k)
+    enc = scorer.encoder
+    flags = {n: p.requires_grad for n, p in scorer.model.named_parameters()}
+    for p in scorer.model.parameters():
+        p.requires_grad_(False)
+    opt = torch.optim.AdamW([sp.vectors], lr=lr)
+    out = np.zeros((len(items), 4))
+    try:
+        for i, it in enumerate(tqdm(items, desc="TPT", disable=not progress, leave=False)):
+            exs = [sp.attach(e) for e in view_examples(scorer, it, views)]
+            batch = collate(exs, enc.pad_id, enc.image_token_id)
+            lp = scorer.logprobs(batch, grad=True, prefix_grad=False)  # the prompt sits after the cached prefix
+            keep = _select_confident(lp.detach(), select)
+            avg = torch.logsumexp(lp[keep], dim=0) - math.log(len(keep))
+            loss = entropy(avg[None]).sum()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                final = scorer.logprobs(collate(exs[:1], enc.pad_id, enc.image_token_id))
+            out[i] = final[0].exp().double().cpu().numpy()
+            sp.reset()
+            opt = torch.optim.AdamW([sp.vectors], lr=lr)
+    finally:
+        sp.close()
+        for n, p in scorer.model.named_parameters():
+            p.requires_grad_(flags[n])
+    return TTAResult(out / out.sum(-1, keepdims=True), Cost(float(1 + len(views) + 1), 1.0))
+
+
+def zero(scorer: Scorer, items: Sequence[Item], views: Sequence[str] = ("rescale", "crop", "colour", "jpeg", "crop", "colour", "rescale"), select: float = 0.3, batch_size: int = 16, progress: bool = False) -> TTAResult:
+    """ZERO (Farina et al. 2024), TPT without gradients: majority vote of the most confident views.
+
+    Returned probabilities are the vote shares smoothed with the confident views' mean (votes alone are
+    badly calibrated, as the paper notes)."""
+    enc = scorer.encoder
+    v = 1 + len(views)
+    out = np.zeros((len(items), 4))
+    per_batch = max(1, batch_size // v)
+    for r in tqdm(_batches(len(items), per_batch), desc="ZERO", disable=not progress, leave=False):
+        exs = [e for i in r for e in view_examples(scorer, items[i], views)]
+        lp = scorer.logprobs(collate(exs, enc.pad_id, enc.image_token_id)).view(len(r), v, 4)
+        for j, row in enumerate(lp):
+            keep = _select_confident(row, select)
+            votes = np.bincount(row[keep].argmax(-1).cpu().numpy(), minlength=4) / len(keep)
+            mean = row[keep].exp().mean(0).double().cpu().numpy()
+            out[r[j]] = 0.9 * votes + 0.1 * mean
+    return TTAResult(out / out.sum(-1, keepdims=True), Cost(float(v), 0.0))
+
+
+# ------------------------------------------------------------------------------------------ composition
+
+
+def run_tta(scorer: Scorer, items: Sequence[Item], cfg: TTAConfig, batch_size: int = 16, progress: bool = True) -> TTAResult:
+    """The methods named in ``cfg.methods``, composed: orders -> pride -> views -> blend; or one adapter."""
+    methods = list(cfg.methods)
+    adaptive = [m for m in methods if m in ("tent", "sar", "tpt", "zero")]
+    if adaptive:
+        if len(methods) > 1:
+            raise ValueError(f"{adaptive[0]} adapts on its own; use it alone (got {', '.join(methods)})")
+        m = adaptive[0]
+        if m == "tpt":
+            return tpt(scorer, items, k=cfg.tpt_tokens, lr=cfg.tpt_lr, select=cfg.select, progress=progress)
+        if m == "zero":
+            return zero(scorer, items, select=cfg.select, batch_size=batch_size, progress=progress)
+        cls = Tent if m == "tent" else SAR
+        kwargs: dict[str, Any] = dict(params=cfg.params, lr=cfg.lr, steps=cfg.steps, episodic=cfg.episodic, optimizer=cfg.optimizer)
+        if m == "sar":
+            kwargs.update(e0=cfg.sar_e0, rho=cfg.sar_rho, reset_below=cfg.sar_reset_below, consistency=cfg.consistency)
+        adapter = cls(scorer, **kwargs)
+        try:
+            return adapter.run(items, batch_size, progress)
+        finally:
+            adapter.close()
+    if "pride" in methods and "orders" in methods:
+        raise ValueError("pride already averages its estimation questions over orders; use orders or pride")
+    if "pride" in methods:
+        res = pride(scorer, items, cfg.pride_fraction, cfg.orders, batch_size, progress=progress)
+    elif "orders" in methods:
+        res = order_average(scorer, items, cfg.orders, batch_size, progress)
+    else:
+        res = plain(scorer, items, batch_size, progress)
+    if "views" in methods:
+        v = image_views(scorer, items, cfg.views, batch_size, progress)
+        res = TTAResult(ensemble([res.probs, v.probs]), res.cost + v.cost, res.per_order, res.notes)
+    if "blend" in methods:
+        res = blend_with_base(scorer, items, cfg.blend_fraction, cfg.blend_weight, batch_size, base=res, progress=progress)
+    return res
