@@ -9,7 +9,7 @@ import pytest
 from mcvqa.config import SECTIONS, describe, field_docs, load_config, parse_overrides
 from mcvqa.errors import ConfigError
 
-CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+CONFIGS = sorted(p for p in (Path(__file__).parent.parent / "configs").glob("*.yaml") if p.name != "search_space.yaml")
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
@@ -73,3 +73,12 @@ def test_every_field_is_documented() -> None:
 
 def test_parse_overrides_yaml_values() -> None:
     assert parse_overrides(["train.report_to=[]", "data.root=null"]) == {"train": {"report_to": []}, "data": {"root": None}}
+
+
+def test_search_space_validates() -> None:
+    from mcvqa.tune import load_space
+
+    path = Path(__file__).parent.parent / "configs" / "search_space.yaml"
+    space = load_space(path, None)
+    assert space["train.lr"]["log"] is True and "lora.r" in space
+    assert path.read_text(encoding="utf-8").startswith("# Search space for `mcvqa tune`")

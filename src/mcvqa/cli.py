@@ -232,6 +232,41 @@ def demo(
 
 
 @app.command()
+def tune(
+    data: Annotated[Path, typer.Option("--data", "-d", help="Labelled CSV to tune on.")],
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for trials, best_recipe.yaml, tune_summary.json and optimization_history.png.")] = Path("runs/tune"),
+    study: Annotated[Path, typer.Option(help="SQLite file of the study (resumable; several workers may share it).")] = Path("runs/study.db"),
+    name: Annotated[str, typer.Option(help="Study name inside the file.")] = "mcvqa",
+    trials: Annotated[int, typer.Option(help="Trials to run in this process.")] = 40,
+    space: Annotated[Optional[Path], typer.Option(help="Search-space YAML (default: search_space.yaml beside --config).")] = None,
+    subsample: Annotated[int, typer.Option(help="Tune on a stratified subsample of this many rows (0: all).")] = 0,
+    folds: Annotated[int, typer.Option(help="K-fold on the subsample; the objective is the mean accuracy.")] = 1,
+    max_epochs: Annotated[int, typer.Option(help="Upper bound on epochs per trial (the pruner's resource).")] = 3,
+    timeout: Annotated[Optional[float], typer.Option(help="Wall-clock limit in seconds.")] = None,
+    pruner: Annotated[str, typer.Option(help="hyperband | sha | median | none")] = "hyperband",
+    seed: Annotated[int, typer.Option(help="Sampler seed.")] = 42,
+    heartbeat: Annotated[int, typer.Option(help="Seconds between trial heartbeats (a killed trial is retried after 2x).")] = 60,
+    model: ModelOpt = None,
+    device: DeviceOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Bayesian hyperparameter search (Optuna TPE) with Hyperband pruning on per-epoch validation accuracy."""
+    from mcvqa.tune import TuneOptions
+    from mcvqa.tune import tune as run_tune
+
+    if pruner not in ("hyperband", "sha", "median", "none"):
+        raise McvqaError(f"--pruner must be hyperband, sha, median or none, got {pruner!r}")
+    if folds < 1:
+        raise McvqaError("--folds must be at least 1")
+    cfg = _config(config, sets, [model], model__name_or_path=model, model__device=device)
+    opts = TuneOptions(trials=trials, study=study, name=name, space=space, subsample=subsample, folds=folds, max_epochs=max_epochs,
+                       timeout=timeout, pruner=pruner, seed=seed, heartbeat=heartbeat)
+    run_tune(cfg, data, out, opts, recipe=config, progress=not quiet, log=_echo)
+
+
+@app.command()
 def ensemble(
     probs: Annotated[list[Path], typer.Option("--probs", "-p", help="probs.csv of one member; repeat for each (scored anywhere, same test ids).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the ensemble's submission.csv and probs.csv.")],
@@ -258,6 +293,40 @@ def ensemble(
     sub, pr = write_outputs(out, ids, p)
     typer.echo(f"submission {sub}")
     typer.echo(f"probs      {pr}")
+
+
+@app.command()
+def report(
+    pred: Annotated[Path, typer.Option("--pred", "-p", help="probs.csv written by predict.")],
+    data: Annotated[Path, typer.Option("--data", "-d", help="Labelled CSV with the images (e.g. val.csv or test_labels.csv).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="HTML file to write (self-contained).")] = Path("report.html"),
+    compare: Annotated[Optional[Path], typer.Option(help="Another run's probs.csv to compare question by question.")] = None,
+    mistakes: Annotated[int, typer.Option(help="How many of the most confident mistakes to show.")] = 24,
+    title: Annotated[Optional[str], typer.Option(help="Page title.")] = None,
+) -> None:
+    """A single self-contained HTML report: metrics, confusion, letter bias, calibration, question types, mistakes."""
+    from mcvqa.report import build_report
+
+    path = build_report(pred, data, out, compare=compare, top_mistakes=mistakes, title=title)
+    typer.echo(str(path))
+
+
+@app.command()
+def serve(
+    model: ModelOpt = None,
+    adapter: Annotated[Optional[Path], typer.Option("--adapter", help="LoRA adapter folder.")] = None,
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+    examples: Annotated[Optional[Path], typer.Option(help="A dataset CSV whose first rows are offered as examples.")] = None,
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 7860,
+    device: DeviceOpt = None,
+) -> None:
+    """A Gradio page: drop an image, type a question and four options, see the answer and its probabilities."""
+    from mcvqa.serve import launch
+
+    cfg = _config(config, sets, [model, adapter], model__name_or_path=model, model__device=device)
+    launch(cfg, adapter=adapter, examples=examples, host=host, port=port)
 
 
 @app.command("config")

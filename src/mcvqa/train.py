@@ -585,10 +585,11 @@ def _checkpoint(accelerator: Any, out: Path, loss_module: Any, optimizer: Any, s
 
 
 def plot_loss(losses: list[list[float]], history: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from mcvqa.plotting import setup
+
+    setup()
 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     if losses:

@@ -1,0 +1,316 @@
+"""``mcvqa tune``: Bayesian optimisation (TPE) with Hyperband / successive-halving pruning, via Optuna.
+
+    mcvqa tune --config configs/seed.yaml --data train.csv --trials 40 --study runs/study.db
+
+The search space is a YAML file next to the recipe (``configs/search_space.yaml``): one entry per config
+field, e.g. ``train.lr: {type: float, low: 2e-5, high: 5e-4, log: true}``. Each trial trains on a
+(subsampled) training set and reports the validation accuracy after every epoch; the pruner stops trials
+that fall behind. With ``--folds K`` a trial trains K models on K folds of the subsample and its objective
+is their mean accuracy (each fold's epochs are successive pruning steps).
+
+The study lives in SQLite: a second ``mcvqa tune`` on the same ``--study`` resumes it, several can run at
+once (one per GPU), and a trial whose process was killed is marked failed by Optuna's heartbeat and retried.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mcvqa.config import SECTIONS, Config, load_config, parse_overrides
+from mcvqa.data import kfold_splits, read_csv, stratified_split, subsample
+from mcvqa.errors import ConfigError, McvqaError
+from mcvqa.io import atomic_write_json, atomic_write_text
+
+
+@dataclass
+class TuneOptions:
+    trials: int = 40
+    """Trials to run in this process (the study keeps all trials of all processes)."""
+    study: Path = Path("runs/study.db")
+    """SQLite file holding the study."""
+    name: str = "mcvqa"
+    """Study name inside the file."""
+    space: Path | None = None
+    """Search-space YAML (default: search_space.yaml beside the recipe, else the built-in space)."""
+    subsample: int = 0
+    """Train on a stratified subsample of this many rows (0: all)."""
+    folds: int = 1
+    """K-fold on the subsample (1: one stratified train/validation split)."""
+    max_epochs: int = 3
+    """Upper bound on train.epochs within a trial (the Hyperband resource)."""
+    timeout: float | None = None
+    """Wall-clock limit in seconds for this process."""
+    pruner: str = "hyperband"
+    """hyperband | sha (successive halving) | median | none."""
+    seed: int = 42
+    """TPE sampler seed."""
+    heartbeat: int = 60
+    """Seconds between trial heartbeats; a trial silent for 2 x this long is taken as killed and retried."""
+    keep_trial_outputs: bool = False
+    """Keep every trial's adapters and checkpoints (default: only its metrics.json)."""
+
+
+DEFAULT_SPACE: dict[str, dict[str, Any]] = {
+    "train.lr": {"type": "float", "low": 2e-5, "high": 5e-4, "log": True},
+    "lora.r": {"type": "categorical", "choices": [8, 16, 32, 64]},
+    "lora.alpha": {"type": "categorical", "choices": [16, 32, 64]},
+    "lora.dropout": {"type": "float", "low": 0.0, "high": 0.1},
+    "train.epochs": {"type": "int", "low": 1, "high": 5},
+    "train.warmup_ratio": {"type": "float", "low": 0.0, "high": 0.1},
+    "train.weight_decay": {"type": "float", "low": 0.0, "high": 0.1},
+    "image.size": {"type": "categorical", "choices": [384, 448, 512]},
+    "prompt.name": {"type": "categorical", "choices": ["fewshot_ko", "plain_ko"]},
+    "train.option_shuffle": {"type": "categorical", "choices": [True, False]},
+}
+
+
+def load_space(path: Path | None, recipe: Path | None) -> dict[str, dict[str, Any]]:
+    if path is None and recipe is not None and (Path(recipe).parent / "search_space.yaml").exists():
+        path = Path(recipe).parent / "search_space.yaml"
+    if path is None:
+        return copy.deepcopy(DEFAULT_SPACE)
+    try:
+        space = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path}: cannot read the search space ({e})") from None
+    for key, spec in space.items():
+        section, _, name = key.partition(".")
+        if section not in SECTIONS or name not in {f.name for f in dataclasses.fields(SECTIONS[section])}:
+            raise ConfigError(f"{path}: {key} is not a config field")
+        if not isinstance(spec, dict) or spec.get("type") not in ("float", "int", "categorical"):
+            raise ConfigError(f"{path}: {key} needs type float, int or categorical")
+        if spec["type"] == "categorical" and not spec.get("choices"):
+            raise ConfigError(f"{path}: {key} needs choices")
+        if spec["type"] in ("float", "int") and ("low" not in spec or "high" not in spec):
+            raise ConfigError(f"{path}: {key} needs low and high")
+    return space
+
+
+def suggest(trial: Any, space: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    params = {}
+    for key, spec in space.items():
+        if spec["type"] == "float":
+            params[key] = trial.suggest_float(key, float(spec["low"]), float(spec["high"]), log=bool(spec.get("log", False)))
+        elif spec["type"] == "int":
+            params[key] = trial.suggest_int(key, int(spec["low"]), int(spec["high"]), log=bool(spec.get("log", False)))
+        else:
+            params[key] = trial.suggest_categorical(key, list(spec["choices"]))
+    return params
+
+
+def apply(cfg: Config, params: dict[str, Any]) -> Config:
+    """``cfg`` with ``section.field`` overrides applied and validated."""
+    out = copy.deepcopy(cfg)
+    grouped: dict[str, dict[str, Any]] = {}
+    for key, value in params.items():
+        section, _, name = key.partition(".")
+        grouped.setdefault(section, {})[name] = value
+    for section, values in grouped.items():
+        merged = {**dataclasses.asdict(getattr(out, section)), **values}
+        setattr(out, section, load_config(None, {section: merged}, env=False).__getattribute__(section))
+    return out
+
+
+def score(m: dict[str, Any]) -> float:
+    """Validation accuracy, ties broken by NLL: small validation sets make exact ties common, and a pruner
+    cannot rank tied trials."""
+    return float(m["accuracy"]) - 1e-3 * float(m["nll"])
+
+
+def make_pruner(kind: str, max_resource: int) -> Any:
+    import optuna
+
+    if kind == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max_resource, reduction_factor=3)
+    if kind == "sha":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=2, min_early_stopping_rate=0)
+    if kind == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
+    return optuna.pruners.NopPruner()
+
+
+def storage(path: Path, heartbeat: int) -> Any:
+    import inspect
+
+    import optuna.storages as S
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Optuna >= 4.9 names the retry hook heartbeat_stale_trial_callback; older releases failed_trial_callback.
+    if "heartbeat_stale_trial_callback" in inspect.signature(S.RDBStorage.__init__).parameters:
+        retry = {"heartbeat_stale_trial_callback": S.RetryHeartbeatStaleTrialCallback(max_retry=1)}
+    else:
+        retry = {"failed_trial_callback": S.RetryFailedTrialCallback(max_retry=1)}
+    return S.RDBStorage(
+        url=f"sqlite:///{path.resolve()}",
+        engine_kwargs={"connect_args": {"timeout": 60}},  # several workers share the file
+        heartbeat_interval=heartbeat,
+        grace_period=2 * heartbeat,
+        **retry,
+    )
+
+
+def tune(
+    base: Config,
+    data: str | Path,
+    out: str | Path,
+    opts: TuneOptions,
+    *,
+    recipe: Path | None = None,
+    progress: bool = False,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    import optuna
+
+    from mcvqa.train import train_split
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    space = load_space(opts.space, recipe)
+    ds = read_csv(data, require_answer=True, cfg=base.data)
+    if opts.subsample:
+        ds = subsample(ds, opts.subsample, base.data.split_seed)
+    if opts.folds > 1:
+        splits = [(tr, va.items) for tr, va in kfold_splits(ds, opts.folds, base.data.split_seed)]
+    else:
+        tr, va = stratified_split(ds, base.data.val_fraction, base.data.split_seed)
+        splits = [(tr, va.items)]
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(
+        study_name=opts.name,
+        storage=storage(opts.study, opts.heartbeat),
+        load_if_exists=True,
+        direction="maximize",
+        sampler=optuna.samplers.TPESampler(seed=opts.seed, multivariate=True),
+        pruner=make_pruner(opts.pruner, opts.max_epochs * len(splits)),
+    )
+    before = len(study.trials)
+
+    def objective(trial: optuna.Trial) -> float:
+        params = suggest(trial, space)
+        cfg = apply(base, params)
+        cfg = apply(cfg, {"train.epochs": min(cfg.train.epochs, opts.max_epochs), "train.report_to": [], "train.eval_every": "epoch"})
+        trial_dir = out / f"trial_{trial.number:04d}"
+        if trial_dir.exists():  # a retried trial starts clean
+            shutil.rmtree(trial_dir)
+        scores = []
+        try:
+            for k, (train_items, val_items) in enumerate(splits):
+
+                def report(epoch: int, m: dict[str, Any], k: int = k) -> None:
+                    trial.report(score(m), k * opts.max_epochs + epoch - 1)
+                    if trial.should_prune():
+                        raise optuna.TrialPruned(f"fold {k}, epoch {epoch}: accuracy {m['accuracy']:.4f}")
+
+                res = train_split(cfg, train_items, val_items, trial_dir / f"fold_{k}", progress=progress, log_fn=lambda s: None, epoch_callback=report)
+                scores.append(score(res.best_metrics))
+            value = float(sum(scores) / len(scores))
+            trial.set_user_attr("fold_accuracies", scores)
+            log(f"trial {trial.number}: accuracy {value:.4f}  " + " ".join(f"{k}={v}" for k, v in params.items()))
+            return value
+        except optuna.TrialPruned:
+            log(f"trial {trial.number}: pruned  " + " ".join(f"{k}={v}" for k, v in params.items()))
+            raise
+        finally:
+            if not opts.keep_trial_outputs and trial_dir.exists():
+                for sub in trial_dir.glob("fold_*"):
+                    for name in ("best", "last", "checkpoints", "logs"):
+                        shutil.rmtree(sub / name, ignore_errors=True)
+
+    t0 = time.perf_counter()
+    study.optimize(objective, n_trials=opts.trials, timeout=opts.timeout, catch=(McvqaError,))
+    return summarise(study, base, space, out, recipe, before, time.perf_counter() - t0, log)
+
+
+def summarise(study: Any, base: Config, space: dict[str, Any], out: Path, recipe: Path | None, before: int, seconds: float, log: Callable[[str], None]) -> dict[str, Any]:
+    """Best recipe YAML, importances, history plot and a JSON summary."""
+    import optuna
+
+    states = [t.state.name for t in study.trials]
+    summary: dict[str, Any] = {
+        "trials": len(study.trials),
+        "new_trials": len(study.trials) - before,
+        "complete": states.count("COMPLETE"),
+        "pruned": states.count("PRUNED"),
+        "failed": states.count("FAIL"),
+        "seconds": round(seconds, 1),
+    }
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if not complete:
+        atomic_write_json(out / "tune_summary.json", summary)
+        log("no trial completed yet")
+        return summary
+    best = study.best_trial
+    summary.update({"best_value": best.value, "best_trial": best.number, "best_params": best.params})
+    try:
+        summary["importances"] = optuna.importance.get_param_importances(study) if len(complete) >= 2 else {}
+    except (RuntimeError, ValueError, ZeroDivisionError):
+        summary["importances"] = {}
+    best_cfg = apply(base, best.params)
+    recipe_text = (
+        f"# Best of {summary['trials']} trials in study '{study.study_name}' (validation accuracy {best.value:.4f}),\n"
+        f"# found by `mcvqa tune`{f' from {recipe}' if recipe else ''}. Train it:\n"
+        f"#   mcvqa train --config {out / 'best_recipe.yaml'} --data train.csv --out runs/best\n"
+        + yaml.safe_dump(best_cfg.to_dict(), sort_keys=False, allow_unicode=True)
+    )
+    atomic_write_text(out / "best_recipe.yaml", recipe_text)
+    plot_history(study, out / "optimization_history.png")
+    atomic_write_json(out / "tune_summary.json", summary)
+    log(f"best trial {best.number}: accuracy {best.value:.4f}")
+    for k, v in best.params.items():
+        log(f"  {k} = {v}")
+    if summary["importances"]:
+        log("importances: " + ", ".join(f"{k} {v:.2f}" for k, v in summary["importances"].items()))
+    log(f"{summary['complete']} complete, {summary['pruned']} pruned, {summary['failed']} failed; recipe {out / 'best_recipe.yaml'}")
+    return summary
+
+
+def plot_history(study: Any, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    from mcvqa.plotting import setup
+
+    setup()
+    import optuna
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
+    if done:
+        ax.scatter([t.number for t in done], [t.value for t in done], label="complete", color="tab:blue", zorder=3)
+        best, xs, ys = -1.0, [], []
+        for t in sorted(done, key=lambda t: t.number):
+            best = max(best, t.value)
+            xs.append(t.number)
+            ys.append(best)
+        ax.step(xs, ys, where="post", color="tab:red", label="best so far")
+    if pruned:
+        last = [max(t.intermediate_values.values()) if t.intermediate_values else 0.0 for t in pruned]
+        ax.scatter([t.number for t in pruned], last, marker="x", color="gray", label="pruned (last report)")
+    ax.set_xlabel("trial")
+    ax.set_ylabel("validation accuracy")
+    ax.set_title(f"mcvqa tune: {study.study_name}")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name("." + path.name + ".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def options_from(**kw: Any) -> TuneOptions:
+    return TuneOptions(**{k: v for k, v in kw.items() if v is not None})
+
+
+__all__ = ["TuneOptions", "tune", "load_space", "apply", "DEFAULT_SPACE", "parse_overrides"]

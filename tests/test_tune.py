@@ -1,0 +1,81 @@
+"""mcvqa tune: a small study on the tiny model prunes, writes the best recipe, resumes, survives a kill."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+SPACE = {
+    "train.lr": {"type": "float", "low": 1e-5, "high": 3e-3, "log": True},
+    "lora.r": {"type": "categorical", "choices": [2, 4]},
+    "train.epochs": {"type": "int", "low": 2, "high": 3},
+}
+BASE = ["train.method=lora", "lora.alpha=8", "lora.dropout=0.0", "train.batch_size=8", "prompt.name=plain_ko"]
+
+
+@pytest.fixture()
+def space(tmp_path: Path) -> Path:
+    p = tmp_path / "space.yaml"
+    p.write_text(yaml.safe_dump(SPACE))
+    return p
+
+
+def test_study_prunes_writes_recipe_and_resumes(cfg_factory, synth_data, tmp_path, space) -> None:
+    from mcvqa.tune import TuneOptions, tune
+
+    cfg = cfg_factory(*BASE)
+    opts = TuneOptions(trials=6, study=tmp_path / "study.db", space=space, max_epochs=3, pruner="sha", seed=0)
+    first = tune(cfg, synth_data / "train.csv", tmp_path / "tune", opts, log=lambda s: None)
+    assert first["trials"] == 6 and first["pruned"] >= 1 and first["complete"] >= 1
+    recipe = yaml.safe_load((tmp_path / "tune" / "best_recipe.yaml").read_text())
+    assert recipe["train"]["lr"] == pytest.approx(first["best_params"]["train.lr"])
+    assert (tmp_path / "tune" / "best_recipe.yaml").read_text().startswith("# Best of 6 trials")
+    from mcvqa.config import load_config
+
+    load_config(tmp_path / "tune" / "best_recipe.yaml", env=False)  # a ready-to-run recipe
+    assert (tmp_path / "tune" / "optimization_history.png").stat().st_size > 1000
+    second = tune(cfg, synth_data / "train.csv", tmp_path / "tune", TuneOptions(**{**opts.__dict__, "trials": 2}), log=lambda s: None)
+    assert second["trials"] == 8 and second["new_trials"] == 2
+    assert second["best_value"] >= first["best_value"]
+
+
+def _count(db: Path, state: str) -> int:
+    try:
+        with sqlite3.connect(db) as con:
+            return con.execute("select count(*) from trials where state = ?", (state,)).fetchone()[0]
+    except sqlite3.Error:
+        return 0
+
+
+def test_killed_study_resumes(tiny_model, synth_data, tmp_path, space) -> None:
+    db = tmp_path / "study.db"
+    cmd = [sys.executable, "-m", "mcvqa", "tune", "--data", str(synth_data / "train.csv"), "--model", str(tiny_model), "--device", "cpu",
+           "--study", str(db), "--out", str(tmp_path / "t"), "--space", str(space), "--max-epochs", "3", "--pruner", "none",
+           "--heartbeat", "1", "-q", *[a for s in BASE + ["image.size=64"] for a in ("--set", s)]]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd + ["--trials", "20"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if _count(db, "COMPLETE") >= 2 and _count(db, "RUNNING") >= 1:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    done = _count(db, "COMPLETE")
+    time.sleep(3)  # let the killed trial's heartbeat go stale (grace period 2 s)
+    again = subprocess.run(cmd + ["--trials", "1"], env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert _count(db, "COMPLETE") >= done + 1  # nothing lost, the study grew
+    assert _count(db, "RUNNING") == 0 and _count(db, "FAIL") == 1  # the killed trial is marked failed (and retried)
+    summary = json.loads((tmp_path / "t" / "tune_summary.json").read_text())
+    assert summary["trials"] >= done + 2
