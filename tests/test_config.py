@@ -9,7 +9,9 @@ import pytest
 from mcvqa.config import SECTIONS, describe, field_docs, load_config, parse_overrides
 from mcvqa.errors import ConfigError
 
-CONFIGS = sorted(p for p in (Path(__file__).parent.parent / "configs").glob("*.yaml") if p.name != "search_space.yaml")
+ROOT = Path(__file__).parent.parent / "configs"
+CONFIGS = sorted(p for p in ROOT.glob("*.yaml") if p.name != "search_space.yaml" and not p.name.startswith("accelerate_"))
+ACCELERATE = sorted(ROOT.glob("accelerate_*.yaml"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
@@ -82,3 +84,12 @@ def test_search_space_validates() -> None:
     space = load_space(path, None)
     assert space["train.lr"]["log"] is True and "lora.r" in space
     assert path.read_text(encoding="utf-8").startswith("# Search space for `mcvqa tune`")
+
+
+@pytest.mark.parametrize("path", ACCELERATE, ids=[p.name for p in ACCELERATE])
+def test_accelerate_configs_parse_and_say_how_to_launch(path: Path) -> None:
+    import yaml
+
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    assert data["distributed_type"] in ("MULTI_GPU", "FSDP", "DEEPSPEED") and data["num_processes"] >= 2
+    assert "accelerate launch --config_file" in path.read_text(encoding="utf-8").splitlines()[1]

@@ -570,15 +570,17 @@ def run_tta(scorer: Scorer, items: Sequence[Item], cfg: TTAConfig, batch_size: i
             adapter.close()
     if "pride" in methods and "orders" in methods:
         raise ValueError("pride already averages its estimation questions over orders; use orders or pride")
+    views = image_views(scorer, items, cfg.views, batch_size, progress) if "views" in methods else None
     if "pride" in methods:
         res = pride(scorer, items, cfg.pride_fraction, cfg.orders, batch_size, progress=progress)
     elif "orders" in methods:
         res = order_average(scorer, items, cfg.orders, batch_size, progress)
+    elif views is not None:
+        res, views = views, None  # the views already include the original image: no separate plain pass
     else:
         res = plain(scorer, items, batch_size, progress)
-    if "views" in methods:
-        v = image_views(scorer, items, cfg.views, batch_size, progress)
-        res = TTAResult(ensemble([res.probs, v.probs]), res.cost + v.cost, res.per_order, res.notes)
+    if views is not None:
+        res = TTAResult(ensemble([res.probs, views.probs]), res.cost + views.cost, res.per_order, res.notes)
     if "blend" in methods:
         res = blend_with_base(scorer, items, cfg.blend_fraction, cfg.blend_weight, batch_size, base=res, progress=progress)
     return res

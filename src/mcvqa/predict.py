@@ -185,6 +185,43 @@ def _slice(batch: Batch, a: int, b: int) -> Batch:
     )
 
 
+@dataclass
+class Dist:
+    """This process's place under ``accelerate launch`` / ``torchrun`` (rank 0 of 1 otherwise)."""
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def gather(self, obj: Any) -> list[Any]:
+        if self.world == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+
+def distributed() -> Dist:
+    """Initialise the process group when launched with several processes (gloo on CPU, NCCL on GPUs)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return Dist()
+    from accelerate import PartialState
+
+    state = PartialState(cpu=not torch.cuda.is_available())
+    return Dist(state.process_index, state.num_processes)
+
+
 def batch_slices(n: int, batch_size: int) -> list[list[int]]:
     return [list(range(s, min(s + batch_size, n))) for s in range(0, n, batch_size)]
 
@@ -225,12 +262,15 @@ def score_items(
     desc: str = "scoring",
     stats: ScoreStats | None = None,
     sort_by_length: bool = True,
+    dist: Dist | None = None,
 ) -> np.ndarray:
     """(N, 4) probabilities in item order. Skips batches already in ``done`` (resume).
 
     With ``sort_by_length`` the batches hold questions of similar token length (less padding); the order is
-    a pure function of the data, so a resumed run forms exactly the same batches.
+    a pure function of the data, so a resumed run forms exactly the same batches. Under several processes
+    (``dist``) process r scores batches r, r + world, ...; every process ends with all probabilities.
     """
+    dist = dist or Dist()
     stats = stats if stats is not None else ScoreStats()
     done = done or {}
     n = len(items)
@@ -243,12 +283,15 @@ def score_items(
     probs = np.zeros((n, 4), dtype=np.float64)
     todo = []
     for b, idx in enumerate(slices):
+        if b % dist.world != dist.rank:
+            continue
         if b in done and done[b]["ids"] == [items[i].id for i in idx]:
             probs[idx] = np.asarray(done[b]["probs"], dtype=np.float64)
             stats.bad_images += [tuple(x) for x in done[b].get("bad", [])]
         else:
             todo.append(b)
-    bar = tqdm(total=n, initial=n - sum(len(slices[b]) for b in todo), desc=desc, unit="q", disable=not progress, dynamic_ncols=True)
+    mine = sum(len(s) for b, s in enumerate(slices) if b % dist.world == dist.rank)
+    bar = tqdm(total=mine, initial=mine - sum(len(slices[b]) for b in todo), desc=desc, unit="q", disable=not progress or not dist.main, dynamic_ncols=True)
     row_of = {it.id: it.row for it in items}
     batches = iterate_batches(items, scorer.encoder, [slices[b] for b in todo], with_prefix=scorer.with_prefix_in_batch, num_workers=num_workers)
     for b, batch in zip(todo, batches):
@@ -268,6 +311,13 @@ def score_items(
             journal.append({"batch": b, "ids": batch.ids, "probs": p.tolist(), "bad": bad})
         bar.update(len(batch))
     bar.close()
+    if dist.world > 1:
+        # Each process scored its share; every process gets the whole table (small: N x 4 floats).
+        mine_rows = [i for b, s in enumerate(slices) if b % dist.world == dist.rank for i in s]
+        for rows, part, bad_part in dist.gather((mine_rows, probs[mine_rows], stats.bad_images)):
+            probs[rows] = part
+            if bad_part is not stats.bad_images:
+                stats.bad_images += bad_part
     return probs
 
 
@@ -331,8 +381,9 @@ def predict(
 ) -> PredictResult:
     out = Path(out)
     ds = dataset if dataset is not None else read_csv(data, cfg=cfg.data)
+    dist = distributed()
     out.mkdir(parents=True, exist_ok=True)
-    journal_path = out / JOURNAL
+    journal_path = out / (JOURNAL if dist.world == 1 else f"journal.rank{dist.rank}-of-{dist.world}.jsonl")
     if journal_path.exists() and not resume:
         raise McvqaError(f"{out} holds an unfinished or finished run ({JOURNAL}); pass --resume to continue it or use another --out")
     t0 = time.perf_counter()
@@ -350,6 +401,7 @@ def predict(
             "batch_size": cfg.predict.batch_size,
             "scoring": cfg.predict.scoring,
             "sort_by_length": cfg.predict.sort_by_length,
+            "world": dist.world,
         }
     )
     journal = Journal(journal_path, fp)
@@ -370,9 +422,15 @@ def predict(
         probs = score_items(
             scorer, ds.items, cfg.predict.batch_size, num_workers=cfg.predict.num_workers, on_bad_image=cfg.predict.on_bad_image,
             progress=progress, journal=journal, done=done, source=ds.source, stats=stats, sort_by_length=cfg.predict.sort_by_length,
+            dist=dist,
         )
     seconds = time.perf_counter() - t0
     ids = [it.id for it in ds]
+    sub, pr = out / "submission.csv", out / "probs.csv"
+    if not dist.main:  # rank 0 writes the one submission; the others only close their journals
+        dist.barrier()
+        journal_path.replace(journal_path.with_name(journal_path.name + ".done"))
+        return PredictResult(out, sub, pr, len(ds), seconds, stats, len(done))
     sub, pr = write_outputs(out, ids, probs)
     cfg.dump(out / "config.yaml")
     if stats.bad_images:
@@ -399,7 +457,8 @@ def predict(
         },
     )
     # The run is complete and its outputs are on disk: the journal has done its job.
-    journal_path.replace(out / (JOURNAL + ".done"))
+    journal_path.replace(journal_path.with_name(journal_path.name + ".done"))
+    dist.barrier()
     if stats.oom_halvings:
         log(f"GPU memory ran out {stats.oom_halvings} time(s); continued with batch size {stats.batch_size_used}")
     if stats.bad_images:

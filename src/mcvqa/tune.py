@@ -121,6 +121,29 @@ def apply(cfg: Config, params: dict[str, Any]) -> Config:
     return out
 
 
+def _independent_worker(base: Config, opts: TuneOptions) -> tuple[Config, TuneOptions]:
+    """Under ``accelerate launch``, each process is an independent worker on the shared study, one per GPU.
+
+    Trials must not form a process group (they are different models), so the launcher's variables are
+    cleared after pinning this process to its GPU; each worker's sampler gets its own seed.
+    """
+    import os
+
+    import torch
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return base, opts
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available() and base.model.device == "auto":
+        torch.cuda.set_device(local)
+        base = apply(base, {"model.device": f"cuda:{local}"})
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE", "GROUP_WORLD_SIZE"):
+        os.environ.pop(key, None)
+    return base, dataclasses.replace(opts, seed=opts.seed + rank)
+
+
 def score(m: dict[str, Any]) -> float:
     """Validation accuracy, ties broken by NLL: small validation sets make exact ties common, and a pruner
     cannot rank tied trials."""
@@ -175,6 +198,7 @@ def tune(
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    base, opts = _independent_worker(base, opts)
     space = load_space(opts.space, recipe)
     ds = read_csv(data, require_answer=True, cfg=base.data)
     if opts.subsample:

@@ -1,0 +1,59 @@
+"""accelerate launch with 2 CPU processes (gloo): sharded predict and DDP training match one process."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(n: int, *args: str) -> list[str]:
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n), "--num_machines", "1",
+            "--main_process_port", str(_port()), "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "mcvqa", *args]
+
+
+def run(cmd: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return res
+
+
+@pytest.mark.slow
+def test_sharded_predict_equals_single_process(tiny_model: Path, synth_data: Path, tmp_path: Path) -> None:
+    common = ["predict", "--model", str(tiny_model), "--data", str(synth_data / "test.csv"), "--device", "cpu", "-q", "--batch-size", "4"]
+    run([sys.executable, "-m", "mcvqa", *common, "--out", str(tmp_path / "one")])
+    run(launch(2, *common, "--out", str(tmp_path / "two")))
+    assert (tmp_path / "two" / "submission.csv").read_bytes() == (tmp_path / "one" / "submission.csv").read_bytes()
+    assert (tmp_path / "two" / "probs.csv").read_bytes() == (tmp_path / "one" / "probs.csv").read_bytes()
+    assert sorted(p.name for p in (tmp_path / "two").glob("journal.rank*.done")) == ["journal.rank0-of-2.jsonl.done", "journal.rank1-of-2.jsonl.done"]
+
+
+@pytest.mark.slow
+def test_two_process_training_equals_one_process_with_double_accumulation(tiny_model: Path, synth_data: Path, tmp_path: Path) -> None:
+    """2 processes x accumulation 1 == 1 process x accumulation 2 (same batches per step), to 1e-5."""
+    sets = ["train.method=lora", "lora.r=4", "lora.dropout=0.0", "train.epochs=2", "train.batch_size=3", "train.eval_every=never",
+            "train.report_to=[]", "train.lr=5e-3", "prompt.name=plain_ko", "image.size=64"]
+    common = ["train", "--model", str(tiny_model), "--data", str(synth_data / "train.csv"), "--device", "cpu", "-q", *[a for s in sets for a in ("--set", s)]]
+    run([sys.executable, "-m", "mcvqa", *common, "--set", "train.grad_accum=2", "--out", str(tmp_path / "one")])
+    run(launch(2, *common, "--set", "train.grad_accum=1", "--out", str(tmp_path / "two")))
+    a = load_file(str(tmp_path / "one" / "last" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "last" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    moved = 0
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4, msg=k)
+        moved += int(a[k].abs().sum() > 0)
+    assert moved > 0
