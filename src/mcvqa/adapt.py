@@ -16,7 +16,7 @@ from __future__ import annotations
 import io
 import math
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -192,17 +192,21 @@ def view_examples(scorer: Scorer, item: Item, views: Sequence[str]) -> list[Exam
     return out
 
 
-def image_views(scorer: Scorer, items: Sequence[Item], views: Sequence[str] = ("rescale", "crop", "colour", "jpeg"), batch_size: int = 16, progress: bool = False) -> TTAResult:
-    """Average log-probabilities over the original image and mild views of it (passive TTA)."""
+def view_logprobs(scorer: Scorer, items: Sequence[Item], views: Sequence[str], batch_size: int, desc: str, progress: bool) -> Iterator[tuple[range, torch.Tensor]]:
+    """(rows, (len(rows), 1 + len(views), 4) log-probs) for consecutive groups of questions, all views batched."""
     enc = scorer.encoder
     v = 1 + len(views)
-    out = np.zeros((len(items), 4))
-    per_batch = max(1, batch_size // v)
-    for r in tqdm(_batches(len(items), per_batch), desc="views", disable=not progress, leave=False):
+    for r in tqdm(_batches(len(items), max(1, batch_size // v)), desc=desc, disable=not progress, leave=False):
         exs = [e for i in r for e in view_examples(scorer, items[i], views)]
-        lp = scorer.logprobs(collate(exs, enc.pad_id, enc.image_token_id)).double().cpu().numpy().reshape(len(r), v, 4)
-        out[list(r)] = _normalise(lp.mean(axis=1))
-    return TTAResult(out, Cost(float(v), 0.0))
+        yield r, scorer.logprobs(collate(exs, enc.pad_id, enc.image_token_id)).view(len(r), v, 4)
+
+
+def image_views(scorer: Scorer, items: Sequence[Item], views: Sequence[str] = ("rescale", "crop", "colour", "jpeg"), batch_size: int = 16, progress: bool = False) -> TTAResult:
+    """Average log-probabilities over the original image and mild views of it (passive TTA)."""
+    out = np.zeros((len(items), 4))
+    for r, lp in view_logprobs(scorer, items, views, batch_size, "views", progress):
+        out[list(r)] = _normalise(lp.double().cpu().numpy().mean(axis=1))
+    return TTAResult(out, Cost(float(1 + len(views)), 0.0))
 
 
 # ------------------------------------------------------------------------------------------ ensembles
@@ -529,19 +533,14 @@ def zero(scorer: Scorer, items: Sequence[Item], views: Sequence[str] = ("rescale
 
     Returned probabilities are the vote shares smoothed with the confident views' mean (votes alone are
     badly calibrated, as the paper notes)."""
-    enc = scorer.encoder
-    v = 1 + len(views)
     out = np.zeros((len(items), 4))
-    per_batch = max(1, batch_size // v)
-    for r in tqdm(_batches(len(items), per_batch), desc="ZERO", disable=not progress, leave=False):
-        exs = [e for i in r for e in view_examples(scorer, items[i], views)]
-        lp = scorer.logprobs(collate(exs, enc.pad_id, enc.image_token_id)).view(len(r), v, 4)
+    for r, lp in view_logprobs(scorer, items, views, batch_size, "ZERO", progress):
         for j, row in enumerate(lp):
             keep = _select_confident(row, select)
             votes = np.bincount(row[keep].argmax(-1).cpu().numpy(), minlength=4) / len(keep)
             mean = row[keep].exp().mean(0).double().cpu().numpy()
             out[r[j]] = 0.9 * votes + 0.1 * mean
-    return TTAResult(out / out.sum(-1, keepdims=True), Cost(float(v), 0.0))
+    return TTAResult(out / out.sum(-1, keepdims=True), Cost(float(1 + len(views)), 0.0))
 
 
 # ------------------------------------------------------------------------------------------ composition

@@ -155,44 +155,27 @@ class Encoder:
                 raise
             return self.blank_image(), e.problem
 
-    def encode(
-        self,
-        item: Item,
-        image: Image.Image | None = None,
-        on_bad_image: str = "fail",
-    ) -> Example:
-        """Tokenize ``item`` with its options in the given order. ``image`` (already prepared) skips loading."""
+    def _shared(self, item: Item, image: Image.Image | None, on_bad_image: str) -> dict[str, Any]:
+        """What every encoding of ``item`` shares: its image segment, pixels and question."""
         bad = None
         if image is None:
             image, bad = self.load_image(item, on_bad_image)
         pixel_values, grid, image_ids = self.pixels(image)
-        return Example(
-            id=item.id,
-            image_ids=image_ids,
-            question_ids=self.question_ids(item.question),
-            option_ids=self.option_ids(item.options),
-            pixel_values=pixel_values,
-            image_grid_thw=grid,
-            label=item.answer,
-            bad_image=bad,
+        return dict(
+            id=item.id, image_ids=image_ids, question_ids=self.question_ids(item.question),
+            pixel_values=pixel_values, image_grid_thw=grid, label=item.answer, bad_image=bad,
         )
+
+    def encode(self, item: Item, image: Image.Image | None = None, on_bad_image: str = "fail") -> Example:
+        """Tokenize ``item`` with its options in the given order. ``image`` (already prepared) skips loading."""
+        return Example(**self._shared(item, image, on_bad_image), option_ids=self.option_ids(item.options))
 
     def encode_orders(self, item: Item, orders: Sequence[Sequence[int]], image: Image.Image | None = None, on_bad_image: str = "fail") -> OrderedExample:
         """Tokenize ``item`` once, with one options segment per order (for option-order averaging)."""
-        bad = None
-        if image is None:
-            image, bad = self.load_image(item, on_bad_image)
-        pixel_values, grid, image_ids = self.pixels(image)
         return OrderedExample(
-            id=item.id,
-            image_ids=image_ids,
-            question_ids=self.question_ids(item.question),
+            **self._shared(item, image, on_bad_image),
             option_variants=[self.option_ids([item.options[k] for k in order]) for order in orders],
             orders=[tuple(o) for o in orders],
-            pixel_values=pixel_values,
-            image_grid_thw=grid,
-            label=item.answer,
-            bad_image=bad,
         )
 
     def full_text(self, item: Item, n_image_tokens: int | None = None) -> str:
