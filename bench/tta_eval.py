@@ -2,9 +2,11 @@
 
     python bench/tta_eval.py --out runs/tta_eval            # ~15 min on 2 cores; writes tta_eval.md and .json
 
-Conditions (issue 5): the demo model on its own distribution; the same model on shifted images (blur,
-colour cast, smaller shapes); a letter-biased model (trained with 60% of answers moved to 'a') on balanced
-data. For every method: accuracy, CircularEval accuracy (right under all 4 cyclic option orders: the method
+Models: "fixed" is the demo model (trained from scratch with each kind's four options in one fixed order:
+it maps the picture to a letter and never reads the options); "reader" continues it with the options
+shuffled per example, so it has to read them; "biased" continues it on shuffled-order data where 60% of the
+answers sit at letter a. Conditions (issue 5): same distribution; shifted images (blur, colour cast,
+smaller shapes); the letter-biased model on balanced data. For every method: accuracy, CircularEval accuracy (right under all 4 cyclic option orders: the method
 is run on each rotated copy of the test set), expected calibration error, cost in forward/backward passes
 per question, and CPU time per question.
 """
@@ -46,14 +48,16 @@ METHODS = {
 }
 
 
-def trained_model(root: Path, name: str, skew: float, config: Path) -> Path:
+def trained_model(root: Path, name: str, config: Path, start: Path | None = None, order: str = "canonical", skew: float = 0.0, sets: list[str] | None = None) -> Path:
+    """Train (or reuse) one tiny model; ``start`` continues from another model's weights."""
     best = root / name / "run" / "best"
     if (best / "model.safetensors").exists():
         return best
     data = root / name / "data"
-    synthesize(data, SynthConfig(train=3000, test=0, kinds=DEMO_KINDS, values=DEMO_VALUES, answer_skew=skew, seed=7))
-    tiny = build_tiny(root / name / "tiny")
-    cfg = load_config(config, {"model": {"name_or_path": str(tiny)}}, inherit=[tiny])
+    synthesize(data, SynthConfig(train=3000, test=0, kinds=DEMO_KINDS, values=DEMO_VALUES, option_order=order, answer_skew=skew, seed=7))
+    init = start if start is not None else build_tiny(root / name / "tiny")
+    overrides = [f"model.name_or_path={init}", *(sets or [])]
+    cfg = load_config(config, overrides, inherit=[init])
     train(cfg, data / "train.csv", root / name / "run", progress=False, log_fn=lambda s: print(f"  [{name}] {s}", flush=True))
     return best
 
@@ -73,19 +77,26 @@ def main() -> None:
     args = ap.parse_args()
     root = args.out
     root.mkdir(parents=True, exist_ok=True)
-    models = {"demo": trained_model(root, "demo", 0.0, args.config), "biased": trained_model(root, "biased", 0.6, args.config)}
+    fixed = trained_model(root, "fixed", args.config)
+    cont = ["train.lr=3e-4", "train.warmup_ratio=0.05"]
+    models = {
+        "fixed": fixed,
+        "reader": trained_model(root, "reader", args.config, start=fixed, sets=["train.option_shuffle=true", *cont]),
+        "biased": trained_model(root, "biased", args.config, start=fixed, order="random", skew=0.6, sets=cont),
+    }
     conditions = {
-        "same distribution": ("demo", "none"),
-        "shift: blur": ("demo", "blur"),
-        "shift: colour cast": ("demo", "colour_cast"),
-        "shift: small shapes": ("demo", "small"),
-        "letter-biased model": ("biased", "none"),
+        "fixed-option model, canonical order": ("fixed", "none", "canonical"),
+        "reader, same distribution": ("reader", "none", "random"),
+        "reader, shift: blur": ("reader", "blur", "random"),
+        "reader, shift: colour cast": ("reader", "colour_cast", "random"),
+        "reader, shift: small shapes": ("reader", "small", "random"),
+        "letter-biased reader, balanced test": ("biased", "none", "random"),
     }
     rows = []
-    for cond, (model_name, shift) in conditions.items():
-        data = root / "test" / shift
+    for cond, (model_name, shift, order) in conditions.items():
+        data = root / "test" / f"{shift}-{order}"
         if not (data / "test_labels.csv").exists():
-            synthesize(data, SynthConfig(train=0, test=args.n, kinds=DEMO_KINDS, values=DEMO_VALUES, shift=shift, seed=99))
+            synthesize(data, SynthConfig(train=0, test=args.n, kinds=DEMO_KINDS, values=DEMO_VALUES, shift=shift, option_order=order, seed=99))
         items = read_csv(data / "test_labels.csv").items[: args.n]
         labels = np.array([it.answer for it in items])
         cfg = load_config(args.config, {"model": {"name_or_path": str(models[model_name])}}, inherit=[models[model_name]])

@@ -257,7 +257,10 @@ def make_question(rng: random.Random, cfg: SynthConfig, kind: str, letter: int) 
     answer = options.index(answer_value)
     if cfg.option_order == "random":
         rng.shuffle(options)
-        answer = options.index(answer_value)
+        # Keep the drawn letter (balanced, or skewed by answer_skew): move the answer there.
+        j = options.index(answer_value)
+        options[j], options[letter] = options[letter], options[j]
+        answer = letter
     return Drawn(image, question, options, answer, kind)
 
 
