@@ -226,6 +226,47 @@ def bench_predict(model: Any, processor: Any, prompt: Prompt, cfg: Any, items: l
     return rows
 
 
+def bench_compiled(model: Any, processor: Any, prompt: Prompt, cfg: Any, items: list, args: argparse.Namespace, tag: str, scope: str) -> list[dict[str, Any]]:
+    """mcvqa's fast path with ``predict.compile=<scope>``: speed, compile time, and exactness vs unbatched uncached."""
+    from mcvqa.scoring import CAUSAL_ATTENTION, compile_blocks
+
+    enc = Encoder(processor, prompt, cfg.image)
+    n = min(args.n, len(items))
+    exs = sorted((enc.encode(it) for it in items[:n]), key=lambda e: len(e.suffix_ids))
+    with torch.no_grad():
+        set_attention(model, "sdpa")
+        plain = Scorer(model, enc, prefix_cache=False)
+        ref = torch.cat([plain.logprobs(collate([e], enc.pad_id, enc.image_token_id, enc.prefix_ids)) for e in exs[: args.n_exact]]).exp()
+    set_attention(model, CAUSAL_ATTENTION)
+    compile_blocks(model, scope)
+    scorer = Scorer(model, enc, prefix_cache=True)
+    rows = []
+    for bs in args.batch_sizes:
+        def run(bs=bs):
+            for s in range(0, n, bs):
+                scorer.logprobs(collate(exs[s : s + bs], enc.pad_id, enc.image_token_id))
+        try:
+            t0 = time.perf_counter()
+            run()  # compiles (once per new shape class)
+            first = time.perf_counter() - t0
+            reset_mem()
+            t = timed(run)
+        except torch.OutOfMemoryError:
+            log(f"compiled bs {bs}: out of memory")
+            reset_mem()
+            continue
+        rows.append({"path": f"mcvqa + compile {scope}: prefix cache, bs {bs}", "q_per_s": n / t, "peak_gib": gpu_mem(), "first_pass_s": first})
+        log(rows[-1])
+    bs = max(args.batch_sizes)
+    with torch.no_grad():
+        ours = torch.cat([scorer.logprobs(collate(exs[s : min(s + bs, args.n_exact)], enc.pad_id, enc.image_token_id)) for s in range(0, args.n_exact, bs)]).exp()
+    rows.append(agreement(ref, ours, f"mcvqa + compile {scope} vs unbatched uncached", args.n_exact))
+    log(rows[-1])
+    for r in rows:
+        r["setting"] = tag
+    return rows
+
+
 # ----------------------------------------------------------------------------------------------- train
 
 
@@ -323,6 +364,13 @@ def bench_train(cfg: Any, prompt: Prompt, items: list, args: argparse.Namespace,
             reset_mem()
             t = timed(lambda: [step(exs[(k + 2) * bs : (k + 3) * bs]) for k in range(args.train_steps)])
             row = {"path": f"train {method} bs {bs}", "samples_per_s": bs * args.train_steps / t, "peak_gib": gpu_mem(), "setting": tag}
+            if args.profile and torch.cuda.is_available():
+                from torch.profiler import ProfilerActivity, profile
+
+                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                    step(exs[:bs])
+                    sync()
+                log(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.profile))
         except torch.OutOfMemoryError:
             row = {"path": f"train {method} bs {bs}", "samples_per_s": None, "peak_gib": "OOM", "setting": tag}
         log(row)
@@ -398,6 +446,8 @@ def main() -> None:
     ap.add_argument("--order-batch-sizes", default="8,16")
     ap.add_argument("--train-runs", default="plain:8,mcvqa:8,mcvqa:16")
     ap.add_argument("--train-steps", type=int, default=4)
+    ap.add_argument("--profile", type=int, default=0, help="train phase: print the top-N kernels of one profiled step per run")
+    ap.add_argument("--compile", default="", help="predict phase: also time mcvqa with predict.compile=<scope> for each of these (mlp,layers), on a fresh load")
     args = ap.parse_args()
     args.batch_sizes = [int(x) for x in args.batch_sizes.split(",")]
     args.order_batch_sizes = [int(x) for x in args.order_batch_sizes.split(",")]
@@ -433,8 +483,16 @@ def main() -> None:
                 log(f"[{tag}] loaded in {time.perf_counter() - t:.0f}s, weights {torch.cuda.memory_allocated() / 2**30:.1f} GiB")
                 prompt = bench_prompt(processor.tokenizer, args.system_tokens)
                 results += bench_predict(model, processor, prompt, cfg, items, args, tag)
+                (args.out / args.json).write_text(json.dumps({"versions": info, "results": results}, indent=2))
                 del model
                 reset_mem()
+                for scope in filter(None, args.compile.split(",")):
+                    model, processor = load_model(cfg.model)
+                    results += bench_compiled(model, processor, prompt, cfg, items, args, tag, scope)
+                    (args.out / args.json).write_text(json.dumps({"versions": info, "results": results}, indent=2))
+                    del model
+                    torch._dynamo.reset()
+                    reset_mem()
             if "train" in args.phases:
                 tcfg = load_config(None, [f"model.name_or_path={args.build}", f"model.quant={quant}", *image, "lora.r=32", "lora.alpha=32", "lora.dropout=0.05"], env=False)
                 from mcvqa.model import load_processor

@@ -4,8 +4,8 @@
 
 Models: "fixed" is the demo model (trained from scratch with each kind's four options in one fixed order:
 it maps the picture to a letter and never reads the options); "reader" continues it with the options
-shuffled per example, so it has to read them; "biased" continues it on shuffled-order data where 60% of the
-answers sit at letter a. Conditions (issue 5): same distribution; shifted images (blur, colour cast,
+shuffled per example, so it has to read them; "biased" continues the reader on random-order data where 60%
+of the answers sit at letter a. Conditions (issue 5): same distribution; shifted images (blur, colour cast,
 smaller shapes); the letter-biased model on balanced data. For every method: accuracy, CircularEval accuracy (right under all 4 cyclic option orders: the method
 is run on each rotated copy of the test set), expected calibration error, cost in forward/backward passes
 per question, and CPU time per question.
@@ -79,10 +79,11 @@ def main() -> None:
     root.mkdir(parents=True, exist_ok=True)
     fixed = trained_model(root, "fixed", args.config)
     cont = ["train.lr=3e-4", "train.warmup_ratio=0.05"]
+    reader = trained_model(root, "reader", args.config, start=fixed, sets=["train.option_shuffle=true", *cont])
     models = {
         "fixed": fixed,
-        "reader": trained_model(root, "reader", args.config, start=fixed, sets=["train.option_shuffle=true", *cont]),
-        "biased": trained_model(root, "biased", args.config, start=fixed, order="random", skew=0.6, sets=cont),
+        "reader": reader,
+        "biased": trained_model(root, "biased", args.config, start=reader, order="random", skew=0.6, sets=cont),
     }
     conditions = {
         "fixed-option model, canonical order": ("fixed", "none", "canonical"),

@@ -151,3 +151,21 @@ def test_batched_vision_attention_equals_per_image_loop(tiny_loaded) -> None:
         finally:
             core.visual.config._attn_implementation = VISION_ATTENTION
     torch.testing.assert_close(fast, stock, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("scope", ["mlp", "layers"])
+def test_compiled_blocks_score_like_eager(cfg_factory, encoder, items, scope) -> None:
+    """Dynamo traces the decoder layers with the read-only prefix cache; the "eager" backend keeps CPU tests
+    fast and isolates tracing (the GPU's inductor kernels are checked by bench/gpu_bench.py --compile)."""
+    from mcvqa.model import load_model
+    from mcvqa.scoring import compile_blocks
+
+    model, _ = load_model(cfg_factory().model)  # compile works in place: not the shared session model
+    exs = _long_short(encoder, items)
+    batch = collate(exs, encoder.pad_id, encoder.image_token_id)
+    before = Scorer(model, encoder).logprobs(batch)
+    assert compile_blocks(model, scope, backend="eager") > 0
+    after = Scorer(model, encoder).logprobs(batch)
+    shorter = Scorer(model, encoder).logprobs(collate(exs[:3], encoder.pad_id, encoder.image_token_id))  # another shape
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=0)
+    torch.testing.assert_close(shorter, before[:3], atol=1e-4, rtol=0)

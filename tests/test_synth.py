@@ -41,3 +41,13 @@ def test_skew_and_shift(tmp_path) -> None:
     p = synthesize(tmp_path, SynthConfig(train=40, test=8, answer_skew=0.5, shift="blur", seed=2))
     assert Counter(pd.read_csv(p["train"])["answer"])["a"] >= 20
     assert Counter(pd.read_csv(p["test_labels"])["answer"]) == {"a": 2, "b": 2, "c": 2, "d": 2}
+
+
+def test_random_order_does_not_tie_values_to_letters(tmp_path) -> None:
+    """With four fixed values per kind, the answer's value must not give away its letter in random order."""
+    files = synthesize(tmp_path, SynthConfig(train=120, test=0, kinds=["colour", "position"], values=4, option_order="random", seed=3))
+    train = pd.read_csv(files["train"])
+    value = train.apply(lambda r: r[r["answer"]], axis=1)
+    letters_per_value = train.groupby(value)["answer"].nunique()
+    assert (letters_per_value >= 3).all(), letters_per_value.to_dict()
+    assert Counter(train["answer"]) == {"a": 30, "b": 30, "c": 30, "d": 30}

@@ -221,9 +221,12 @@ class PredictConfig:
     """What to do with a test row whose image cannot be read: fail (stop with a message) | skip (uniform probabilities, reported)."""
     max_new_tokens: int = 8
     """generate scoring only: tokens to generate before parsing the letter."""
+    compile: str = "off"
+    """torch.compile the repeated blocks: off | mlp (norms and MLPs) | layers (whole decoder layers; vision norms and MLPs). GPU; first batches compile."""
 
     def __post_init__(self) -> None:
         _positive("predict.batch_size", self.batch_size)
+        _choice("predict.compile", self.compile, ("off", "mlp", "layers"))
         _choice("predict.scoring", self.scoring, ("logits", "generate"))
         _choice("predict.on_bad_image", self.on_bad_image, ("fail", "skip"))
 

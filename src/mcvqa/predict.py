@@ -364,6 +364,10 @@ def build_scorer(cfg: Config, adapter: str | Path | None = None, model: Any = No
     if model is None:
         model, processor = load_model(cfg.model, adapter)
     encoder = Encoder(processor, load_prompt(cfg.prompt.name), cfg.image)
+    if cfg.predict.compile != "off":
+        from mcvqa.scoring import compile_blocks
+
+        compile_blocks(model, cfg.predict.compile)
     return Scorer(model, encoder, prefix_cache=cfg.predict.prefix_cache)
 
 

@@ -244,11 +244,15 @@ def make_question(rng: random.Random, cfg: SynthConfig, kind: str, letter: int) 
     p = Painter(rng, cfg)
     vocab = VOCAB[kind][: cfg.values] if cfg.values else VOCAB[kind]
     question = rng.choice(QUESTIONS[kind])
+    # In random order the answer's value must not predict its letter (with four values, drawing it for the
+    # target letter would tie "red" to "a" and a model could score by mapping pictures to letters), so the
+    # value is drawn for an independent letter and moved to the target letter after shuffling.
+    draw = letter if cfg.option_order == "canonical" else rng.randrange(4)
     if kind == "position":
         options = list(POSITIONS)
-        answer_value = POSITIONS[letter]
+        answer_value = POSITIONS[draw]
     else:
-        options, answer_value = _canonical_options(rng, vocab, letter)
+        options, answer_value = _canonical_options(rng, vocab, draw)
     if kind == "absent":
         present = [o for o in options if o != answer_value]
         image = _absent(p, answer_value, present)
