@@ -1,6 +1,6 @@
 """Evaluate every test-time method on honest synthetic conditions with tiny models trained here (CPU).
 
-    python bench/tta_eval.py --out runs/tta_eval            # ~15 min on 2 cores; writes tta_eval.md and .json
+    python bench/tta_eval.py --out runs/tta_eval            # ~45 min on 2 cores (3 tiny models trained, then 6 conditions x 10 methods x 5 rotations); writes tta_eval.md and .json
 
 Models: "fixed" is the demo model (trained from scratch with each kind's four options in one fixed order:
 it maps the picture to a letter and never reads the options); "reader" continues it with the options

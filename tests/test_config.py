@@ -93,3 +93,11 @@ def test_accelerate_configs_parse_and_say_how_to_launch(path: Path) -> None:
     data = yaml.safe_load(path.read_text(encoding="utf-8"))
     assert data["distributed_type"] in ("MULTI_GPU", "FSDP", "DEEPSPEED") and data["num_processes"] >= 2
     assert "accelerate launch --config_file" in path.read_text(encoding="utf-8").splitlines()[1]
+
+
+def test_tta_best_expands_to_the_evaluated_methods() -> None:
+    from mcvqa.config import BEST_TTA
+
+    cfg = load_config(None, ["tta.methods=best"], env=False)
+    assert cfg.tta.methods == BEST_TTA == ["orders", "views"]
+    assert load_config(None, ["tta.methods=best,blend"], env=False).tta.methods == ["orders", "views", "blend"]

@@ -148,7 +148,7 @@ def predict(
     num_workers: Annotated[Optional[int], typer.Option(help="Image-decoding worker processes.")] = None,
     on_bad_image: Annotated[Optional[str], typer.Option(help="fail (default) | skip: answer an unreadable image's question with a blank image.")] = None,
     no_prefix_cache: Annotated[bool, typer.Option("--no-prefix-cache", help="Run the system prompt for every question (for comparison).")] = False,
-    tta: Annotated[Optional[str], typer.Option(help="Test-time methods, comma-separated: orders | pride, views, blend; or one of tent, sar, tpt, zero. Tune them with --set tta.*")] = None,
+    tta: Annotated[Optional[str], typer.Option(help="Test-time methods, comma-separated: orders | pride, views, blend; or one of tent, sar, tpt, zero; best = orders,views (what the README's evaluation supports). Tune them with --set tta.*")] = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run in --out from its journal.")] = False,
     quiet: QuietOpt = False,
 ) -> None:

@@ -167,6 +167,13 @@ def storage(path: Path, heartbeat: int) -> Any:
 
     import optuna.storages as S
 
+    import warnings
+
+    from optuna.exceptions import ExperimentalWarning
+
+    # Heartbeats and their retry hook are marked experimental; they are what makes killed trials resumable,
+    # so we use them on purpose and keep the warning out of every user's terminal.
+    warnings.filterwarnings("ignore", category=ExperimentalWarning)
     path.parent.mkdir(parents=True, exist_ok=True)
     # Optuna >= 4.9 names the retry hook heartbeat_stale_trial_callback; older releases failed_trial_callback.
     if "heartbeat_stale_trial_callback" in inspect.signature(S.RDBStorage.__init__).parameters:
