@@ -414,6 +414,57 @@ def bench_exact32(args: argparse.Namespace, _unused: Any = None) -> list[dict[st
     return [row]
 
 
+def bench_exact_vs_fp32(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """How far is each low-precision path from the fp32 truth? Unbatched uncached fp32 probabilities first, then
+    per precision both the unbatched uncached forward (the exactness target's reference) and mcvqa's path.
+
+    If mcvqa-bf16 is as close to fp32 as the reference-bf16 is, its distance to the reference is bf16 rounding
+    that neither path can avoid, not an error of the method.
+    """
+    from mcvqa.model import load_model
+    from mcvqa.scoring import CAUSAL_ATTENTION
+
+    if not (args.data / "test_labels.csv").exists():
+        from mcvqa.synth import SynthConfig, synthesize
+
+        synthesize(args.data, SynthConfig(train=0, test=max(args.n, 64), size=(720, 540), option_order="random"))
+    items = read_csv(args.data / "test_labels.csv").items[: args.n_exact]
+    rows: list[dict[str, Any]] = []
+
+    def paths(quant: str, dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = load_config(None, [f"model.name_or_path={args.build}", f"model.quant={quant}", f"model.dtype={dtype}", "image.size=512"], env=False)
+        reset_mem()
+        model, processor = load_model(cfg.model)
+        enc = Encoder(processor, bench_prompt(processor.tokenizer, args.system_tokens), cfg.image)
+        exs = [enc.encode(it) for it in items]
+        with torch.no_grad():
+            set_attention(model, "sdpa")
+            plain = Scorer(model, enc, prefix_cache=False)
+            ref = torch.cat([plain.logprobs(collate([e], enc.pad_id, enc.image_token_id, enc.prefix_ids)) for e in exs]).exp().cpu()
+            set_attention(model, CAUSAL_ATTENTION)
+            scorer = Scorer(model, enc, prefix_cache=True)
+            ours = torch.cat([scorer.logprobs(collate(exs[s : s + 32], enc.pad_id, enc.image_token_id)) for s in range(0, len(exs), 32)]).exp().cpu()
+        del model, plain, scorer
+        reset_mem()
+        return ref, ours
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    truth, ours32 = paths("none", "fp32")
+    rows.append(agreement(truth, ours32, "fp32: mcvqa vs unbatched uncached fp32", len(items)))
+    log(rows[-1])
+    for quant, dtype, tag in (("none", "bf16", "bf16"), ("nf4", "bf16", "nf4")):
+        ref, ours = paths(quant, dtype)
+        for what, x in ((f"{tag}: unbatched uncached vs fp32 truth", ref), (f"{tag}: mcvqa vs fp32 truth", ours)):
+            rows.append(agreement(truth, x, what, len(items)))
+            log(rows[-1])
+        rows.append(agreement(ref, ours, f"{tag}: mcvqa vs unbatched uncached {tag}", len(items)))
+        log(rows[-1])
+    for r in rows:
+        r["setting"] = "precision letterbox"
+    return rows
+
+
 def versions() -> dict[str, str]:
     import transformers
 
@@ -471,6 +522,9 @@ def main() -> None:
     results: list[dict[str, Any]] = []
     if "exact32" in args.phases:
         results += bench_exact32(args)
+    if "vsfp32" in args.phases:
+        results += bench_exact_vs_fp32(args)
+        (args.out / args.json).write_text(json.dumps({"versions": info, "results": results}, indent=2))
     for quant in args.quants.split(","):
         for mode in args.modes.split(","):
             tag = f"{'bf16' if quant == 'none' else quant} {mode}"
