@@ -27,6 +27,11 @@ from mcvqa.features import collate  # noqa: E402
 from mcvqa.predict import build_scorer, distributed, predict  # noqa: E402
 
 
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=Path("/tmp/q8b"))
@@ -43,16 +48,16 @@ def main() -> None:
     ds = read_csv(args.data)
     enc = scorer.encoder
     scorer.logprobs(collate([enc.encode(it) for it in ds.items[: args.batch_size]], enc.pad_id, enc.image_token_id))
-    torch.cuda.synchronize()
+    sync()
     dist.barrier()
     t = time.perf_counter()
     predict(cfg, args.data, args.out, scorer=scorer, dataset=ds, progress=False)
-    torch.cuda.synchronize()
+    sync()
     dist.barrier()
     seconds = time.perf_counter() - t
     if dist.main:
         row = {"world": dist.world, "questions": len(ds), "seconds": seconds, "q_per_s": len(ds) / seconds,
-               "quant": args.quant, "batch_size": args.batch_size, "device": torch.cuda.get_device_name(0),
+               "quant": args.quant, "batch_size": args.batch_size, "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
                "torch": torch.__version__}
         print(json.dumps(row), flush=True)
         (args.out / "multi.json").write_text(json.dumps(row, indent=2))
