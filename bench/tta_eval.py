@@ -37,9 +37,10 @@ from mcvqa.train import train  # noqa: E402
 METHODS = {
     "plain": TTAConfig(methods=[]),
     "orders (4 cyclic)": TTAConfig(methods=["orders"]),
-    "pride (5%)": TTAConfig(methods=["pride"]),
+    "pride (5%; >= 32 q)": TTAConfig(methods=["pride"]),
     "views (4 + original)": TTAConfig(methods=["views"]),
     "orders + views": TTAConfig(methods=["orders", "views"]),
+    "pride + views": TTAConfig(methods=["pride", "views"]),
     "tent (norm)": TTAConfig(methods=["tent"], params="norm", lr=1e-3),
     "sar (norm)": TTAConfig(methods=["sar"], params="norm", lr=1e-3, optimizer="sgd"),
     "sar + consistency": TTAConfig(methods=["sar"], params="norm", lr=1e-3, optimizer="sgd", consistency=1.0),

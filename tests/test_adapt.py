@@ -65,11 +65,12 @@ def test_pride_removes_an_injected_letter_prior(monkeypatch, items) -> None:
     monkeypatch.setattr(A, "plain", fake_plain)
     truth = np.array([content[it.id].argmax() for it in items])
     biased = fake_plain(None, items).probs.argmax(1)
-    res = A.pride(None, items, fraction=0.05)
+    res = A.pride(None, items, fraction=0.05, min_questions=1)
     assert (biased == truth).mean() < 0.8
     assert (res.probs.argmax(1) == truth).mean() == 1.0
     np.testing.assert_allclose(res.notes["prior"], [0.7, 0.1, 0.1, 0.1], atol=0.02)
     assert res.cost.forwards == pytest.approx(1 + 3 * 10 / 200)
+    assert A.pride(None, items, fraction=0.05).notes["estimation_questions"] == 32  # the default floor
 
 
 def test_ensemble_of_identical_members_equals_one_member() -> None:

@@ -123,14 +123,22 @@ def estimate_prior(order_logprobs: np.ndarray, orders: np.ndarray) -> np.ndarray
     return _normalise(log_prior)
 
 
-def pride(scorer: Scorer, items: Sequence[Item], fraction: float = 0.05, k: int = 4, batch_size: int = 16, seed: int = 0, progress: bool = False) -> TTAResult:
-    """Estimate the letter prior on ``fraction`` of the questions (scored under k orders), divide it out elsewhere."""
+def pride(
+    scorer: Scorer, items: Sequence[Item], fraction: float = 0.05, k: int = 4, batch_size: int = 16, seed: int = 0,
+    progress: bool = False, min_questions: int = 32,
+) -> TTAResult:
+    """Estimate the letter prior on ``fraction`` of the questions (scored under k orders), divide it out elsewhere.
+
+    At least ``min_questions`` (or all) are used: a prior over four letters from a handful of questions is
+    noise (5% of 160 questions left 8, and PriDe then did nothing for a letter-biased model).
+    """
     n = len(items)
-    m = min(n, max(4, math.ceil(fraction * n)))
+    m = min(n, max(4, min_questions, math.ceil(fraction * n)))
     est = sorted(random.Random(seed).sample(range(n), m))
     lp_est, orders = score_orders(scorer, [items[i] for i in est], k, batch_size, progress)
     prior = estimate_prior(lp_est, orders)
-    rest = [i for i in range(n) if i not in set(est)]
+    in_est = set(est)
+    rest = [i for i in range(n) if i not in in_est]
     probs = np.zeros((n, 4))
     if rest:
         base = plain(scorer, [items[i] for i in rest], batch_size, progress).probs
@@ -571,7 +579,7 @@ def run_tta(scorer: Scorer, items: Sequence[Item], cfg: TTAConfig, batch_size: i
         raise ValueError("pride already averages its estimation questions over orders; use orders or pride")
     views = image_views(scorer, items, cfg.views, batch_size, progress) if "views" in methods else None
     if "pride" in methods:
-        res = pride(scorer, items, cfg.pride_fraction, cfg.orders, batch_size, progress=progress)
+        res = pride(scorer, items, cfg.pride_fraction, cfg.orders, batch_size, progress=progress, min_questions=cfg.pride_min)
     elif "orders" in methods:
         res = order_average(scorer, items, cfg.orders, batch_size, progress)
     elif views is not None:

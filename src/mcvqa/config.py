@@ -243,6 +243,8 @@ class TTAConfig:
     """Cyclic option orders scored by orders/pride (4: every option visits every letter)."""
     pride_fraction: float = 0.05
     """pride: fraction of the test questions scored under all orders to estimate the letter prior."""
+    pride_min: int = 32
+    """pride: but never fewer than this many questions (or all of them): a prior from a handful is noise."""
     views: list[str] = field(default_factory=lambda: ["rescale", "crop", "colour", "jpeg"])
     """views: mild, text-safe image changes averaged with the original (rescale, crop, colour, jpeg; never flips)."""
     blend_fraction: float = 0.1
@@ -291,6 +293,7 @@ class TTAConfig:
             if not 0.0 < getattr(self, name) <= 1.0:
                 raise ConfigError(f"tta.{name} must be in (0, 1], got {getattr(self, name)}")
         _positive("tta.steps", self.steps)
+        _positive("tta.pride_min", self.pride_min)
         _positive("tta.tpt_tokens", self.tpt_tokens)
 
 
