@@ -6,6 +6,7 @@
 set -euo pipefail
 OUT=${OUT:-bench_out}
 N=$(nvidia-smi -L | wc -l)
+mkdir -p "$OUT"
 python -c "from mcvqa.tiny import build_random_8b; build_random_8b('/tmp/q8b')" >/dev/null 2>&1 &
 build=$!
 [ -f /tmp/multi/test.csv ] || python -c "
@@ -26,7 +27,8 @@ PY
 train() {  # $1: output folder; the rest: launcher prefix
   local out=$1; shift
   "$@" -m mcvqa train --config configs/seed.yaml --model /tmp/q8b --data /tmp/multi/train.csv --out "$out" -q \
-    --set train.grad_accum=1 --set train.max_steps=16 --set train.eval_every=never >/dev/null 2>&1
+    --set train.grad_accum=1 --set train.max_steps=16 --set train.eval_every=never >"$out.log" 2>&1 \
+    || { tail -n 30 "$out.log"; exit 1; }
 }
 train "$OUT/t1" python
 train "$OUT/t$N" python -m accelerate.commands.launch --multi_gpu --num_processes "$N" --num_machines 1 --mixed_precision no --dynamo_backend no
