@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from mcvqa.errors import McvqaError
 from mcvqa.predict import build_scorer, predict, validate_submission
@@ -90,3 +91,15 @@ def test_four_thousand_rows_with_progress(cfg_factory, scorer, tmp_path, capsys)
     assert res.n == 4000
     assert len(pd.read_csv(res.submission)) == 4000
     assert "4000/4000" in capsys.readouterr().err
+
+
+def test_auto_workers_decode_in_parallel_only_on_a_gpu(monkeypatch) -> None:
+    from mcvqa.predict import resolve_num_workers
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_num_workers(-1) == 0 and resolve_num_workers(3) == 3
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    assert resolve_num_workers(-1) == 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert resolve_num_workers(-1) == 1

@@ -145,7 +145,7 @@ def predict(
     image_size: ImageSizeOpt = None,
     image_mode: ImageModeOpt = None,
     data_root: DataRootOpt = None,
-    num_workers: Annotated[Optional[int], typer.Option(help="Image-decoding worker processes.")] = None,
+    num_workers: Annotated[Optional[int], typer.Option(help="Image-decoding worker processes (-1: auto, up to 4 on a GPU, 0 on CPU).")] = None,
     on_bad_image: Annotated[Optional[str], typer.Option(help="fail (default) | skip: answer an unreadable image's question with a blank image.")] = None,
     no_prefix_cache: Annotated[bool, typer.Option("--no-prefix-cache", help="Run the system prompt for every question (for comparison).")] = False,
     tta: Annotated[Optional[str], typer.Option(help="Test-time methods, comma-separated: orders | pride, views, blend; or one of tent, sar, tpt, zero; best = orders,views (what the README's evaluation supports). Tune them with --set tta.*")] = None,

@@ -215,8 +215,8 @@ class PredictConfig:
     """Reuse the system prompt's key/value cache for every batch (exact; the prompt is ~80% of each sequence)."""
     sort_by_length: bool = True
     """Batch questions of similar token length together (less padding); outputs stay in the CSV's order."""
-    num_workers: int = 0
-    """DataLoader workers decoding images in parallel with the model (0: in the main process)."""
+    num_workers: int = -1
+    """DataLoader workers decoding images in parallel with the model (0: in the main process; -1: auto = up to 4 on a GPU, 0 on CPU)."""
     on_bad_image: str = "fail"
     """What to do with a test row whose image cannot be read: fail (stop with a message) | skip (uniform probabilities, reported)."""
     max_new_tokens: int = 8
@@ -227,6 +227,8 @@ class PredictConfig:
     def __post_init__(self) -> None:
         _positive("predict.batch_size", self.batch_size)
         _choice("predict.compile", self.compile, ("off", "mlp", "layers"))
+        if self.num_workers < -1:
+            raise ConfigError(f"predict.num_workers must be -1 (auto), 0 or more, got {self.num_workers}")
         _choice("predict.scoring", self.scoring, ("logits", "generate"))
         _choice("predict.on_bad_image", self.on_bad_image, ("fail", "skip"))
 
