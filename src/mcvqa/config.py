@@ -205,6 +205,10 @@ class TrainConfig:
             _choice("train.report_to", r, ("tensorboard", "wandb"))
 
 
+COMPILE_SCOPES = ("off", "mlp", "layers")
+"""``predict.compile`` values (see :func:`mcvqa.scoring.compile_blocks`)."""
+
+
 @dataclass
 class PredictConfig:
     batch_size: int = 16
@@ -226,7 +230,7 @@ class PredictConfig:
 
     def __post_init__(self) -> None:
         _positive("predict.batch_size", self.batch_size)
-        _choice("predict.compile", self.compile, ("off", "mlp", "layers"))
+        _choice("predict.compile", self.compile, COMPILE_SCOPES)
         if self.num_workers < -1:
             raise ConfigError(f"predict.num_workers must be -1 (auto), 0 or more, got {self.num_workers}")
         _choice("predict.scoring", self.scoring, ("logits", "generate"))
@@ -280,8 +284,8 @@ class TTAConfig:
 
     def __post_init__(self) -> None:
         if "best" in self.methods:
-            # What the README's evaluation table supports: the best accuracy in 4 of 5 conditions where the
-            # model reads the options, and the fix for a letter-biased model; ~6x plain scoring on a GPU.
+            # What the README's evaluation table supports: best or tied-best accuracy wherever the model reads
+            # the options, and the largest fix for a letter-biased model; ~6x plain scoring on a GPU.
             self.methods = list(dict.fromkeys(m for name in self.methods for m in (BEST_TTA if name == "best" else [name])))
         for m in self.methods:
             _choice("tta.methods", m, ("orders", "pride", "views", "blend", "tent", "sar", "tpt", "zero"))

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache, DynamicLayer
 
-from mcvqa.config import LETTERS
+from mcvqa.config import COMPILE_SCOPES, LETTERS
 from mcvqa.errors import ModelError
 from mcvqa.features import Batch, Encoder, OrderedExample
 
@@ -218,9 +218,6 @@ def use_causal_attention(model: Any) -> bool:
     return True
 
 
-COMPILE_SCOPES = ("off", "mlp", "layers")
-
-
 def compile_blocks(model: Any, scope: str = "layers", backend: str = "inductor") -> int:
     """``torch.compile`` the repeated blocks in place; returns how many modules were compiled.
 
@@ -228,9 +225,9 @@ def compile_blocks(model: Any, scope: str = "layers", backend: str = "inductor")
     fp32, q/k norms, RoPE, SiLU x up, residual adds): each is a separate kernel reading and writing the whole
     activation. Compiling fuses them. ``mlp`` compiles only the cache-free submodules (norms and MLPs; cheap to
     compile, no guards on the cache); ``layers`` compiles whole decoder layers (also fuses RoPE and the
-    residuals). Vision blocks get their norms and MLPs compiled in both scopes. Shapes are dynamic, so batches of different lengths reuse one graph. Compiling
-    is lazy: the first batch of each new shape pays it. The same arithmetic in another kernel order: equal to
-    float rounding, not bit-identical.
+    residuals). Vision blocks get their norms and MLPs compiled in both scopes. Shapes are dynamic, so
+    batches of different lengths reuse one graph. Compiling is lazy: the first batch of each new shape pays
+    it. The same arithmetic in another kernel order: equal up to float rounding, not bit-identical.
     """
     if scope == "off":
         return 0

@@ -164,29 +164,28 @@ def make_pruner(kind: str, max_resource: int) -> Any:
 
 def storage(path: Path, heartbeat: int) -> Any:
     import inspect
-
-    import optuna.storages as S
-
     import warnings
 
+    import optuna.storages as S
     from optuna.exceptions import ExperimentalWarning
 
-    # Heartbeats and their retry hook are marked experimental; they are what makes killed trials resumable,
-    # so we use them on purpose and keep the warning out of every user's terminal.
-    warnings.filterwarnings("ignore", category=ExperimentalWarning)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # Optuna >= 4.9 names the retry hook heartbeat_stale_trial_callback; older releases failed_trial_callback.
-    if "heartbeat_stale_trial_callback" in inspect.signature(S.RDBStorage.__init__).parameters:
-        retry = {"heartbeat_stale_trial_callback": S.RetryHeartbeatStaleTrialCallback(max_retry=1)}
-    else:
-        retry = {"failed_trial_callback": S.RetryFailedTrialCallback(max_retry=1)}
-    return S.RDBStorage(
-        url=f"sqlite:///{path.resolve()}",
-        engine_kwargs={"connect_args": {"timeout": 60}},  # several workers share the file
-        heartbeat_interval=heartbeat,
-        grace_period=2 * heartbeat,
-        **retry,
-    )
+    # Heartbeats and their retry hook are marked experimental; they are what makes killed trials resumable,
+    # so they are used on purpose and their warnings kept out of the user's terminal.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        # Optuna >= 4.9 names the retry hook heartbeat_stale_trial_callback; older releases failed_trial_callback.
+        if "heartbeat_stale_trial_callback" in inspect.signature(S.RDBStorage.__init__).parameters:
+            retry = {"heartbeat_stale_trial_callback": S.RetryHeartbeatStaleTrialCallback(max_retry=1)}
+        else:
+            retry = {"failed_trial_callback": S.RetryFailedTrialCallback(max_retry=1)}
+        return S.RDBStorage(
+            url=f"sqlite:///{path.resolve()}",
+            engine_kwargs={"connect_args": {"timeout": 60}},  # several workers share the file
+            heartbeat_interval=heartbeat,
+            grace_period=2 * heartbeat,
+            **retry,
+        )
 
 
 def tune(
