@@ -228,9 +228,9 @@ def batch_slices(n: int, batch_size: int) -> list[list[int]]:
 
 def resolve_num_workers(requested: int) -> int:
     """``-1`` (auto): on a GPU, decode images in up to 4 worker processes so the CPU keeps up with ~60
-    questions/s (the GPU benchmarks time pre-decoded images; decoding a 720x540 JPEG and resizing it takes
-    several ms, which in the main process would sit between GPU batches); on CPU, 0: workers would compete
-    with the model for the same cores."""
+    questions/s. Decoding, letterboxing and the image processor take ~12 ms per 720x540 photo on one core
+    (BENCHMARKS.md); in the main process that would sit between GPU batches of ~17 ms per question and cost
+    ~40% of the throughput. On CPU, 0: workers would compete with the model for the same cores."""
     if requested >= 0:
         return requested
     if not torch.cuda.is_available():
