@@ -51,6 +51,26 @@ def test_lora_moves_adapter_and_base_stays_bit_identical(cfg_factory, data, tmp_
     assert meta["r"] == 4 and meta["use_rslora"] is True
 
 
+def test_answer_loss_keeps_its_buffers_on_the_model_device(tiny_loaded, encoder) -> None:
+    """DDP broadcasts every buffer when it wraps the module; a CPU buffer beside CUDA weights fails under
+    NCCL ("No backend type associated with device type cpu"), found on 2 H100s. ``meta`` stands in for CUDA."""
+    model, processor = tiny_loaded
+    meta_model = torch.nn.Module()
+    meta_model.embed = torch.nn.Embedding(4, 2, device="meta")
+    meta_model.get_input_embeddings = lambda: meta_model.embed  # type: ignore[method-assign]
+    module = AnswerLoss(meta_model, encoder.prefix_ids, letter_tokens(processor.tokenizer).target)
+    assert {b.device.type for b in module.buffers()} == {"meta"}
+
+
+def test_steady_rate_skips_the_first_steps() -> None:
+    from mcvqa.train import _steady_rate
+
+    marks = [(10.0, 8), (11.0, 16), (12.0, 24), (12.5, 32), (13.0, 40), (13.5, 48)]  # 3 slow steps, then 0.5 s each
+    assert _steady_rate(marks, world=1) == pytest.approx(16 / 1.0)
+    assert _steady_rate(marks, world=2) == pytest.approx(32 / 1.0)
+    assert _steady_rate(marks[:4], world=1) is None
+
+
 def test_answer_loss_equals_masked_label_loss(cfg_factory, tiny_loaded, encoder, data) -> None:
     """Our loss is exactly the standard one with every label masked (-100) except the answer letter."""
     model, processor = tiny_loaded

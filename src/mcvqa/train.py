@@ -114,7 +114,9 @@ class AnswerLoss(torch.nn.Module):
             raise ValueError(f"shared_prefix must be packed, cache or off, got {shared_prefix!r}")
         self.model = model
         self.prefix_ids = list(prefix_ids)
-        self.register_buffer("target_ids", torch.tensor(list(target_ids), dtype=torch.long), persistent=False)
+        # On the model's device: DDP broadcasts every buffer at wrap time, and NCCL has no CPU backend.
+        device = model.get_input_embeddings().weight.device
+        self.register_buffer("target_ids", torch.tensor(list(target_ids), dtype=torch.long, device=device), persistent=False)
         self.shared_prefix = shared_prefix
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -452,6 +454,7 @@ def train_split(
 
     n_epochs = math.ceil(tc.epochs)
     samples_seen, t_start = 0, time.perf_counter()
+    marks: list[tuple[float, int]] = []  # (time, samples) after each optimiser step, for the steady-state rate
     running: list[float] = []
     done = state["global_step"] >= total_steps
     bar = tqdm(total=total_steps, initial=state["global_step"], desc="training", unit="step", disable=not progress or not accelerator.is_main_process, dynamic_ncols=True)
@@ -496,6 +499,7 @@ def train_split(
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             state["global_step"] += 1
+            marks.append((time.perf_counter(), samples_seen))
             step_loss = sum(running) / len(running)
             running = []
             state["losses"].append([state["global_step"], step_loss])
@@ -545,6 +549,7 @@ def train_split(
             "steps": state["global_step"],
             "seconds": round(seconds, 2),
             "samples_per_second": round(samples_seen * world / seconds, 3) if seconds > 0 else None,
+            "steady_samples_per_second": _steady_rate(marks, world),
         }
         atomic_write_json(out / "metrics.json", summary)
         plot_loss(state["losses"], state["history"], out / "loss.png")
@@ -572,6 +577,15 @@ class _nullcontext:
 def _mean_tail(losses: list[list[float]], n: int) -> float:
     tail = [l for _, l in losses[-max(1, n) :]]
     return float(sum(tail) / len(tail)) if tail else float("nan")
+
+
+def _steady_rate(marks: list[tuple[float, int]], world: int, skip: int = 3) -> float | None:
+    """Samples/s over the optimiser steps after the first ``skip`` (allocator growth, kernel autotuning and
+    the first loader batches land there); None when the run is too short to tell."""
+    if len(marks) <= skip + 1:
+        return None
+    (t0, n0), (t1, n1) = marks[skip], marks[-1]
+    return round((n1 - n0) * world / (t1 - t0), 3) if t1 > t0 else None
 
 
 def _checkpoint(accelerator: Any, out: Path, loss_module: Any, optimizer: Any, scheduler: Any, state: dict[str, Any], keep: int) -> None:
