@@ -8,6 +8,7 @@ set -uo pipefail
 OUT=${OUT:-bench_out}
 N=$(nvidia-smi -L | wc -l)
 STEPS=${STEPS:-24}
+PHASES=${PHASES:-predict train}  # PHASES=train bash bench/gpu_multi.sh: training only
 mkdir -p "$OUT"
 t0=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - t0 )) s] $*"; }
@@ -27,6 +28,7 @@ phase() {  # $1: name (log file); the rest: the command
   if "$@" >"$OUT/$name.log" 2>&1; then stamp "$name done"; grep -E '^\{' "$OUT/$name.log" || true
   else stamp "$name FAILED"; tail -n 25 "$OUT/$name.log"; fi
 }
+if [[ $PHASES == *predict* ]]; then
 phase p1 python bench/gpu_multi.py --out "$OUT/p1"
 phase "p$N" "${LAUNCH[@]}" bench/gpu_multi.py --out "$OUT/p$N"
 cmp -s "$OUT/p1/submission.csv" "$OUT/p$N/submission.csv" && echo "submissions identical" || echo "submissions DIFFER"
@@ -37,8 +39,11 @@ print(f"predict scaling efficiency on {many['world']} GPUs: {many['q_per_s'] / (
       f"({one['q_per_s']:.1f} -> {many['q_per_s']:.1f} q/s)")
 PY
 
+fi
+
 TRAIN=(-m mcvqa train --config configs/seed.yaml --model /tmp/q8b --data /tmp/multi/train.csv -q
        --set train.grad_accum=1 --set "train.max_steps=$STEPS" --set train.eval_every=never --set train.report_to=[])
+if [[ $PHASES == *train* ]]; then
 phase t1 python "${TRAIN[@]}" --out "$OUT/t1"
 phase "t$N" "${LAUNCH[@]}" "${TRAIN[@]}" --out "$OUT/t$N"
 python - "$OUT/t1/metrics.json" "$OUT/t$N/metrics.json" "$N" <<'PY' || true
@@ -51,5 +56,6 @@ for key, what in (("samples_per_second", "whole loop"), ("steady_samples_per_sec
         print(f"training scaling efficiency on {n} GPUs, {what}: {b / (n * a):.1%} ({a:.2f} -> {b:.2f} samples/s)")
 print(f"{one['steps']} vs {many['steps']} steps in {one['seconds']} vs {many['seconds']} s")
 PY
+fi
 rm -rf "$OUT"/t*/checkpoint* "$OUT"/t*/last "$OUT"/t*/best  # adapters of random weights: not worth carrying back
 stamp "all done"

@@ -94,7 +94,7 @@ def test_four_thousand_rows_with_progress(cfg_factory, scorer, tmp_path, capsys)
 
 
 def test_auto_workers_decode_in_parallel_only_on_a_gpu(monkeypatch) -> None:
-    from mcvqa.predict import resolve_num_workers
+    from mcvqa.features import resolve_num_workers
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_num_workers(-1) == 0 and resolve_num_workers(3) == 3

@@ -182,10 +182,13 @@ class TrainConfig:
     """Stop after this many optimiser steps (0: run all epochs). For smoke tests and benchmarks."""
     log_every: int = 10
     """Log the running loss every N optimiser steps."""
-    num_workers: int = 0
-    """DataLoader workers preparing images and tokens in parallel with the model (0: in the main process)."""
+    num_workers: int = -1
+    """DataLoader workers preparing images and tokens in parallel with the model (0: in the main process;
+    -1: auto, as predict.num_workers: up to 4 on a GPU, none on CPU)."""
 
     def __post_init__(self) -> None:
+        if self.num_workers < -1:
+            raise ConfigError(f"train.num_workers must be -1 (auto), 0 or more, got {self.num_workers}")
         _choice("train.method", self.method, ("lora", "full"))
         _choice("train.scheduler", self.scheduler, ("cosine", "linear", "constant"))
         _choice("train.eval_every", self.eval_every, ("epoch", "never"))

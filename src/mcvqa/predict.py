@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from mcvqa.config import LETTERS, Config
 from mcvqa.data import Dataset, Item, read_csv
 from mcvqa.errors import DataError, McvqaError
-from mcvqa.features import Batch, Collator, Encoder, ItemDataset, collate, token_lengths
+from mcvqa.features import Batch, Collator, Encoder, ItemDataset, collate, resolve_num_workers, token_lengths
 from mcvqa.io import atomic_write_csv, atomic_write_json
 from mcvqa.prompts import load_prompt
 from mcvqa.scoring import Scorer, parse_letter, score_generate
@@ -224,19 +224,6 @@ def distributed() -> Dist:
 
 def batch_slices(n: int, batch_size: int) -> list[list[int]]:
     return [list(range(s, min(s + batch_size, n))) for s in range(0, n, batch_size)]
-
-
-def resolve_num_workers(requested: int) -> int:
-    """``-1`` (auto): on a GPU, decode images in up to 4 worker processes so the CPU keeps up with ~60
-    questions/s. Decoding, letterboxing and the image processor take ~12 ms per 720x540 photo on one core
-    (BENCHMARKS.md); in the main process that would sit between GPU batches of ~17 ms per question and cost
-    ~40% of the throughput. On CPU, 0: workers would compete with the model for the same cores."""
-    if requested >= 0:
-        return requested
-    if not torch.cuda.is_available():
-        return 0
-    per_process = (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    return max(0, min(4, per_process - 1))
 
 
 def iterate_batches(

@@ -36,7 +36,7 @@ from mcvqa.config import Config
 from mcvqa.data import Dataset, Item, kfold_splits, read_csv, stratified_split
 from mcvqa.errors import McvqaError
 from mcvqa.evaluate import metrics
-from mcvqa.features import Batch, Collator, Encoder, Example, token_lengths
+from mcvqa.features import Batch, Collator, Encoder, Example, resolve_num_workers, token_lengths
 from mcvqa.io import atomic_write_json, atomic_write_text, recover_dir, replace_dir
 from mcvqa.prompts import load_prompt
 from mcvqa.scoring import (
@@ -454,6 +454,9 @@ def train_split(
 
     n_epochs = math.ceil(tc.epochs)
     samples_seen, t_start = 0, time.perf_counter()
+    # Decoding 8 photos and running the image processor takes ~0.1 s of one core per batch; in the main
+    # process it sits between launch-bound QLoRA steps (BENCHMARKS.md, "Several GPUs").
+    num_workers = resolve_num_workers(tc.num_workers)
     marks: list[tuple[float, int]] = []  # (time, samples) after each optimiser step, for the steady-state rate
     running: list[float] = []
     done = state["global_step"] >= total_steps
@@ -471,7 +474,7 @@ def train_split(
             dataset,
             batch_sampler=batches[skip:],
             collate_fn=collator,
-            num_workers=tc.num_workers,
+            num_workers=num_workers,
             pin_memory=not cpu,
             # Its own generator: a DataLoader draws a seed when iterated, which would shift the global RNG
             # (dropout) differently in a resumed epoch than in an uninterrupted one.
