@@ -203,21 +203,3 @@ def test_predict_with_trained_adapter(cfg_factory, data, synth_data, tmp_path, c
 
     resolved = yaml.safe_load((tmp_path / "p" / "config.yaml").read_text())
     assert resolved["image"]["size"] == 96 and resolved["prompt"]["name"] == "plain_ko"
-
-
-def test_host_threads_one_on_gpu_restored_after_and_user_setting_wins(monkeypatch) -> None:
-    from mcvqa.train import host_threads
-
-    before = torch.get_num_threads()
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    with host_threads("auto"):  # no GPU here: untouched
-        assert torch.get_num_threads() == before
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    with host_threads("auto"):
-        assert torch.get_num_threads() == 1
-    assert torch.get_num_threads() == before
-    with host_threads("cpu"):
-        assert torch.get_num_threads() == before
-    monkeypatch.setenv("OMP_NUM_THREADS", "3")
-    with host_threads("cuda"):
-        assert torch.get_num_threads() == before

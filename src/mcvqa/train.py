@@ -15,7 +15,6 @@ with the same scorer as ``predict`` -> keep the best -> checkpoint. Details that
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -23,7 +22,7 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -396,45 +395,6 @@ def train_split(
     ``stop_after_steps`` simulates an interruption (tests); ``epoch_callback(epoch, metrics)`` lets a tuner
     report and prune (it may raise to stop).
     """
-    with host_threads(cfg.model.device):
-        return _train_split(
-            cfg, train_ds, val_items, out, resume=resume, progress=progress, log_fn=log_fn,
-            stop_after_steps=stop_after_steps, epoch_callback=epoch_callback,
-        )
-
-
-@contextlib.contextmanager
-def host_threads(device: str) -> Iterator[None]:
-    """On a GPU, one intra-op CPU thread in the training process unless OMP_NUM_THREADS says otherwise.
-
-    The QLoRA step is launch-bound: the host issues thousands of small kernels per step and its own CPU
-    work is tiny tensors (collation, position ids), where a pool of one thread per core costs more in
-    wake-ups than it saves. Measured on an H100 (BENCHMARKS.md, "Several GPUs"): 6.89 -> 8.04 samples/s.
-    ``torchrun``/``accelerate launch`` already start every process of a multi-GPU job this way."""
-    gpu = device != "cpu" and torch.cuda.is_available()
-    if not gpu or "OMP_NUM_THREADS" in os.environ:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def _train_split(
-    cfg: Config,
-    train_ds: Dataset | Sequence[Item],
-    val_items: Sequence[Item],
-    out: Path,
-    *,
-    resume: bool = False,
-    progress: bool = True,
-    log_fn: Callable[[str], None] = print,
-    stop_after_steps: int | None = None,
-    epoch_callback: Callable[[int, dict[str, Any]], None] | None = None,
-) -> TrainResult:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
