@@ -455,7 +455,7 @@ def train_split(
     n_epochs = math.ceil(tc.epochs)
     samples_seen, t_start = 0, time.perf_counter()
     # Decoding 8 photos and running the image processor takes ~0.1 s of one core per batch; in the main
-    # process it sits between launch-bound QLoRA steps (BENCHMARKS.md, "Several GPUs").
+    # process it would sit between launch-bound QLoRA steps of ~1.1 s on an H100 (BENCHMARKS.md).
     num_workers = resolve_num_workers(tc.num_workers)
     marks: list[tuple[float, int]] = []  # (time, samples) after each optimiser step, for the steady-state rate
     running: list[float] = []
