@@ -1,17 +1,31 @@
 # Two commands for a newcomer:  make demo  |  make test
-# Both create .venv on first use (torch from the pinned wheels, then mcvqa in editable mode).
-PYTHON ?= python3
-VENV   := .venv
-BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed
-TORCH  := torch==2.14.1 torchvision==0.29.1
-PYTEST_ARGS ?=
+# Both create .venv on first use (torch, then mcvqa in editable mode with its test extra).
+#
+# torch: any release in TORCH_SPEC. Where no NVIDIA GPU is visible, the CPU-only build is asked for first
+# from TORCH_CPU_INDEX (PyTorch's CPU wheel index: ~200 MB instead of ~6 GB of CUDA libraries); if that index
+# cannot be reached, pip's usual index serves whatever build it has. Override either, e.g.
+#   make test TORCH_CPU_INDEX=            # never use the CPU index
+#   make test TORCH_SPEC='torch==2.9.1 torchvision==0.24.1'
+PYTHON          ?= python3
+VENV            := .venv
+BIN             := $(VENV)/bin
+STAMP           := $(VENV)/.installed
+TORCH_SPEC      ?= torch>=2.4 torchvision
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+HAS_GPU         := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo yes)
+PYTEST_ARGS     ?=
 
 .PHONY: demo test install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q $(TORCH)
+	@if [ -z "$(HAS_GPU)" ] && [ -n "$(TORCH_CPU_INDEX)" ] && \
+	    $(BIN)/python -m pip install -q --retries 1 --timeout 15 --index-url $(TORCH_CPU_INDEX) $(TORCH_SPEC) 2>/dev/null; then \
+	  echo "torch: CPU build from $(TORCH_CPU_INDEX)"; \
+	else \
+	  [ -n "$(HAS_GPU)" ] || [ -z "$(TORCH_CPU_INDEX)" ] || echo "torch: $(TORCH_CPU_INDEX) not reachable; installing from the default index"; \
+	  $(BIN)/python -m pip install -q $(TORCH_SPEC); \
+	fi
 	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $(STAMP)
 

@@ -22,7 +22,7 @@ def test_bad_csv_is_one_line(tmp_path: Path, capsys) -> None:
     csv = write_csv(tmp_path / "test.csv", "id,path,question,a,b,c,d\nq1,i.jpg,무엇?,가,,다,라\n")
     code, out, err = run(["predict", "--model", str(tmp_path / "nomodel"), "--data", str(csv), "--out", str(tmp_path / "o")], capsys)
     assert code == 2
-    assert err.strip() == "error: test.csv row 1, column b: option b is empty"
+    assert err.strip() == f"error: {csv} row 1, column b: option b is empty"
     assert "Traceback" not in err + out
 
 
@@ -62,6 +62,7 @@ def test_config_show_documents_fields(capsys) -> None:
 def test_help_explains_options(capsys) -> None:
     code, out, _ = run(["predict", "--help"], capsys)
     assert code == 0 and "--on-bad-image" in out and "--adapter" in out
+    assert "<bool>" not in out and "--no-resume" not in out  # flags take no value; the help must not suggest one
 
 
 def test_generate_scoring_is_kept_for_comparison(tmp_path: Path, tiny_model: Path, synth_data: Path, capsys) -> None:

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from mcvqa.config import TTAConfig
 from mcvqa.data import Item
+from mcvqa.errors import McvqaError
 from mcvqa.features import Batch, Example, collate, cyclic_orders
 from mcvqa.images import load_image, prepare
 from mcvqa.scoring import MAX_ENTROPY, Scorer, core_and_head, entropy
@@ -70,13 +71,21 @@ def _batches(n: int, bs: int) -> list[range]:
     return [range(s, min(s + bs, n)) for s in range(0, n, bs)]
 
 
+def _progress(batches: Sequence[range], n: int, desc: str, progress: bool) -> Iterator[range]:
+    """Batches, with a bar counting questions (q/s, as plain scoring shows), not batches."""
+    with tqdm(total=n, desc=desc, unit="q", disable=not progress, leave=False, dynamic_ncols=True) as bar:
+        for r in batches:
+            yield r
+            bar.update(len(r))
+
+
 # ------------------------------------------------------------------------------------------ plain + orders
 
 
 def plain(scorer: Scorer, items: Sequence[Item], batch_size: int = 16, progress: bool = False) -> TTAResult:
     enc = scorer.encoder
     out = np.zeros((len(items), 4))
-    for r in tqdm(_batches(len(items), batch_size), desc="plain", disable=not progress, leave=False):
+    for r in _progress(_batches(len(items), batch_size), len(items), "plain", progress):
         batch = collate([enc.encode(items[i]) for i in r], enc.pad_id, enc.image_token_id)
         out[list(r)] = scorer.logprobs(batch).exp().double().cpu().numpy()
     return TTAResult(out / out.sum(-1, keepdims=True), Cost(1.0, 0.0))
@@ -98,7 +107,7 @@ def score_orders(scorer: Scorer, items: Sequence[Item], k: int = 4, batch_size: 
     enc = scorer.encoder
     out = np.zeros((len(items), k, 4))
     orders = np.array([item_orders(it, k) for it in items], dtype=np.int64).reshape(len(items), k, 4)
-    for r in tqdm(_batches(len(items), batch_size), desc="orders", disable=not progress, leave=False):
+    for r in _progress(_batches(len(items), batch_size), len(items), "orders", progress):
         exs = [enc.encode_orders(items[i], [tuple(o) for o in orders[i]]) for i in r]
         out[list(r)] = scorer.logprobs_orders(exs).double().cpu().numpy()
     return out, orders
@@ -204,7 +213,7 @@ def view_logprobs(scorer: Scorer, items: Sequence[Item], views: Sequence[str], b
     """(rows, (len(rows), 1 + len(views), 4) log-probs) for consecutive groups of questions, all views batched."""
     enc = scorer.encoder
     v = 1 + len(views)
-    for r in tqdm(_batches(len(items), max(1, batch_size // v)), desc=desc, disable=not progress, leave=False):
+    for r in _progress(_batches(len(items), max(1, batch_size // v)), len(items), desc, progress):
         exs = [e for i in r for e in view_examples(scorer, items[i], views)]
         yield r, scorer.logprobs(collate(exs, enc.pad_id, enc.image_token_id)).view(len(r), v, 4)
 
@@ -220,11 +229,35 @@ def image_views(scorer: Scorer, items: Sequence[Item], views: Sequence[str] = ("
 # ------------------------------------------------------------------------------------------ ensembles
 
 
+def parse_weights(text: str | None, n_members: int) -> list[float] | None:
+    """``--weights 2,1,1`` -> [2.0, 1.0, 1.0], checked: one per member, finite, non-negative, not all zero."""
+    if text is None:
+        return None
+    parts = [p.strip() for p in text.split(",")]
+    weights = []
+    for p in parts:
+        try:
+            weights.append(float(p))
+        except ValueError:
+            raise McvqaError(f"--weights {text!r}: {p!r} is not a number; give one number per member, e.g. --weights 2,1,1") from None
+    check_weights(weights, n_members)
+    return weights
+
+
+def check_weights(weights: Sequence[float], n_members: int) -> None:
+    if len(weights) != n_members:
+        raise McvqaError(f"--weights has {len(weights)} value(s) for {n_members} member(s); give one per --probs")
+    bad = [w for w in weights if not math.isfinite(w) or w < 0]
+    if bad:
+        raise McvqaError(f"--weights: {bad[0]} is not allowed; weights must be finite and >= 0")
+    if sum(weights) <= 0:
+        raise McvqaError("--weights are all zero; at least one member needs a positive weight")
+
+
 def ensemble(members: Sequence[np.ndarray], weights: Sequence[float] | None = None) -> np.ndarray:
     """Weighted average of log-probabilities (a geometric mean of the members' probabilities)."""
     weights = list(weights) if weights is not None else [1.0] * len(members)
-    if len(weights) != len(members):
-        raise ValueError("one weight per member")
+    check_weights(weights, len(members))
     total = float(sum(weights))
     logp = sum(w * np.log(np.clip(m, 1e-12, 1.0)) for w, m in zip(weights, members)) / total
     return _normalise(logp)
@@ -358,7 +391,7 @@ class Tent(_WeightAdapter):
     def run(self, items: Sequence[Item], batch_size: int = 16, progress: bool = False) -> TTAResult:
         enc = self.scorer.encoder
         out = np.zeros((len(items), 4))
-        for r in tqdm(_batches(len(items), batch_size), desc=type(self).__name__, disable=not progress, leave=False):
+        for r in _progress(_batches(len(items), batch_size), len(items), type(self).__name__, progress):
             batch = collate([enc.encode(items[i]) for i in r], enc.pad_id, enc.image_token_id)
             out[list(r)] = self.adapt_batch(batch).exp().double().cpu().numpy()
         return TTAResult(out / out.sum(-1, keepdims=True), self.cost())
@@ -432,7 +465,7 @@ class SAR(Tent):
             return super().run(items, batch_size, progress)
         enc = self.scorer.encoder
         out = np.zeros((len(items), 4))
-        for r in tqdm(_batches(len(items), batch_size), desc="SAR", disable=not progress, leave=False):
+        for r in _progress(_batches(len(items), batch_size), len(items), "SAR", progress):
             pairs = [view_examples(self.scorer, items[i], [self.view]) for i in r]
             batch = collate([p[0] for p in pairs], enc.pad_id, enc.image_token_id)
             self._view_batch = collate([p[1] for p in pairs], enc.pad_id, enc.image_token_id)
@@ -514,7 +547,7 @@ def tpt(
     opt = torch.optim.AdamW([sp.vectors], lr=lr)
     out = np.zeros((len(items), 4))
     try:
-        for i, it in enumerate(tqdm(items, desc="TPT", disable=not progress, leave=False)):
+        for i, it in enumerate(tqdm(items, desc="TPT", unit="q", disable=not progress, leave=False, dynamic_ncols=True)):
             exs = [sp.attach(e) for e in view_examples(scorer, it, views)]
             batch = collate(exs, enc.pad_id, enc.image_token_id)
             lp = scorer.logprobs(batch, grad=True, prefix_grad=False)  # the prompt sits after the cached prefix

@@ -26,6 +26,24 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+
+def _flags_take_no_value() -> None:
+    """Typer's help prints a type column for every option, ``<bool>`` included for flags that take no value
+    (``--resume <bool>`` reads as if it wanted an argument). Show no type for flags."""
+    option = getattr(getattr(typer, "core", None), "TyperOption", None)
+    show = getattr(option, "display_type_rich", None)
+    if show is None or getattr(show, "_mcvqa", False):
+        return
+
+    def display_type_rich(self: Any, ctx: Any) -> str | None:
+        return None if getattr(self, "is_flag", False) else show(self, ctx)
+
+    display_type_rich._mcvqa = True  # type: ignore[attr-defined]
+    option.display_type_rich = display_type_rich
+
+
+_flags_take_no_value()
+
 # ---------------------------------------------------------------------------------------------- shared options
 
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML recipe (see configs/). Flags and --set override it.")]
@@ -89,6 +107,7 @@ def synth(
     shift: Annotated[str, typer.Option(help="Distribution shift: none | colour_cast | blur | small | noise.")] = "none",
     answer_skew: Annotated[float, typer.Option(help="Fraction of training answers forced to 'a' (letter-biased data).")] = 0.0,
     values: Annotated[int, typer.Option(help="Use only the first N values of each kind (4: every kind has fixed options).")] = 0,
+    image_size: Annotated[str, typer.Option("--image-size", help="Landscape canvas WxH (half the images are drawn portrait); 720x540 is the competition's photo size.")] = "240x180",
     quiet: QuietOpt = False,
 ) -> None:
     """Draw a synthetic dataset in the competition's CSV format (Korean questions, answers balanced over a-d)."""
@@ -97,9 +116,13 @@ def synth(
     from mcvqa.synth import KINDS, SynthConfig, synthesize
 
     try:
+        w, h = (int(v) for v in image_size.lower().split("x"))
+    except ValueError:
+        raise McvqaError(f"--image-size {image_size!r}: expected WIDTHxHEIGHT, e.g. 720x540") from None
+    try:
         cfg = SynthConfig(
             train=train, test=test, seed=seed, kinds=kinds.split(",") if kinds else list(KINDS),
-            option_order=option_order, shift=shift, answer_skew=answer_skew, values=values,
+            option_order=option_order, shift=shift, answer_skew=answer_skew, values=values, size=(w, h),
         )
     except ValueError as e:
         raise McvqaError(str(e)) from None
@@ -114,17 +137,23 @@ def synth(
 @app.command()
 def tiny(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the Hugging Face checkpoint (config, safetensors, tokenizer, processor).")],
-    hidden: Annotated[int, typer.Option(help="Text hidden size.")] = 128,
-    layers: Annotated[int, typer.Option(help="Text decoder layers.")] = 3,
-    vision_depth: Annotated[int, typer.Option(help="Vision transformer blocks.")] = 2,
-    vocab: Annotated[int, typer.Option(help="BPE vocabulary size trained locally.")] = 1024,
+    hidden: Annotated[Optional[int], typer.Option(help="Text hidden size (default 128; 64 with --like).")] = None,
+    layers: Annotated[Optional[int], typer.Option(help="Text decoder layers (default 3; 2 with --like).")] = None,
+    vision_depth: Annotated[Optional[int], typer.Option(help="Vision transformer blocks (default 2).")] = None,
+    vocab: Annotated[int, typer.Option(help="BPE vocabulary size trained locally (not with --like: the real tokenizer is used).")] = 1024,
     seed: Annotated[int, typer.Option(help="Weight initialisation seed.")] = 0,
+    like: Annotated[Optional[Path], typer.Option("--like", help="A real checkpoint folder (config.json, tokenizer, chat template and processor files; no weights needed): its architecture at toy sizes, with its real tokenizer and processor.")] = None,
 ) -> None:
-    """Build a tiny Qwen3-VL locally (real architecture, random weights, local tokenizer) and save it."""
-    from mcvqa.tiny import TinySpec, build_tiny
+    """Build a tiny Qwen3-VL locally (real architecture, random weights) and save it in Hugging Face format."""
+    from dataclasses import replace
 
-    spec = TinySpec(hidden_size=hidden, num_hidden_layers=layers, vision_depth=vision_depth, vocab_size=vocab, seed=seed)
-    path = build_tiny(out, spec)
+    from mcvqa.tiny import LikeSpec, TinySpec, build_tiny, build_tiny_like
+
+    sizes = {k: v for k, v in {"hidden_size": hidden, "num_hidden_layers": layers, "vision_depth": vision_depth}.items() if v is not None}
+    if like is not None:
+        path = build_tiny_like(like, out, replace(LikeSpec(seed=seed), **sizes))
+    else:
+        path = build_tiny(out, replace(TinySpec(vocab_size=vocab, seed=seed), **sizes))
     typer.echo(str(path))
 
 
@@ -149,7 +178,7 @@ def predict(
     on_bad_image: Annotated[Optional[str], typer.Option(help="fail (default) | skip: answer an unreadable image's question with a blank image.")] = None,
     no_prefix_cache: Annotated[bool, typer.Option("--no-prefix-cache", help="Run the system prompt for every question (for comparison).")] = False,
     tta: Annotated[Optional[str], typer.Option(help="Test-time methods, comma-separated: orders | pride, views, blend; or one of tent, sar, tpt, zero; best = orders,views (what the README's evaluation supports). Tune them with --set tta.*")] = None,
-    resume: Annotated[bool, typer.Option(help="Continue an interrupted run in --out from its journal.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run in --out from its journal (says so when there is none, or when it is finished).")] = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Score a test CSV: letter probabilities from one forward pass per batch, then submission.csv + probs.csv."""
@@ -200,7 +229,7 @@ def train(
     quant: QuantOpt = None,
     device: DeviceOpt = None,
     data_root: DataRootOpt = None,
-    resume: Annotated[bool, typer.Option(help="Continue from the newest checkpoint in --out.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint in --out (says so when there is none, or when training is finished).")] = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Train LoRA/QLoRA adapters (or all weights) on the answer letter; validate each epoch; keep the best."""
@@ -274,13 +303,11 @@ def ensemble(
     data: Annotated[Optional[Path], typer.Option("--data", "-d", help="Test CSV: fixes the submission's row order (default: the first member's).")] = None,
 ) -> None:
     """Average members' log-probabilities (weighted) into one submission."""
-    from mcvqa.adapt import ensemble_files
+    from mcvqa.adapt import ensemble_files, parse_weights
     from mcvqa.data import read_csv
     from mcvqa.predict import write_outputs
 
-    w = [float(x) for x in weights.split(",")] if weights else None
-    if w is not None and len(w) != len(probs):
-        raise McvqaError(f"--weights has {len(w)} values for {len(probs)} members")
+    w = parse_weights(weights, len(probs))
     ids, p = ensemble_files([str(x) for x in probs], w)
     if data is not None:
         order = [it.id for it in read_csv(data)]

@@ -225,7 +225,7 @@ class PredictConfig:
     num_workers: int = -1
     """DataLoader workers decoding images in parallel with the model (0: in the main process; -1: auto = up to 4 on a GPU, 0 on CPU)."""
     on_bad_image: str = "fail"
-    """What to do with a test row whose image cannot be read: fail (stop with a message) | skip (uniform probabilities, reported)."""
+    """What to do with a test row whose image cannot be read: fail (stop with a message naming the row) | skip (answer from the text with a blank grey image; listed in bad_images.csv)."""
     max_new_tokens: int = 8
     """generate scoring only: tokens to generate before parsing the letter."""
     compile: str = "off"

@@ -238,7 +238,7 @@ def read_csv(
             raise DataError(csv_path, "question is empty", row=row, column="question")
         if len(question) > cfg.max_question_chars:
             notes.append(
-                f"{csv_path.name} row {row}: question has {len(question)} characters; truncated to {cfg.max_question_chars}"
+                f"{csv_path} row {row}: question has {len(question)} characters; truncated to {cfg.max_question_chars}"
             )
             question = question[: cfg.max_question_chars]
         options = []
@@ -248,7 +248,7 @@ def read_csv(
                 raise DataError(csv_path, f"option {col} is empty", row=row, column=col)
             if len(opt) > cfg.max_option_chars:
                 notes.append(
-                    f"{csv_path.name} row {row}: option {col} has {len(opt)} characters; truncated to {cfg.max_option_chars}"
+                    f"{csv_path} row {row}: option {col} has {len(opt)} characters; truncated to {cfg.max_option_chars}"
                 )
                 opt = opt[: cfg.max_option_chars]
             options.append(opt)
@@ -270,7 +270,7 @@ def read_csv(
     if has_answer and not require_answer:
         n_labelled = sum(it.answer is not None for it in items)
         if 0 < n_labelled < len(items):
-            notes.append(f"{csv_path.name}: {len(items) - n_labelled} of {len(items)} rows have no answer")
+            notes.append(f"{csv_path}: {len(items) - n_labelled} of {len(items)} rows have no answer")
     for note in notes:
         warnings.warn(note, stacklevel=2)
     return Dataset(items, csv_path.resolve(), root_path, notes)

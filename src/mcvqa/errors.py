@@ -34,7 +34,9 @@ class DataError(McvqaError):
         self.column = column
         self.problem = problem
         self.fix = fix
-        where = Path(self.file).name if self.file else "<data>"
+        # The path as the user typed it (or as the caller resolved it): with five --probs files a bare
+        # "probs.csv" says nothing.
+        where = self.file if self.file else "<data>"
         if row is not None:
             where += f" row {row}"
         if column is not None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +42,7 @@ def read_probs(path: str | Path) -> pd.DataFrame:
         raise DataError(path, f"duplicate id {df.loc[dup, 'id'].iloc[0]!r}", row=int(np.flatnonzero(dup.values)[0]) + 1, column="id")
     for c in PROB_COLUMNS:
         vals = pd.to_numeric(df[c], errors="coerce")
-        bad = vals.isna() | (vals < 0)
+        bad = vals.isna() | (vals < 0) | ~np.isfinite(vals)
         if bad.any():
             r = int(np.flatnonzero(bad.values)[0])
             raise DataError(path, f"{df[c].iloc[r]!r} is not a probability", row=r + 1, column=c)
@@ -122,14 +124,45 @@ def metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
     }
 
 
-def align(pred: pd.DataFrame, labels: dict[str, int], pred_path: str | Path = "probs.csv") -> tuple[np.ndarray, np.ndarray, list[str]]:
-    missing = [i for i in labels if i not in set(pred["id"])]
-    if missing:
-        raise DataError(pred_path, f"{len(missing)} labelled id(s) have no prediction, e.g. {missing[0]!r}")
+@dataclass
+class Coverage:
+    """How predictions and labels overlap: only the common ids are scored, and the rest is said aloud."""
+
+    scored: int
+    unlabelled: list[str]
+    """Predicted ids with no label."""
+    unpredicted: list[str]
+    """Labelled ids with no prediction."""
+
+    def message(self) -> str | None:
+        if not self.unlabelled and not self.unpredicted:
+            return None
+        parts = []
+        if self.unlabelled:
+            parts.append(f"{len(self.unlabelled)} prediction(s) have no label (e.g. {self.unlabelled[0]!r})")
+        if self.unpredicted:
+            parts.append(f"{len(self.unpredicted)} label(s) have no prediction (e.g. {self.unpredicted[0]!r})")
+        return f"scoring the {self.scored} ids in common only: " + "; ".join(parts)
+
+
+def align(pred: pd.DataFrame, labels: dict[str, int], pred_path: str | Path = "probs.csv") -> tuple[np.ndarray, np.ndarray, list[str], Coverage]:
+    """Probabilities and labels of the ids both files have, in the predictions' order, and what was left out.
+
+    Refuses when no id is in common (predictions of another set): that is never worth a score of nothing.
+    """
+    pred_ids = pred["id"].tolist()
+    in_pred = set(pred_ids)
     keep = pred[pred["id"].isin(labels)]
+    cov = Coverage(len(keep), [i for i in pred_ids if i not in labels], [i for i in labels if i not in in_pred])
+    if keep.empty:
+        example = f" (e.g. prediction {pred_ids[0]!r}, label {next(iter(labels))!r})" if pred_ids and labels else ""
+        raise DataError(
+            pred_path, f"no id in common with the {len(labels)} labels{example}",
+            fix="evaluate the predictions against the labels of the same set",
+        )
     probs = keep[PROB_COLUMNS].to_numpy(dtype=np.float64)
     y = np.array([labels[i] for i in keep["id"]], dtype=np.int64)
-    return probs, y, keep["id"].tolist()
+    return probs, y, keep["id"].tolist(), cov
 
 
 def circular_from_file(path: str | Path, labels: dict[str, int]) -> float:
@@ -145,8 +178,12 @@ def circular_from_file(path: str | Path, labels: dict[str, int]) -> float:
 
 def evaluate_files(pred: str | Path, data: str | Path) -> dict[str, Any]:
     labels = read_labels(data)
-    probs, y, _ = align(read_probs(pred), labels, pred)
+    probs, y, _, cov = align(read_probs(pred), labels, pred)
     m = metrics(probs, y)
+    m["unlabelled_predictions"] = len(cov.unlabelled)
+    m["unpredicted_labels"] = len(cov.unpredicted)
+    if cov.message():
+        warnings.warn(f"{pred}: {cov.message()}", stacklevel=2)
     per_order = Path(pred).with_name("per_order.csv")
     if per_order.exists():
         m["circular_accuracy"] = circular_from_file(per_order, labels)
@@ -155,8 +192,11 @@ def evaluate_files(pred: str | Path, data: str | Path) -> dict[str, Any]:
 
 def format_metrics(m: dict[str, Any], title: str = "evaluation") -> str:
     """A plain-text table (also what the rich console prints)."""
+    left_out = ""
+    if m.get("unlabelled_predictions") or m.get("unpredicted_labels"):
+        left_out = f" in common ({m.get('unlabelled_predictions', 0)} predictions without a label, {m.get('unpredicted_labels', 0)} labels without a prediction)"
     lines = [
-        f"{title}: {m['n']} questions",
+        f"{title}: {m['n']} questions{left_out}",
         f"  accuracy   {m['accuracy']:.4f}",
         f"  nll        {m['nll']:.4f}",
         f"  ece        {m['ece']:.4f}",

@@ -6,10 +6,13 @@ adapters are refused), ``trust_remote_code`` stays off unless the config enables
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
+import socket
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -97,11 +100,57 @@ def quantization_config(cfg: ModelConfig, compute_dtype: torch.dtype) -> Any | N
     return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=SKIP_QUANT)
 
 
-def load_processor(name_or_path: str, trust_remote_code: bool = False) -> Any:
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face endpoint accepts a TCP connection within ``timeout`` seconds.
+
+    Checked once before a Hub id is loaded: without it, an offline machine spends minutes in
+    huggingface_hub's retries (2 min 33 s measured) before failing with a traceback.
+    """
+    from urllib.parse import urlparse
+
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host = endpoint.hostname or "huggingface.co"
+    port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def resolve_source(name_or_path: str) -> tuple[str, bool]:
+    """(what to pass to ``from_pretrained``, local_files_only) for a local folder or a Hub id.
+
+    A local folder is checked here (config.json, safetensors). A Hub id is loaded from the network when the
+    Hub answers, else from the local Hugging Face cache; if it is in neither, one line says so at once.
+    """
+    local = Path(name_or_path).expanduser()
+    if local.exists() or name_or_path.startswith((".", "/", "~")):
+        _check_local_checkpoint(local)
+        return str(local), True
+    offline = _env_flag("HF_HUB_OFFLINE") or _env_flag("TRANSFORMERS_OFFLINE")
+    if not offline and hub_reachable():
+        return name_or_path, False
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(name_or_path, "config.json"), str):
+        return name_or_path, True  # cached earlier: use it without asking the network
+    why = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face Hub cannot be reached"
+    raise ModelError(
+        f"{name_or_path}: no such local folder, {why}, and it is not in the local Hugging Face cache; "
+        "pass a model folder with --model (or MCVQA_MODEL), or download it where there is a network"
+    )
+
+
+def load_processor(name_or_path: str, trust_remote_code: bool = False, local_files_only: bool = False) -> Any:
     from transformers import AutoProcessor
 
     try:
-        return AutoProcessor.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        return AutoProcessor.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, local_files_only=local_files_only)
     except (OSError, ValueError) as e:
         raise ModelError(f"{name_or_path}: cannot load the processor ({str(e).splitlines()[0]})") from None
 
@@ -110,19 +159,18 @@ def load_model(cfg: ModelConfig, adapter: str | Path | None = None, *, trainable
     """(model, processor) on the configured device, in eval mode; with a LoRA adapter when given."""
     from transformers import AutoModelForImageTextToText
 
-    local = Path(cfg.name_or_path).expanduser()
-    is_local = local.exists() or cfg.name_or_path.startswith((".", "/", "~"))
-    if is_local:
-        _check_local_checkpoint(local)
-    _check_remote_code(cfg, local if is_local else None)
+    if adapter is not None:
+        check_adapter_folder(adapter)  # before minutes of loading: is it an adapter at all?
+    name, local_only = resolve_source(cfg.name_or_path)
+    is_local = Path(name).is_dir()
+    _check_remote_code(cfg, Path(name) if is_local else None)
     device = resolve_device(cfg)
     dtype = resolve_dtype(cfg, device)
     qconf = quantization_config(cfg, dtype)
     if qconf is not None and device.type != "cuda" and not os.environ.get("MCVQA_ALLOW_CPU_QUANT"):
         # bitsandbytes can quantise on CPU, but it is only sensible for tests; say so rather than crawl.
         log.warning("4-bit/8-bit weights on CPU are very slow; meant for GPUs")
-    name = str(local) if is_local else cfg.name_or_path
-    processor = load_processor(name, cfg.trust_remote_code)
+    processor = load_processor(name, cfg.trust_remote_code, local_only)
     try:
         model = AutoModelForImageTextToText.from_pretrained(
             name,
@@ -132,6 +180,7 @@ def load_model(cfg: ModelConfig, adapter: str | Path | None = None, *, trainable
             device_map={"": str(device)},
             use_safetensors=True,
             trust_remote_code=cfg.trust_remote_code,
+            local_files_only=local_only,
         )
     except OSError as e:
         raise ModelError(f"{name}: cannot load the model ({str(e).splitlines()[0]})") from None
@@ -149,19 +198,28 @@ def load_model(cfg: ModelConfig, adapter: str | Path | None = None, *, trainable
     return model, processor
 
 
-def load_adapter(model: Any, adapter: str | Path, trainable: bool = False) -> Any:
-    from peft import PeftModel
-
+def check_adapter_folder(adapter: str | Path) -> None:
+    """Refuse what is not a LoRA adapter folder in one line, before any model is loaded."""
     path = Path(adapter)
     if not path.is_dir():
         raise ModelError(f"{path}: adapter folder not found")
     if not (path / "adapter_config.json").exists():
+        if (path / "config.json").exists() and (any(path.glob("*.safetensors")) or any(path.glob("*.bin"))):
+            raise ModelError(f"{path}: this is a full model (train.method: full), not a LoRA adapter; pass it as --model {path}")
         raise ModelError(f"{path}: no adapter_config.json; pass the folder written by `mcvqa train` (e.g. runs/t1/best)")
     if not (path / "adapter_model.safetensors").exists():
         if (path / "adapter_model.bin").exists():
             raise ModelError(f"{path}: adapter is a pickle (adapter_model.bin); mcvqa loads safetensors only")
         raise ModelError(f"{path}: no adapter_model.safetensors")
-    peft_model = PeftModel.from_pretrained(model, str(path), is_trainable=trainable)
+
+
+def load_adapter(model: Any, adapter: str | Path, trainable: bool = False) -> Any:
+    from peft import PeftModel
+
+    path = Path(adapter)
+    check_adapter_folder(path)
+    with _quiet_peft():
+        peft_model = PeftModel.from_pretrained(model, str(path), is_trainable=trainable)
     if not trainable:
         peft_model.eval()
     return peft_model
@@ -204,7 +262,16 @@ def attach_lora(model: Any, cfg: LoraConfig, quantized: bool = False, gradient_c
         bias="none",
         task_type=None,
     )
-    return get_peft_model(model, peft_cfg)
+    with _quiet_peft():
+        return get_peft_model(model, peft_cfg)
+
+
+@contextlib.contextmanager
+def _quiet_peft() -> Iterator[None]:
+    """peft reads transformers' deprecated ``is_gradient_checkpointing`` (a FutureWarning on every wrap)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
 
 def model_summary(model: Any) -> dict[str, Any]:

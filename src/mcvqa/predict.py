@@ -50,8 +50,23 @@ def validate_submission(df: pd.DataFrame, test_ids: Sequence[str]) -> None:
         raise McvqaError(f"submission id {bad.iloc[0]['id']!r} has answer {bad.iloc[0]['answer']!r}, not one of a, b, c, d")
 
 
+def validate_probs(probs: np.ndarray, ids: Sequence[str]) -> None:
+    """Every row four finite, non-negative probabilities summing to 1: a NaN row would argmax to 'a' silently."""
+    probs = np.asarray(probs, dtype=np.float64)
+    if probs.shape != (len(ids), 4):
+        raise McvqaError(f"probabilities have shape {probs.shape} for {len(ids)} test ids; expected ({len(ids)}, 4)")
+    bad = ~np.isfinite(probs).all(axis=1) | (probs < 0).any(axis=1) | (np.abs(probs.sum(axis=1) - 1.0) > 1e-6)
+    if bad.any():
+        r = int(np.flatnonzero(bad)[0])
+        raise McvqaError(
+            f"probabilities of id {ids[r]!r} are {probs[r].tolist()} (not four finite non-negative numbers summing to 1); "
+            "nothing was written"
+        )
+
+
 def write_outputs(out: Path, ids: Sequence[str], probs: np.ndarray) -> tuple[Path, Path]:
     """``submission.csv`` (id,answer) and ``probs.csv`` (id,p_a..p_d,answer), both validated and atomic."""
+    validate_probs(probs, ids)
     answers = [LETTERS[int(k)] for k in probs.argmax(axis=1)]
     sub = pd.DataFrame({"id": list(ids), "answer": answers})
     validate_submission(sub, ids)
@@ -128,6 +143,12 @@ class Journal:
             fh.write(json.dumps(record) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
+
+
+def _file_identity(path: Path) -> list[Any]:
+    """Where a file is and which version of it: an adapter retrained into the same folder is another run."""
+    st = path.stat() if path.exists() else None
+    return [str(path.resolve()), st.st_size if st else None, st.st_mtime_ns if st else None]
 
 
 def fingerprint(parts: dict[str, Any]) -> str:
@@ -384,20 +405,22 @@ def predict(
     log: Callable[[str], None] = print,
 ) -> PredictResult:
     out = Path(out)
+    if adapter is not None and scorer is None:
+        from mcvqa.model import check_adapter_folder
+
+        check_adapter_folder(adapter)  # a full-model folder passed as --adapter is refused before anything loads
     ds = dataset if dataset is not None else read_csv(data, cfg=cfg.data)
     dist = distributed()
     out.mkdir(parents=True, exist_ok=True)
     journal_path = out / (JOURNAL if dist.world == 1 else f"journal.rank{dist.rank}-of-{dist.world}.jsonl")
     if journal_path.exists() and not resume:
-        raise McvqaError(f"{out} holds an unfinished or finished run ({JOURNAL}); pass --resume to continue it or use another --out")
+        raise McvqaError(f"{out} holds an unfinished run ({journal_path.name}); pass --resume to continue it or use another --out")
     t0 = time.perf_counter()
-    scorer = scorer or build_scorer(cfg, adapter)
-    stats = ScoreStats()
     fp = fingerprint(
         {
             "model": cfg.model.name_or_path,
             "quant": cfg.model.quant,
-            "adapter": str(Path(adapter).resolve()) if adapter else None,
+            "adapter": _file_identity(Path(adapter) / "adapter_model.safetensors") if adapter else None,
             "data": str(ds.source),
             "ids": hashlib.sha256("\n".join(it.id for it in ds).encode()).hexdigest(),
             "prompt": cfg.prompt.name,
@@ -406,11 +429,22 @@ def predict(
             "scoring": cfg.predict.scoring,
             "sort_by_length": cfg.predict.sort_by_length,
             "world": dist.world,
+            "tta": cfg.to_dict()["tta"] if cfg.tta.methods else None,
         }
     )
     journal = Journal(journal_path, fp)
+    if resume and not journal_path.exists():
+        finished = Journal(journal_path.with_name(journal_path.name + ".done"), fp)
+        if finished.path.exists() and (out / "submission.csv").exists():
+            finished.load()  # refuses a finished run of other settings
+            log(f"{out}: this run is already finished ({out / 'submission.csv'}); nothing to resume")
+            summary = json.loads((out / "predict_summary.json").read_text(encoding="utf-8")) if (out / "predict_summary.json").exists() else {}
+            return PredictResult(out, out / "submission.csv", out / "probs.csv", len(ds), float(summary.get("seconds", 0.0)), ScoreStats(), 0)
+        log(f"no unfinished run in {out} to resume; starting fresh")
     done = journal.load() if resume else {}
-    journal.start()
+    scorer = scorer or build_scorer(cfg, adapter)
+    journal.start()  # after loading: a model that fails to load leaves no journal to trip over
+    stats = ScoreStats()
     if done:
         log(f"resuming: {sum(len(r['ids']) for r in done.values())} of {len(ds)} questions already scored")
     tta_result = None

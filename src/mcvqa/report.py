@@ -155,7 +155,7 @@ def build_report(pred: str | Path, data: str | Path, out: str | Path, *, compare
     ds = read_csv(data, require_answer=True)
     labels = {it.id: int(it.answer) for it in ds}  # type: ignore[arg-type]
     frame = read_probs(pred)
-    probs, y, ids = align(frame, labels, pred)
+    probs, y, ids, _ = align(frame, labels, pred)
     by_id = {it.id: it for it in ds}
     items = [by_id[i] for i in ids]
     m = metrics(probs, y)

@@ -95,6 +95,8 @@ class SynthConfig:
             raise ValueError("shift must be none, colour_cast, blur, small or noise")
         if not 0.0 <= self.answer_skew <= 1.0:
             raise ValueError("answer_skew must be in [0, 1]")
+        if min(self.size) < 32:
+            raise ValueError(f"image size {self.size[0]}x{self.size[1]} is too small; at least 32 pixels a side")
         if self.values and self.values < 4:
             raise ValueError("values must be 0 (all) or at least 4")
 

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
+from mcvqa.io import share_files
 from mcvqa.prompts import BUILTIN, load_prompt
 
 SPECIAL_TOKENS = (
@@ -200,6 +201,89 @@ def build_tiny(out: str | Path, spec: TinySpec | None = None) -> Path:
     (out / "mcvqa_tiny.json").write_text(json.dumps(asdict(spec), indent=2) + "\n", encoding="utf-8")
     # How this model should see images unless told otherwise (picked up by predict/train, see config.inherited_settings).
     (out / "mcvqa.yaml").write_text(f"image:\n  mode: letterbox\n  size: {spec.image_size}\n", encoding="utf-8")
+    share_files(out)
+    return out
+
+
+LIKE_FILES = (
+    "tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "chat_template.json", "chat_template.jinja", "preprocessor_config.json", "video_preprocessor_config.json",
+    "processor_config.json", "generation_config.json",
+)
+"""Non-weight files copied byte for byte from a real checkpoint folder by :func:`build_tiny_like`."""
+
+
+@dataclass
+class LikeSpec:
+    """Toy sizes for :func:`build_tiny_like`. Everything not named here is kept from the real config."""
+
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 2
+    num_key_value_heads: int = 1
+    vision_depth: int = 2
+    vision_hidden_size: int = 64
+    vision_intermediate_size: int = 128
+    vision_heads: int = 2
+    image_size: int = 256
+    """Letterbox side written to the model's mcvqa.yaml: the real processor scales anything smaller up to
+    its 256 x 256 floor, so 256 is the cheapest honest size (64 visual tokens)."""
+    seed: int = 0
+
+
+def shrink_config(config: Any, spec: LikeSpec) -> Any:
+    """The real config at toy sizes: vocabulary, token ids, head_dim and rope/M-RoPE, patch and merge sizes,
+    DeepStack (its taps mapped onto the shorter tower) and every other field stay as they are."""
+    text = getattr(config, "text_config", config)
+    text.hidden_size = spec.hidden_size
+    text.intermediate_size = spec.intermediate_size
+    text.num_hidden_layers = spec.num_hidden_layers
+    text.num_attention_heads = spec.num_attention_heads
+    text.num_key_value_heads = spec.num_key_value_heads
+    if getattr(text, "layer_types", None):
+        text.layer_types = list(text.layer_types)[: spec.num_hidden_layers]
+    vision = getattr(config, "vision_config", None)
+    if vision is not None:
+        depth = int(getattr(vision, "depth", spec.vision_depth))
+        for name, value in (("depth", spec.vision_depth), ("hidden_size", spec.vision_hidden_size),
+                            ("intermediate_size", spec.vision_intermediate_size), ("num_heads", spec.vision_heads)):
+            if hasattr(vision, name):
+                setattr(vision, name, value)
+        if hasattr(vision, "out_hidden_size"):
+            vision.out_hidden_size = spec.hidden_size
+        for name in ("deepstack_visual_indexes", "fullatt_block_indexes"):
+            taps = getattr(vision, name, None)
+            if taps:
+                setattr(vision, name, sorted({min(spec.vision_depth - 1, int(i) * spec.vision_depth // depth) for i in taps}))
+    return config
+
+
+def build_tiny_like(like: str | Path, out: str | Path, spec: LikeSpec | None = None) -> Path:
+    """A tiny random model from a real checkpoint folder: its config at toy sizes (:func:`shrink_config`),
+    and its tokenizer, chat template and processor files copied byte for byte, so token ids, templates and
+    image token counts are the real ones. Saved like any checkpoint: ``from_pretrained(out)`` loads it."""
+    import shutil
+
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from mcvqa.errors import ModelError
+
+    spec = spec or LikeSpec()
+    like, out = Path(like), Path(out)
+    if not (like / "config.json").is_file():
+        raise ModelError(f"{like}: no config.json; pass a checkpoint folder (its non-weight files are enough)")
+    config = shrink_config(AutoConfig.from_pretrained(like, local_files_only=True), spec)
+    torch.manual_seed(spec.seed)
+    model = AutoModelForImageTextToText.from_config(config)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    for name in LIKE_FILES:
+        if (like / name).is_file():
+            shutil.copyfile(like / name, out / name)
+    (out / "mcvqa_tiny.json").write_text(json.dumps({"like": str(like.resolve()), **asdict(spec)}, indent=2) + "\n", encoding="utf-8")
+    (out / "mcvqa.yaml").write_text(f"image:\n  mode: letterbox\n  size: {spec.image_size}\n", encoding="utf-8")
+    share_files(out)
     return out
 
 

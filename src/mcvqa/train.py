@@ -405,6 +405,8 @@ def train_split(
     ckpt = latest_checkpoint(out)
     if ckpt is not None and not resume:
         raise McvqaError(f"{out} already holds a training run ({ckpt.name}); pass --resume to continue it or use another --out")
+    if ckpt is None and resume:
+        log_fn(f"no checkpoint in {out} to resume; starting fresh")
     device_cfg = cfg.model.device
     cpu = device_cfg == "cpu" or (device_cfg == "auto" and not torch.cuda.is_available())
     # Weights load in bf16/fp16 on GPUs; LoRA parameters stay fp32 and the autocast below mixes them.
@@ -448,6 +450,11 @@ def train_split(
     state: dict[str, Any] = {"global_step": 0, "epoch": 0, "micro_in_epoch": 0, "best": None, "history": [], "losses": []}
     if ckpt is not None:
         state = load_checkpoint(ckpt, accelerator.unwrap_model(loss_module), optimizer, scheduler)
+        if state["global_step"] >= total_steps and (out / "metrics.json").exists() and (out / "last").exists():
+            log_fn(f"{out}: training already finished (step {state['global_step']} of {total_steps}); nothing to resume")
+            trackers.close()
+            saved = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+            return TrainResult(out, out / "best", saved.get("best") or {}, saved.get("history", []), float(saved.get("seconds") or 0.0), float(saved.get("samples_per_second") or 0.0), state["global_step"])
         log_fn(f"resumed from {ckpt} (step {state['global_step']}, epoch {state['epoch']})")
     if accelerator.is_main_process:
         cfg.dump(out / "config.yaml")
@@ -528,14 +535,17 @@ def train_split(
             m = evaluate_split(accelerator.unwrap_model(loss_module).model, encoder, val_items, cfg.predict.batch_size, progress)
             entry.update({"val_accuracy": m["accuracy"], "val_nll": m["nll"], "val_ece": m["ece"]})
             trackers.log({"val/accuracy": m["accuracy"], "val/nll": m["nll"]}, state["global_step"])
-            log_fn(f"epoch {epoch + 1}: train loss {entry['train_loss']:.4f}  val accuracy {m['accuracy']:.4f}  val nll {m['nll']:.4f}")
+            log_fn(
+                f"epoch {epoch + 1}: train loss {entry['train_loss']:.4f} (cross-entropy over the vocabulary)  "
+                f"val accuracy {m['accuracy']:.4f}  val nll {m['nll']:.4f} (over a-d)"
+            )
             if _is_better(m, state["best"]):
                 state["best"] = {"epoch": epoch + 1, "step": state["global_step"], "accuracy": m["accuracy"], "nll": m["nll"], "ece": m["ece"]}
                 save_model(out / "best", accelerator.unwrap_model(loss_module).model, processor, cfg, tc.method, {"best": state["best"], "metrics": m})
             if epoch_callback is not None:
                 epoch_callback(epoch + 1, m)
         elif accelerator.is_main_process:
-            log_fn(f"epoch {epoch + 1}: train loss {entry['train_loss']:.4f}")
+            log_fn(f"epoch {epoch + 1}: train loss {entry['train_loss']:.4f} (cross-entropy over the vocabulary)")
         state["history"].append(entry)
         _checkpoint(accelerator, out, loss_module, optimizer, scheduler, state, tc.save_total_limit)
     bar.close()

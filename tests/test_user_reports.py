@@ -1,0 +1,192 @@
+"""What a new user hit (issue 19), each through the real command line: every test here failed before its fix."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import make_image, write_csv
+from mcvqa.cli import main
+
+
+def run(argv: list[str], capsys) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    out = capsys.readouterr()
+    return int(e.value.code or 0), out.out, out.err
+
+
+def probs_csv(path: Path, ids: list[str], p: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    df = pd.DataFrame({"id": ids, **{f"p_{l}": p[:, k] for k, l in enumerate("abcd")}})
+    df.to_csv(path, index=False)
+    return path
+
+
+@pytest.fixture()
+def two_members(tmp_path: Path) -> tuple[Path, Path]:
+    rng = np.random.default_rng(0)
+    ids = [f"q{i}" for i in range(6)]
+    a = rng.dirichlet(np.ones(4), size=6)
+    b = rng.dirichlet(np.ones(4), size=6)
+    return probs_csv(tmp_path / "m1" / "probs.csv", ids, a), probs_csv(tmp_path / "m2" / "probs.csv", ids, b)
+
+
+# 1. weights that make no ensemble -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("weights, says", [("1,-1", "-1.0 is not allowed"), ("0,0", "all zero"), ("1,nan", "nan is not allowed"), ("1,inf", "inf is not allowed")])
+def test_ensemble_refuses_weights_that_make_no_average(tmp_path: Path, two_members, capsys, weights: str, says: str) -> None:
+    code, out, err = run(["ensemble", "-p", str(two_members[0]), "-p", str(two_members[1]), "--weights", weights, "--out", str(tmp_path / "e")], capsys)
+    assert code == 2 and says in err and err.startswith("error: ") and err.count("\n") == 1, err
+    assert not (tmp_path / "e" / "submission.csv").exists() and not (tmp_path / "e" / "probs.csv").exists()
+
+
+def test_submission_check_refuses_probabilities_that_are_not_a_distribution(tmp_path: Path) -> None:
+    from mcvqa.errors import McvqaError
+    from mcvqa.predict import write_outputs
+
+    good = np.full((3, 4), 0.25)
+    for bad_row in ([np.nan] * 4, [0.5, 0.5, 0.5, 0.5], [1.2, -0.2, 0.0, 0.0], [np.inf, 0, 0, 0]):
+        p = good.copy()
+        p[1] = bad_row
+        with pytest.raises(McvqaError, match="id 'q1'"):
+            write_outputs(tmp_path / "o", ["q0", "q1", "q2"], p)
+        assert not (tmp_path / "o" / "submission.csv").exists()
+
+
+# 2. a weight that is not a number -------------------------------------------------------------------------
+
+
+def test_ensemble_weight_that_is_not_a_number(tmp_path: Path, two_members, capsys) -> None:
+    code, out, err = run(["ensemble", "-p", str(two_members[0]), "-p", str(two_members[1]), "--weights", "2,x", "--out", str(tmp_path / "e")], capsys)
+    assert code == 2 and err == "error: --weights '2,x': 'x' is not a number; give one number per member, e.g. --weights 2,1,1\n"
+
+
+# 3. outputs readable by teammates --------------------------------------------------------------------------
+
+
+def test_outputs_follow_the_umask_not_0600(tmp_path: Path, two_members) -> None:
+    script = (
+        "import os, sys; os.umask(0o022); from mcvqa.cli import main; main(sys.argv[1:])"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    for argv in (
+        ["synth", "--out", str(tmp_path / "d"), "--train", "4", "--test", "4", "-q"],
+        ["ensemble", "-p", str(two_members[0]), "-p", str(two_members[1]), "--out", str(tmp_path / "e")],
+        ["tiny", "--out", str(tmp_path / "m"), "--vocab", "300", "--hidden", "32", "--layers", "1"],
+    ):
+        r = subprocess.run([sys.executable, "-c", script, *argv], env=env, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+    written = [tmp_path / "d" / "train.csv", tmp_path / "d" / "test.csv", tmp_path / "e" / "submission.csv", tmp_path / "e" / "probs.csv",
+               tmp_path / "m" / "model.safetensors", tmp_path / "m" / "config.json"]
+    for f in written:
+        assert stat.S_IMODE(f.stat().st_mode) == 0o644, f"{f}: {oct(stat.S_IMODE(f.stat().st_mode))}"
+
+
+# 4. a full-model folder passed as --adapter ----------------------------------------------------------------
+
+
+def test_full_model_as_adapter_is_refused_before_loading(tmp_path: Path, tiny_model: Path, synth_data: Path, capsys, monkeypatch) -> None:
+    import mcvqa.model
+
+    def no_loading(*a, **k):
+        raise AssertionError("the model was loaded before the adapter folder was checked")
+
+    monkeypatch.setattr(mcvqa.model, "load_model", no_loading)
+    t0 = time.perf_counter()
+    code, _, err = run(["predict", "--model", str(tiny_model), "--adapter", str(tiny_model), "--data", str(synth_data / "test.csv"), "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and err == f"error: {tiny_model}: this is a full model (train.method: full), not a LoRA adapter; pass it as --model {tiny_model}\n"
+    assert time.perf_counter() - t0 < 10
+
+
+# 5. paths as the user typed them -----------------------------------------------------------------------------
+
+
+def test_errors_name_the_path_as_typed(tmp_path: Path, two_members, capsys, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(["ensemble", "-p", "m1/probs.csv", "-p", "m3/probs.csv", "--out", "e"], capsys)
+    assert code == 2 and err == "error: m3/probs.csv: file not found\n"
+    write_csv(tmp_path / "sub" / "nod.csv", "id,path,question,a,b,c\nq,i.jpg,q,1,2,3\n")
+    code, _, err = run(["predict", "--model", "x", "--data", "sub/nod.csv", "--out", "o"], capsys)
+    assert code == 2 and err.startswith("error: sub/nod.csv: missing column d"), err
+
+
+# 6. a Hub id without a network -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("env, says", [({"HF_HUB_OFFLINE": "1"}, "HF_HUB_OFFLINE is set"), ({"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}, "cannot be reached")])
+def test_hub_id_without_network_fails_fast(tmp_path: Path, synth_data: Path, env: dict, says: str) -> None:
+    full_env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), **env}
+    t0 = time.perf_counter()
+    r = subprocess.run(
+        [sys.executable, "-m", "mcvqa", "predict", "--model", "Qwen/Qwen3-VL-2B-Instruct", "--data", str(synth_data / "test.csv"), "--out", str(tmp_path / "o")],
+        env=full_env, capture_output=True, text=True, timeout=120,
+    )
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().count("\n") == 0 and says in r.stderr and "Qwen/Qwen3-VL-2B-Instruct: no such local folder" in r.stderr, r.stderr
+    assert time.perf_counter() - t0 < 60  # process start and imports included; it took 2 min 33 s before
+
+
+# 7. evaluate on partly or wholly other sets ------------------------------------------------------------------
+
+
+def test_evaluate_says_what_it_left_out_and_refuses_no_overlap(tmp_path: Path, capsys) -> None:
+    ids = [f"q{i}" for i in range(10)]
+    p = np.eye(4)[np.arange(10) % 4] * 0.9 + 0.025
+    pred = probs_csv(tmp_path / "probs.csv", ids, p)
+    labels = tmp_path / "labels.csv"
+    pd.DataFrame({"id": ids[:4] + ["x1"], "answer": ["a", "b", "c", "d", "a"]}).to_csv(labels, index=False)
+    code, out, err = run(["evaluate", "--pred", str(pred), "--data", str(labels)], capsys)
+    assert code == 0
+    assert "4 questions in common (6 predictions without a label, 1 labels without a prediction)" in out
+    assert "warning:" in err and "6 prediction(s) have no label" in err and "1 label(s) have no prediction" in err
+    assert "accuracy   1.0000" in out  # the four in common are right
+    other = tmp_path / "other.csv"
+    pd.DataFrame({"id": ["z1", "z2"], "answer": ["a", "b"]}).to_csv(other, index=False)
+    code, _, err = run(["evaluate", "--pred", str(pred), "--data", str(other)], capsys)
+    assert code == 2 and "no id in common with the 2 labels" in err
+
+
+# 8. --resume with nothing to resume, and on a finished run -----------------------------------------------------
+
+
+def test_predict_resume_says_fresh_or_finished(tmp_path: Path, tiny_model: Path, synth_data: Path, capsys) -> None:
+    base = ["predict", "--model", str(tiny_model), "--data", str(synth_data / "test.csv"), "--out", str(tmp_path / "o"), "-q", "--resume"]
+    code, _, err = run(base, capsys)
+    assert code == 0 and f"no unfinished run in {tmp_path / 'o'} to resume; starting fresh" in err
+    sub = tmp_path / "o" / "submission.csv"
+    before = (sub.read_bytes(), sub.stat().st_mtime_ns)
+    code, _, err = run(base, capsys)
+    assert code == 0 and "this run is already finished" in err
+    assert (sub.read_bytes(), sub.stat().st_mtime_ns) == before  # not rescored, not rewritten
+    # a finished run of other settings is not taken for this one
+    code, _, err = run(base + ["--prompt", "plain_en"], capsys)
+    assert code == 2 and "written by a different model, adapter, data or settings" in err
+
+
+@pytest.mark.slow
+def test_train_resume_says_fresh_or_finished(tmp_path: Path, tiny_model: Path, synth_data: Path, capsys) -> None:
+    argv = ["train", "--model", str(tiny_model), "--data", str(synth_data / "train.csv"), "--out", str(tmp_path / "t"), "-q", "--resume",
+            "--set", "model.device=cpu", "--set", "model.dtype=fp32", "--set", "train.max_steps=2", "--set", "train.batch_size=8",
+            "--set", "lora.r=4", "--set", "train.report_to=[]", "--set", "image.size=64", "--set", "prompt.name=plain_ko"]
+    code, _, err = run(argv, capsys)
+    assert code == 0, err
+    assert f"no checkpoint in {tmp_path / 't'} to resume; starting fresh" in err
+    from mcvqa.io import FILE_MODE
+
+    adapter = (tmp_path / "t" / "last" / "adapter_model.safetensors").read_bytes()
+    assert stat.S_IMODE((tmp_path / "t" / "last" / "adapter_model.safetensors").stat().st_mode) == FILE_MODE  # not safetensors' 0600
+    code, _, err = run(argv, capsys)
+    assert code == 0 and "training already finished (step 2 of 2); nothing to resume" in err
+    assert (tmp_path / "t" / "last" / "adapter_model.safetensors").read_bytes() == adapter
+    assert json.loads((tmp_path / "t" / "metrics.json").read_text())["steps"] == 2
