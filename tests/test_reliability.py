@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 import torch
 
+from mcvqa.errors import McvqaError
 from mcvqa.io import atomic_write_csv
 from mcvqa.predict import JOURNAL, build_scorer, predict
 from mcvqa.synth import SynthConfig, synthesize
@@ -186,3 +187,58 @@ def test_replace_dir_recovers_from_a_kill_between_renames(tmp_path) -> None:
     os.replace(tmp_path / "best", tmp_path / "best.old")  # the state a kill between the renames leaves
     recover_dir(tmp_path / "best")
     assert (tmp_path / "best" / "w").read_text() == "new"
+
+
+def test_journal_is_fsynced_for_every_batch(cfg_factory, tiny_loaded, synth_data, tmp_path, monkeypatch) -> None:
+    """A batch counts as done only once it is on disk: one fsync of the journal per scored batch."""
+    scorer = build_scorer(cfg_factory(), model=tiny_loaded[0], processor=tiny_loaded[1])
+    synced: list[str] = []
+    real = os.fsync
+
+    def spy(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    predict(cfg_factory("predict.batch_size=5"), synth_data / "test.csv", tmp_path / "r", scorer=scorer, progress=False, log=lambda s: None)
+    batches = -(-24 // 5)
+    assert sum(p.endswith(JOURNAL) for p in synced) == 1 + batches  # the header, then each batch
+
+
+@pytest.mark.parametrize("change", ["adapter", "data file", "ids"])
+def test_resume_refuses_a_journal_of_another_adapter_data_or_ids(cfg_factory, tiny_loaded, synth_data, tmp_path, monkeypatch, change) -> None:
+    import shutil
+
+    import mcvqa.predict as P
+
+    scorer = build_scorer(cfg_factory(), model=tiny_loaded[0], processor=tiny_loaded[1])
+    shutil.copytree(synth_data, tmp_path / "d")
+    for name in ("a1", "a2"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "adapter_model.safetensors").write_bytes(name.encode())
+    calls = {"n": 0}
+    real = P.score_batch_with_backoff
+
+    def dies_on_second(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(P, "score_batch_with_backoff", dies_on_second)
+    cfg = cfg_factory("predict.batch_size=8")
+    with pytest.raises(KeyboardInterrupt):
+        predict(cfg, tmp_path / "d" / "test.csv", tmp_path / "r", scorer=scorer, adapter=tmp_path / "a1", progress=False, log=lambda s: None)
+    monkeypatch.setattr(P, "score_batch_with_backoff", real)
+    data, adapter = tmp_path / "d" / "test.csv", tmp_path / "a1"
+    if change == "adapter":
+        adapter = tmp_path / "a2"
+    elif change == "data file":
+        shutil.copytree(tmp_path / "d", tmp_path / "d2")
+        data = tmp_path / "d2" / "test.csv"
+    else:
+        df = pd.read_csv(data)
+        df["id"] = [f"other_{i}" for i in range(len(df))]
+        df.to_csv(data, index=False)
+    with pytest.raises(McvqaError, match="written by a different model, adapter, data or settings"):
+        predict(cfg, data, tmp_path / "r", scorer=scorer, adapter=adapter, resume=True, progress=False, log=lambda s: None)

@@ -45,7 +45,9 @@ def test_study_prunes_writes_recipe_and_resumes(cfg_factory, synth_data, tmp_pat
     assert (tmp_path / "tune" / "optimization_history.png").stat().st_size > 1000
     second = tune(cfg, synth_data / "train.csv", tmp_path / "tune", TuneOptions(**{**opts.__dict__, "trials": 2}), log=lambda s: None)
     assert second["trials"] == 8 and second["new_trials"] == 2
-    assert second["best_value"] >= first["best_value"]
+    with sqlite3.connect(tmp_path / "study.db") as con:  # the best is the best of every completed trial, old and new
+        values = [v for (v,) in con.execute("select value from trial_values join trials using (trial_id) where state = 'COMPLETE'")]
+    assert len(values) == second["complete"] and second["best_value"] == pytest.approx(max(values))
 
 
 def _count(db: Path, state: str) -> int:

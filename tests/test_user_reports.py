@@ -51,6 +51,17 @@ def test_ensemble_refuses_weights_that_make_no_average(tmp_path: Path, two_membe
     assert not (tmp_path / "e" / "submission.csv").exists() and not (tmp_path / "e" / "probs.csv").exists()
 
 
+def test_ensemble_function_refuses_bad_weights_too() -> None:
+    """The library call checks what the CLI checks: a script calling mcvqa.adapt.ensemble gets no NaNs either."""
+    from mcvqa.adapt import ensemble
+    from mcvqa.errors import McvqaError
+
+    p = np.full((2, 4), 0.25)
+    for w in ([1, -1], [0, 0], [1, float("nan")], [1]):
+        with pytest.raises(McvqaError):
+            ensemble([p, p], w)
+
+
 def test_submission_check_refuses_probabilities_that_are_not_a_distribution(tmp_path: Path) -> None:
     from mcvqa.errors import McvqaError
     from mcvqa.predict import write_outputs

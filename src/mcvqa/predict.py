@@ -442,7 +442,9 @@ def predict(
             return PredictResult(out, out / "submission.csv", out / "probs.csv", len(ds), float(summary.get("seconds", 0.0)), ScoreStats(), 0)
         log(f"no unfinished run in {out} to resume; starting fresh")
     done = journal.load() if resume else {}
+    t_load = time.perf_counter()
     scorer = scorer or build_scorer(cfg, adapter)
+    load_seconds = time.perf_counter() - t_load
     journal.start()  # after loading: a model that fails to load leaves no journal to trip over
     stats = ScoreStats()
     if done:
@@ -481,6 +483,7 @@ def predict(
             "questions": len(ds),
             "seconds": round(seconds, 3),
             "questions_per_second": round(len(ds) / seconds, 3) if seconds else None,
+            "load_seconds": round(load_seconds, 3),
             "batch_size": cfg.predict.batch_size,
             "batch_size_used": stats.batch_size_used or cfg.predict.batch_size,
             "oom_halvings": stats.oom_halvings,

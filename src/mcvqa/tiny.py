@@ -307,19 +307,29 @@ def qwen3_vl_8b_config(ids: dict[str, int]) -> Any:
     )
 
 
-def build_random_8b(out: str | Path, device: str = "cuda") -> Path:
+def build_random_8b(out: str | Path, device: str = "cuda", like: str | Path | None = None) -> Path:
     """The real Qwen3-VL-8B architecture with random bf16 weights, saved in Hugging Face format (~17 GB).
 
     For benchmarks where the released weights cannot be downloaded: speed and memory do not depend on the
-    values. The tokenizer is the locally trained one (ids fit in the 151,936-row vocabulary); the system
-    prompt is not in its training text, so it tokenizes at a realistic rate rather than into a few merges.
+    values. With ``like`` (a folder holding Qwen3-VL-8B-Instruct's config, tokenizer, chat template and
+    processor files, e.g. ``../shared/fixtures/qwen3-vl-8b-instruct``) the config is the real one and the real
+    files are copied beside the weights, so token counts are the real ones (the few-shot prompt is 546
+    tokens). Without it, the locally trained tokenizer stands in and counts run about 2x too high (BENCHMARKS.md
+    marks the rows measured that way).
     """
-    from transformers import Qwen3VLForConditionalGeneration
+    import shutil
+
+    from transformers import AutoConfig, Qwen3VLForConditionalGeneration
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    processor, ids = build_processor(4096, 256 * 256, include_system_prompts=False)
-    config = qwen3_vl_8b_config(ids)
+    if like is not None:
+        like = Path(like)
+        config = AutoConfig.from_pretrained(like, local_files_only=True)
+        processor, ids = None, None
+    else:
+        processor, ids = build_processor(4096, 256 * 256, include_system_prompts=False)
+        config = qwen3_vl_8b_config(ids)
     torch.manual_seed(0)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
@@ -328,10 +338,17 @@ def build_random_8b(out: str | Path, device: str = "cuda") -> Path:
             model = Qwen3VLForConditionalGeneration(config)
     finally:
         torch.set_default_dtype(previous)
-    model.generation_config.eos_token_id = [ids["<|im_end|>"], ids["<|endoftext|>"]]
-    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    if ids is not None:
+        model.generation_config.eos_token_id = [ids["<|im_end|>"], ids["<|endoftext|>"]]
+        model.generation_config.pad_token_id = ids["<|endoftext|>"]
     model.save_pretrained(out, safe_serialization=True, max_shard_size="5GB")
-    processor.save_pretrained(out)
+    if processor is not None:
+        processor.save_pretrained(out)
+    else:
+        for name in LIKE_FILES:
+            if (like / name).is_file():  # type: ignore[operator]
+                shutil.copyfile(like / name, out / name)  # type: ignore[operator]
+    share_files(out)
     del model
     if device.startswith("cuda"):
         torch.cuda.empty_cache()

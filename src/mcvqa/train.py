@@ -563,6 +563,8 @@ def train_split(
             "seconds": round(seconds, 2),
             "samples_per_second": round(samples_seen * world / seconds, 3) if seconds > 0 else None,
             "steady_samples_per_second": _steady_rate(marks, world),
+            # What the card needed at its peak (this process's allocations), for "does it fit on a smaller GPU".
+            "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if not cpu else None,
         }
         atomic_write_json(out / "metrics.json", summary)
         plot_loss(state["losses"], state["history"], out / "loss.png")
