@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import subprocess
 import sys
 import time
@@ -39,20 +38,26 @@ sys.path.insert(0, str(HERE))
 from gpu_bench import bench_prompt, gpu_mem, log, reset_mem, sync, versions  # noqa: E402
 
 
-def textured_photos(folder: Path, seed: int = 0) -> float:
-    """Give the synthetic pictures a photo's texture (and so a photo's JPEG size and decode cost)."""
+def _texture(job: tuple[str, int]) -> int:
     import numpy as np
     from PIL import Image, ImageFilter
 
+    path, seed = job
     rng = np.random.default_rng(seed)
-    sizes = []
-    for p in sorted(folder.rglob("*.jpg")):
-        img = Image.open(p).convert("RGB")
-        noise = rng.normal(0, 18, (img.size[1] // 2, img.size[0] // 2, 3))
-        grain = Image.fromarray(np.clip(noise + 128, 0, 255).astype("uint8")).resize(img.size).filter(ImageFilter.GaussianBlur(0.6))
-        out = Image.blend(img, grain, 0.35)
-        out.save(p, format="JPEG", quality=88)
-        sizes.append(p.stat().st_size)
+    img = Image.open(path).convert("RGB")
+    noise = rng.normal(0, 18, (img.size[1] // 2, img.size[0] // 2, 3))
+    grain = Image.fromarray(np.clip(noise + 128, 0, 255).astype("uint8")).resize(img.size).filter(ImageFilter.GaussianBlur(0.6))
+    Image.blend(img, grain, 0.35).save(path, format="JPEG", quality=88)
+    return Path(path).stat().st_size
+
+
+def textured_photos(folder: Path) -> float:
+    """Give the synthetic pictures a photo's texture (and so a photo's JPEG size and decode cost)."""
+    from multiprocessing import Pool
+
+    jobs = [(str(p), i) for i, p in enumerate(sorted(folder.rglob("*.jpg")))]
+    with Pool(os.cpu_count() or 1) as pool:
+        sizes = pool.map(_texture, jobs, chunksize=32)
     return sum(sizes) / max(1, len(sizes)) / 1024
 
 
