@@ -378,6 +378,18 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         raise SystemExit(130) from None
+    except Exception as e:
+        # A full (or read-only) disk met somewhere no mcvqa code wraps it (a tracker's log, a library's cache):
+        # still one line, never a traceback. Anything else is a bug and keeps its traceback.
+        from mcvqa.io import disk_problem
+
+        why = disk_problem(e)
+        if why is None:
+            raise
+        where = getattr(e, "filename", None)
+        typer.echo(f"error: {why}{f' writing {where}' if where else ''}; free some space and run the same command again"
+                   " (predict and train: with --resume, which keeps the work already done)", err=True)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -324,10 +324,13 @@ class Config:
         d["image"]["fill"] = list(d["image"]["fill"])
         return d
 
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
     def dump(self, path: str | Path) -> None:
         from mcvqa.io import atomic_write_text
 
-        atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True))
+        atomic_write_text(path, self.to_yaml())
 
 
 SECTIONS: dict[str, type] = {

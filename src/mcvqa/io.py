@@ -1,7 +1,8 @@
-"""Atomic file writes: a reader (or a crash) never sees a half-written output under its final name."""
+"""Atomic file writes: a reader (or a crash, or a full disk) never sees a half-written output under its final name."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -9,6 +10,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
+
+from mcvqa.errors import McvqaError
 
 
 def _umask() -> int:
@@ -24,10 +27,35 @@ FILE_MODE = 0o666 & ~UMASK
 ``mkstemp`` creates its temp files 0600, which would leave outputs unreadable to teammates."""
 
 
-def _atomic(path: str | Path, write: Callable[[IO[Any]], None], mode: str = "w") -> Path:
+DISK_ERRNOS = {errno.ENOSPC: "no space left", errno.EDQUOT: "disk quota exceeded", errno.EROFS: "read-only file system"}
+_DISK_TEXT = {"no space left": "no space left", "storagefull": "no space left", "os error 28": "no space left",
+              "database or disk is full": "no space left", "disk quota exceeded": "disk quota exceeded", "read-only file system": "read-only file system"}
+
+
+def disk_problem(exc: BaseException) -> str | None:
+    """Why a write failed when the device is full, over quota or read-only; None for any other failure.
+
+    Reads the errno of an OSError, and the text of what libraries wrap it in (safetensors, ``torch.save``, SQLite).
+    """
+    if isinstance(exc, OSError) and exc.errno in DISK_ERRNOS:
+        return DISK_ERRNOS[exc.errno]
+    text = str(exc).lower()
+    return next((why for marker, why in _DISK_TEXT.items() if marker in text), None)
+
+
+def disk_error(exc: BaseException, path: str | Path) -> McvqaError:
+    """One line a person can act on: which device, which file, what to do; the work already done is kept."""
     path = Path(path)
+    return McvqaError(
+        f"{disk_problem(exc) or 'cannot write'} on the device holding {path.parent}: {path.name} was not written; "
+        "free some space (or choose another --out) and run the same command again "
+        "(predict and train: with --resume, which keeps the work already done)"
+    )
+
+
+def _stage(path: Path, write: Callable[[IO[Any]], None], mode: str = "w") -> Path:
+    """Write a temp file beside ``path`` (same filesystem, so renaming it is atomic), flushed to disk."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    # Same directory as the target so os.replace is a rename on one filesystem (atomic on POSIX).
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, FILE_MODE)
@@ -36,12 +64,24 @@ def _atomic(path: str | Path, write: Callable[[IO[Any]], None], mode: str = "w")
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(e, Exception) and disk_problem(e):
+            raise disk_error(e, path) from None
+        raise
+    return Path(tmp)
+
+
+def _atomic(path: str | Path, write: Callable[[IO[Any]], None], mode: str = "w") -> Path:
+    path = Path(path)
+    tmp = _stage(path, write, mode)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
         raise
     return path
 
@@ -50,17 +90,82 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return _atomic(path, lambda fh: fh.write(text))
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    return _atomic(path, lambda fh: fh.write(data), mode="wb")
-
-
 def atomic_write_json(path: str | Path, obj: Any) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
+    return atomic_write_text(path, _json(obj))
+
+
+def _json(obj: Any) -> str:
+    return json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n"
 
 
 def atomic_write_csv(path: str | Path, df: Any, float_format: str | None = None) -> Path:
     """Write a pandas DataFrame as UTF-8 CSV with ``\\n`` line endings, atomically."""
-    return _atomic(path, lambda fh: df.to_csv(fh, index=False, lineterminator="\n", float_format=float_format))
+    return _atomic(path, _csv_writer(df, float_format))
+
+
+def _csv_writer(df: Any, float_format: str | None) -> Callable[[IO[Any]], None]:
+    return lambda fh: df.to_csv(fh, index=False, lineterminator="\n", float_format=float_format)
+
+
+class Staged:
+    """The outputs of one run, all written to temp files first and renamed into place together at the end.
+
+    A run that fails half-way (a full disk while writing its outputs) leaves none of them under a final name:
+    nobody can mistake a half-written folder for a finished run. Renames need no space, so once every temp
+    file is written the commit cannot fail for lack of it.
+    """
+
+    def __init__(self) -> None:
+        self.files: list[tuple[Path, Path]] = []
+
+    def text(self, path: str | Path, text: str) -> Path:
+        return self._add(Path(path), lambda fh: fh.write(text))
+
+    def json(self, path: str | Path, obj: Any) -> Path:
+        return self.text(path, _json(obj))
+
+    def csv(self, path: str | Path, df: Any, float_format: str | None = None) -> Path:
+        return self._add(Path(path), _csv_writer(df, float_format))
+
+    def file(self, path: str | Path, write: Callable[[Path], None]) -> Path:
+        """Stage a file written by a library that wants a path (matplotlib's savefig, say)."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{path.suffix}")
+        try:
+            write(tmp)
+            os.chmod(tmp, FILE_MODE)
+        except Exception as e:
+            tmp.unlink(missing_ok=True)
+            if disk_problem(e):
+                raise disk_error(e, path) from None
+            raise
+        self.files.append((tmp, path))
+        return path
+
+    def _add(self, path: Path, write: Callable[[IO[Any]], None]) -> Path:
+        self.files.append((_stage(path, write), path))
+        return path
+
+    def commit(self) -> None:
+        try:
+            for tmp, path in self.files:
+                os.replace(tmp, path)
+        finally:
+            self.discard()  # whatever was not renamed (only if a rename failed)
+
+    def discard(self) -> None:
+        for tmp, _ in self.files:
+            tmp.unlink(missing_ok=True)
+        self.files = []
+
+    def __enter__(self) -> Staged:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.discard()
 
 
 def share_files(folder: str | Path) -> None:

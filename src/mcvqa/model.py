@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import logging
 import os
 import socket
@@ -60,18 +61,58 @@ def _check_local_checkpoint(path: Path) -> None:
         raise ModelError(f"{path}: no *.safetensors weights found")
 
 
+def check_files(folder: Path) -> None:
+    """Every JSON file parses and every safetensors file is whole, checked in seconds before minutes of loading.
+
+    An interrupted copy or upload leaves a file cut short; the loaders then fail deep inside with messages like
+    "incomplete metadata" or "EOF while parsing". Here the file is named with what to do.
+    """
+    for f in sorted(folder.glob("*.json")):
+        try:
+            json.loads(f.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ModelError(f"{f}: damaged ({str(e).splitlines()[0]}); re-copy it from where it came from") from None
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        shards = sorted(set(json.loads(index.read_text(encoding="utf-8")).get("weight_map", {}).values()))
+        for shard in shards:
+            if not (folder / shard).exists():
+                raise ModelError(f"{folder / shard}: missing (listed in {index.name}); re-copy the checkpoint")
+    for f in sorted(folder.glob("*.safetensors")):
+        check_safetensors(f)
+
+
+def check_safetensors(path: Path) -> None:
+    """Refuse a safetensors file that is cut short or is not one: header length, header JSON, data extent."""
+    size = path.stat().st_size
+    with path.open("rb") as fh:
+        head = fh.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        why = None
+        if n <= 0 or 8 + n > size:
+            why = f"{size} bytes, too short for its header"
+        else:
+            try:
+                header = json.loads(fh.read(n))
+                end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+                if 8 + n + end > size:
+                    why = f"cut short: {size:,} bytes of {8 + n + end:,}"
+            except (ValueError, KeyError, TypeError, IndexError):
+                why = "its header is not valid"
+    if why:
+        raise ModelError(f"{path}: damaged safetensors file ({why}); re-copy it (an interrupted copy or upload leaves such files)")
+
+
 def _check_remote_code(cfg: ModelConfig, path: Path | None) -> None:
     if cfg.trust_remote_code:
         warnings.warn("model.trust_remote_code is on: Python code inside the checkpoint will run", stacklevel=3)
         return
     if path is None:
         return
-    import json
-
     try:
         config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        raise ModelError(f"{path}: config.json is not valid JSON") from None
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{path / 'config.json'}: damaged ({str(e).splitlines()[0]}); re-copy it from where it came from") from None
     if isinstance(config, dict) and config.get("auto_map"):
         raise ModelError(
             f"{path}: the checkpoint ships its own model code (auto_map in config.json); "
@@ -151,8 +192,9 @@ def load_processor(name_or_path: str, trust_remote_code: bool = False, local_fil
 
     try:
         return AutoProcessor.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, local_files_only=local_files_only)
-    except (OSError, ValueError) as e:
-        raise ModelError(f"{name_or_path}: cannot load the processor ({str(e).splitlines()[0]})") from None
+    except Exception as e:  # tokenizers raises a bare Exception for a damaged tokenizer.json
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise ModelError(f"{name_or_path}: cannot load the tokenizer and processor ({first}); if a file there is damaged, re-copy it") from None
 
 
 def load_model(cfg: ModelConfig, adapter: str | Path | None = None, *, trainable_adapter: bool = False) -> tuple[Any, Any]:
@@ -164,6 +206,8 @@ def load_model(cfg: ModelConfig, adapter: str | Path | None = None, *, trainable
     name, local_only = resolve_source(cfg.name_or_path)
     is_local = Path(name).is_dir()
     _check_remote_code(cfg, Path(name) if is_local else None)
+    if is_local:
+        check_files(Path(name))
     device = resolve_device(cfg)
     dtype = resolve_dtype(cfg, device)
     qconf = quantization_config(cfg, dtype)
@@ -211,6 +255,7 @@ def check_adapter_folder(adapter: str | Path) -> None:
         if (path / "adapter_model.bin").exists():
             raise ModelError(f"{path}: adapter is a pickle (adapter_model.bin); mcvqa loads safetensors only")
         raise ModelError(f"{path}: no adapter_model.safetensors")
+    check_files(path)
 
 
 def load_adapter(model: Any, adapter: str | Path, trainable: bool = False) -> Any:

@@ -25,7 +25,7 @@ from mcvqa.config import LETTERS, Config
 from mcvqa.data import Dataset, Item, read_csv
 from mcvqa.errors import DataError, McvqaError
 from mcvqa.features import Batch, Collator, Encoder, ItemDataset, collate, resolve_num_workers, token_lengths
-from mcvqa.io import atomic_write_csv, atomic_write_json
+from mcvqa.io import Staged, disk_error, disk_problem
 from mcvqa.prompts import load_prompt
 from mcvqa.scoring import Scorer, parse_letter, score_generate
 
@@ -64,25 +64,29 @@ def validate_probs(probs: np.ndarray, ids: Sequence[str]) -> None:
         )
 
 
-def write_outputs(out: Path, ids: Sequence[str], probs: np.ndarray) -> tuple[Path, Path]:
-    """``submission.csv`` (id,answer) and ``probs.csv`` (id,p_a..p_d,answer), both validated and atomic."""
+def write_outputs(out: Path, ids: Sequence[str], probs: np.ndarray, staged: Staged | None = None) -> tuple[Path, Path]:
+    """``submission.csv`` (id,answer) and ``probs.csv`` (id,p_a..p_d,answer), validated, then written together:
+    both appear, or (disk full) neither. With ``staged`` they join a larger set committed by the caller."""
+    if staged is None:
+        with Staged() as own:
+            return write_outputs(out, ids, probs, own)
     validate_probs(probs, ids)
     answers = [LETTERS[int(k)] for k in probs.argmax(axis=1)]
     sub = pd.DataFrame({"id": list(ids), "answer": answers})
     validate_submission(sub, ids)
     pr = pd.DataFrame({"id": list(ids), **{f"p_{l}": probs[:, i] for i, l in enumerate(LETTERS)}, "answer": answers})
-    probs_path = atomic_write_csv(out / "probs.csv", pr, float_format="%.8g")
-    sub_path = atomic_write_csv(out / "submission.csv", sub)
+    probs_path = staged.csv(out / "probs.csv", pr, float_format="%.8g")
+    sub_path = staged.csv(out / "submission.csv", sub)
     return sub_path, probs_path
 
 
-def write_per_order(path: Path, ids: Sequence[str], per_order: np.ndarray) -> Path:
+def write_per_order(path: Path, ids: Sequence[str], per_order: np.ndarray, staged: Staged) -> Path:
     """``id,order,p_a..p_d`` for each option order scored (by original option): what CircularEval needs."""
     n, v, _ = per_order.shape
     df = pd.DataFrame(
         {"id": np.repeat(list(ids), v), "order": np.tile(np.arange(v), n), **{f"p_{l}": per_order[:, :, k].reshape(-1) for k, l in enumerate(LETTERS)}}
     )
-    return atomic_write_csv(path, df, float_format="%.8g")
+    return staged.csv(path, df, float_format="%.8g")
 
 
 # ------------------------------------------------------------------------------------------ journal
@@ -124,6 +128,14 @@ class Journal:
         return done
 
     def start(self) -> None:
+        try:
+            self._start()
+        except OSError as e:
+            if disk_problem(e):
+                raise disk_error(e, self.path) from None
+            raise
+
+    def _start(self) -> None:
         if not self.path.exists() or self.path.stat().st_size == 0:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with self.path.open("w", encoding="utf-8") as fh:
@@ -139,10 +151,15 @@ class Journal:
                     fh.truncate(cut)
 
     def append(self, record: dict[str, Any]) -> None:
-        with self.path.open("a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
+        try:
+            with self.path.open("a", encoding="utf-8") as fh:
+                fh.write(json.dumps(record) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError as e:  # a torn last line is ignored by load(): the batch is simply scored again
+            if disk_problem(e):
+                raise disk_error(e, self.path) from None
+            raise
 
 
 def _file_identity(path: Path) -> list[Any]:
@@ -392,6 +409,33 @@ def build_scorer(cfg: Config, adapter: str | Path | None = None, model: Any = No
     return Scorer(model, encoder, prefix_cache=cfg.predict.prefix_cache)
 
 
+
+def _stage_summary(
+    staged: Staged, out: Path, cfg: Config, ds: Dataset, seconds: float, load_seconds: float, stats: ScoreStats,
+    adapter: str | Path | None, done: dict[int, Any], tta_result: Any,
+) -> None:
+    staged.json(
+        out / "predict_summary.json",
+        {
+            "questions": len(ds),
+            "seconds": round(seconds, 3),
+            "questions_per_second": round(len(ds) / seconds, 3) if seconds else None,
+            "load_seconds": round(load_seconds, 3),
+            "batch_size": cfg.predict.batch_size,
+            "batch_size_used": stats.batch_size_used or cfg.predict.batch_size,
+            "oom_halvings": stats.oom_halvings,
+            "bad_images": len(stats.bad_images),
+            "generate_unparsed": stats.generate_unparsed if cfg.predict.scoring == "generate" else None,
+            "model": cfg.model.name_or_path,
+            "adapter": str(adapter) if adapter else None,
+            "resumed_batches": len(done),
+            "tta": list(cfg.tta.methods),
+            "tta_cost_per_question": None if tta_result is None else {"forwards": tta_result.cost.forwards, "backwards": tta_result.cost.backwards},
+            "tta_notes": None if tta_result is None else tta_result.notes,
+        },
+    )
+
+
 def predict(
     cfg: Config,
     data: str | Path,
@@ -471,32 +515,21 @@ def predict(
         dist.barrier()
         journal_path.replace(journal_path.with_name(journal_path.name + ".done"))
         return PredictResult(out, sub, pr, len(ds), seconds, stats, len(done))
-    sub, pr = write_outputs(out, ids, probs)
-    cfg.dump(out / "config.yaml")
-    if stats.bad_images:
-        atomic_write_csv(out / "bad_images.csv", pd.DataFrame(stats.bad_images, columns=["id", "problem"]))
-    if tta_result is not None and tta_result.per_order is not None:
-        write_per_order(out / "per_order.csv", ids, tta_result.per_order)
-    atomic_write_json(
-        out / "predict_summary.json",
-        {
-            "questions": len(ds),
-            "seconds": round(seconds, 3),
-            "questions_per_second": round(len(ds) / seconds, 3) if seconds else None,
-            "load_seconds": round(load_seconds, 3),
-            "batch_size": cfg.predict.batch_size,
-            "batch_size_used": stats.batch_size_used or cfg.predict.batch_size,
-            "oom_halvings": stats.oom_halvings,
-            "bad_images": len(stats.bad_images),
-            "generate_unparsed": stats.generate_unparsed if cfg.predict.scoring == "generate" else None,
-            "model": cfg.model.name_or_path,
-            "adapter": str(adapter) if adapter else None,
-            "resumed_batches": len(done),
-            "tta": list(cfg.tta.methods),
-            "tta_cost_per_question": None if tta_result is None else {"forwards": tta_result.cost.forwards, "backwards": tta_result.cost.backwards},
-            "tta_notes": None if tta_result is None else tta_result.notes,
-        },
-    )
+    # Every output is staged and renamed into place together: a full disk leaves none of them, and the journal
+    # stays, so `--resume` writes them once there is space (the scoring is not repeated).
+    staged = Staged()
+    try:
+        sub, pr = write_outputs(out, ids, probs, staged)
+        staged.text(out / "config.yaml", cfg.to_yaml())
+        if stats.bad_images:
+            staged.csv(out / "bad_images.csv", pd.DataFrame(stats.bad_images, columns=["id", "problem"]))
+        if tta_result is not None and tta_result.per_order is not None:
+            write_per_order(out / "per_order.csv", ids, tta_result.per_order, staged)
+        _stage_summary(staged, out, cfg, ds, seconds, load_seconds, stats, adapter, done, tta_result)
+    except BaseException:
+        staged.discard()
+        raise
+    staged.commit()
     # The run is complete and its outputs are on disk: the journal has done its job.
     journal_path.replace(journal_path.with_name(journal_path.name + ".done"))
     dist.barrier()

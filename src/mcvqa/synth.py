@@ -22,7 +22,7 @@ import pandas as pd
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from mcvqa.config import LETTERS
-from mcvqa.io import atomic_write_csv
+from mcvqa.io import Staged, disk_error, disk_problem
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "빨간색": (220, 30, 30),
@@ -302,7 +302,12 @@ def generate_split(
         drawn = make_question(item_rng, cfg, kind, letters[i])
         rid = f"{split}_{i + 1:0{width}d}"
         rel = f"{split}/{rid}.jpg"
-        drawn.image.save(out / rel, format="JPEG", quality=cfg.jpeg_quality)
+        try:
+            drawn.image.save(out / rel, format="JPEG", quality=cfg.jpeg_quality)
+        except OSError as e:
+            if disk_problem(e):
+                raise disk_error(e, out / rel) from None
+            raise
         rows.append(
             {"id": rid, "path": rel, "question": drawn.question, **dict(zip(LETTERS, drawn.options)), "answer": LETTERS[drawn.answer], "kind": kind}
         )
@@ -322,14 +327,16 @@ def synthesize(out: str | Path, cfg: SynthConfig | None = None, progress: Callab
     out.mkdir(parents=True, exist_ok=True)
     cols = ["id", "path", "question", *LETTERS]
     paths: dict[str, Path] = {}
-    if cfg.train:
-        train = generate_split(out, "train", cfg.train, cfg, cfg.seed * 1000 + 1, progress)
-        paths["train"] = atomic_write_csv(out / "train.csv", train[cols + ["answer", "kind"]])
-    if cfg.test:
-        test = generate_split(out, "test", cfg.test, cfg, cfg.seed * 1000 + 2, progress)
-        paths["test"] = atomic_write_csv(out / "test.csv", test[cols])
-        paths["test_labels"] = atomic_write_csv(out / "test_labels.csv", test[cols + ["answer", "kind"]])
-        paths["sample_submission"] = atomic_write_csv(out / "sample_submission.csv", pd.DataFrame({"id": test["id"], "answer": ""}))
+    # The CSVs appear together once every image is on disk: a full disk leaves no CSV pointing at missing images.
+    with Staged() as staged:
+        if cfg.train:
+            train = generate_split(out, "train", cfg.train, cfg, cfg.seed * 1000 + 1, progress)
+            paths["train"] = staged.csv(out / "train.csv", train[cols + ["answer", "kind"]])
+        if cfg.test:
+            test = generate_split(out, "test", cfg.test, cfg, cfg.seed * 1000 + 2, progress)
+            paths["test"] = staged.csv(out / "test.csv", test[cols])
+            paths["test_labels"] = staged.csv(out / "test_labels.csv", test[cols + ["answer", "kind"]])
+            paths["sample_submission"] = staged.csv(out / "sample_submission.csv", pd.DataFrame({"id": test["id"], "answer": ""}))
     return paths
 
 

@@ -15,6 +15,7 @@ with the same scorer as ``predict`` -> keep the best -> checkpoint. Details that
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -22,7 +23,7 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,7 @@ from mcvqa.data import Dataset, Item, kfold_splits, read_csv, stratified_split
 from mcvqa.errors import McvqaError
 from mcvqa.evaluate import metrics
 from mcvqa.features import Batch, Collator, Encoder, Example, resolve_num_workers, token_lengths
-from mcvqa.io import atomic_write_json, atomic_write_text, recover_dir, replace_dir
+from mcvqa.io import Staged, atomic_write_json, atomic_write_text, disk_error, disk_problem, recover_dir, replace_dir
 from mcvqa.prompts import load_prompt
 from mcvqa.scoring import (
     Scorer,
@@ -253,19 +254,28 @@ def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: Any, schedule
 
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    plain, tensors = _rng_state()
-    save_file(tensors, str(tmp / "rng.safetensors"))
-    atomic_write_json(tmp / "trainer_state.json", {**state, "rng": plain})
+    with _cleaned_on_failure(tmp, path):  # a full disk: the checkpoints before this one stay, --resume uses them
+        tmp.mkdir(parents=True)
+        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        plain, tensors = _rng_state()
+        save_file(tensors, str(tmp / "rng.safetensors"))
+        atomic_write_json(tmp / "trainer_state.json", {**state, "rng": plain})
     replace_dir(tmp, path)
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: Any, scheduler: Any) -> dict[str, Any]:
     from safetensors.torch import load_file
 
+    from mcvqa.errors import ModelError
+    from mcvqa.model import check_safetensors
+
+    try:
+        for f in ("trainable.safetensors", "rng.safetensors"):
+            check_safetensors(path / f)
+    except ModelError as e:
+        raise McvqaError(f"{e}; or delete {path} to resume from the checkpoint before it") from None
     weights = load_file(str(path / "trainable.safetensors"))
     params = dict(model.named_parameters())
     with torch.no_grad():
@@ -287,19 +297,67 @@ def latest_checkpoint(out: Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
-def save_model(path: Path, model: Any, processor: Any, cfg: Config, method: str, extra: dict[str, Any]) -> None:
-    """``best/`` or ``last/``: a LoRA adapter (safetensors) or a full checkpoint, with its config and metrics."""
+def save_model(path: Path, model: Any, processor: Any, cfg: Config, method: str, extra: dict[str, Any], *, publish: bool = True) -> Path:
+    """``best/`` or ``last/``: a LoRA adapter (safetensors) or a full checkpoint, with its config and metrics.
+
+    Written into ``path.tmp`` first; with ``publish`` renamed to ``path`` at once, else left for the caller.
+    """
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    if method == "lora":
-        model.save_pretrained(str(tmp), safe_serialization=True)
-    else:
-        unwrap(model).save_pretrained(str(tmp), safe_serialization=True)
-        processor.save_pretrained(str(tmp))
-    cfg.dump(tmp / "mcvqa.yaml")
-    atomic_write_json(tmp / "metrics.json", extra)
-    replace_dir(tmp, path)
+    with _cleaned_on_failure(tmp, path):
+        tmp.mkdir(parents=True)
+        if method == "lora":
+            model.save_pretrained(str(tmp), safe_serialization=True)
+        else:
+            unwrap(model).save_pretrained(str(tmp), safe_serialization=True)
+            processor.save_pretrained(str(tmp))
+        cfg.dump(tmp / "mcvqa.yaml")
+        atomic_write_json(tmp / "metrics.json", extra)
+    if publish:
+        replace_dir(tmp, path)
+    return tmp
+
+
+@contextlib.contextmanager
+def _cleaned_on_failure(tmp: Path, path: Path) -> Iterator[None]:
+    """A folder being written: removed if anything fails, and a full disk said in one line (the file named)."""
+    try:
+        yield
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, Exception) and disk_problem(e):
+            raise disk_error(e, path) from None
+        raise
+
+
+def publish(out: Path, model: Any, processor: Any, cfg: Config, method: str, state: dict[str, Any], summary: dict[str, Any]) -> None:
+    """The run's outputs, all at once at the end: last/, best/, metrics.json, loss.png.
+
+    Everything is written under temporary names first; only when all of it is on disk are the names given.
+    A full disk on the way leaves no final-named output and the checkpoints intact, so ``--resume`` finishes
+    once there is space.
+    """
+    last_tmp = save_model(out / "last", model, processor, cfg, method, {"history": state["history"]}, publish=False)
+    kept_best = out / "checkpoints" / "best"
+    best_src = kept_best
+    staged = Staged()
+    try:
+        if state["best"] is None or not kept_best.exists():  # no validation: the last weights are the best we know
+            best_src = out / "best.tmp"
+            shutil.rmtree(best_src, ignore_errors=True)
+            with _cleaned_on_failure(best_src, out / "best"):
+                shutil.copytree(last_tmp, best_src)
+        staged.json(out / "metrics.json", summary)
+        staged.file(out / "loss.png", lambda p: plot_loss(state["losses"], state["history"], p))
+    except BaseException:
+        staged.discard()
+        shutil.rmtree(last_tmp, ignore_errors=True)
+        if best_src != kept_best:
+            shutil.rmtree(best_src, ignore_errors=True)
+        raise
+    replace_dir(last_tmp, out / "last")
+    replace_dir(best_src, out / "best")
+    staged.commit()
 
 
 # ------------------------------------------------------------------------------------------ trackers
@@ -541,7 +599,8 @@ def train_split(
             )
             if _is_better(m, state["best"]):
                 state["best"] = {"epoch": epoch + 1, "step": state["global_step"], "accuracy": m["accuracy"], "nll": m["nll"], "ece": m["ece"]}
-                save_model(out / "best", accelerator.unwrap_model(loss_module).model, processor, cfg, tc.method, {"best": state["best"], "metrics": m})
+                # Kept beside the checkpoints until the run succeeds: best/ appears with the run's other outputs.
+                save_model(out / "checkpoints" / "best", accelerator.unwrap_model(loss_module).model, processor, cfg, tc.method, {"best": state["best"], "metrics": m})
             if epoch_callback is not None:
                 epoch_callback(epoch + 1, m)
         elif accelerator.is_main_process:
@@ -552,9 +611,6 @@ def train_split(
     seconds = time.perf_counter() - t_start
     unwrapped = accelerator.unwrap_model(loss_module).model
     if accelerator.is_main_process:
-        save_model(out / "last", unwrapped, processor, cfg, tc.method, {"history": state["history"]})
-        if state["best"] is None:  # no validation: the last weights are the best we know
-            shutil.copytree(out / "last", out / "best", dirs_exist_ok=True)
         summary = {
             "best": state["best"],
             "history": state["history"],
@@ -566,8 +622,7 @@ def train_split(
             # What the card needed at its peak (this process's allocations), for "does it fit on a smaller GPU".
             "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if not cpu else None,
         }
-        atomic_write_json(out / "metrics.json", summary)
-        plot_loss(state["losses"], state["history"], out / "loss.png")
+        publish(out, unwrapped, processor, cfg, tc.method, state, summary)
     trackers.close()
     accelerator.wait_for_everyone()
     return TrainResult(
@@ -642,10 +697,10 @@ def plot_loss(losses: list[list[float]], history: list[dict[str, Any]], path: Pa
     ax.set_title("mcvqa train")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name("." + path.name + ".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        fig.savefig(path, format="png")
+    finally:
+        plt.close(fig)
 
 
 def train(

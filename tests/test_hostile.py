@@ -1,0 +1,173 @@
+"""Hostile environments (issue 20): a disk that fills up mid-run, and files damaged by an interrupted copy.
+
+Each ends in one ``error:`` line with exit code 2, leaves no output of the failed run under its final name,
+and (predict, train) finishes with ``--resume`` once space is back. The full disk is real: a small tmpfs is
+mounted for the test (root only; elsewhere these tests skip with one line) and filled at the worst moment.
+"""
+
+from __future__ import annotations
+
+import errno
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from mcvqa.cli import main
+
+LORA = ["--set", "train.method=lora", "--set", "lora.r=4", "--set", "lora.alpha=8", "--set", "lora.dropout=0.0",
+        "--set", "train.batch_size=8", "--set", "train.report_to=[]", "--set", "prompt.name=plain_ko", "--set", "image.size=64",
+        "--set", "model.device=cpu", "--set", "model.dtype=fp32", "--set", "train.epochs=2", "--set", "train.gradient_checkpointing=false"]
+
+
+def run(argv: list[str], capsys) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    out = capsys.readouterr()
+    return int(e.value.code or 0), out.out, out.err
+
+
+@pytest.fixture()
+def disk(tmp_path: Path):
+    """A 4 MiB filesystem of its own, so it can really run out of space."""
+    where = tmp_path / "disk"
+    where.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(where)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({r.stderr.strip() or 'not root'})")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+def fill(where: Path) -> Path:
+    """Fill the filesystem holding ``where`` to the last byte; delete the returned file to free it."""
+    filler = where / "filler"
+    with filler.open("wb", buffering=0) as fh:  # unbuffered: no data left to flush (and fail) at close
+        for size in (1 << 16, 4096, 512, 1):  # down to the last byte
+            try:
+                while True:
+                    fh.write(b"\0" * size)
+            except OSError as e:
+                assert e.errno == errno.ENOSPC
+    return filler
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.rglob("*") if ".tmp" in p.name)
+
+
+def test_predict_disk_full_while_writing_outputs(disk: Path, tiny_model: Path, synth_data: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    import mcvqa.io as io
+
+    base = ["predict", "--model", str(tiny_model), "--data", str(synth_data / "test.csv"), "-q", "--set", "image.size=64", "--batch-size", "5"]
+    assert run(base + ["--out", str(tmp_path / "ref")], capsys)[0] == 0
+    real = io._stage
+    state = {}
+
+    def fills_between_outputs(path, *a, **k):  # probs.csv fits; the disk is full by submission.csv
+        if path.name == "submission.csv" and "filler" not in state:
+            state["filler"] = fill(disk)
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(io, "_stage", fills_between_outputs)
+    out = disk / "run"
+    code, _, err = run(base + ["--out", str(out)], capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"error: no space left on the device holding {out}: ") and "--resume" in err
+    assert sorted(p.name for p in out.iterdir()) == ["journal.jsonl"]  # no output with a final name, no temp file
+    monkeypatch.setattr(io, "_stage", real)
+    state["filler"].unlink()
+    code, _, err = run(base + ["--out", str(out), "--resume"], capsys)
+    assert code == 0 and "resuming: 24 of 24 questions already scored" in err
+    assert (out / "submission.csv").read_bytes() == (tmp_path / "ref" / "submission.csv").read_bytes()
+    assert (out / "probs.csv").read_bytes() == (tmp_path / "ref" / "probs.csv").read_bytes()
+
+
+@pytest.mark.slow
+def test_train_disk_full_at_a_checkpoint_then_resume(disk: Path, tiny_model: Path, synth_data: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    import mcvqa.train as T
+    from safetensors.torch import load_file
+
+    base = ["train", "--model", str(tiny_model), "--data", str(synth_data / "train.csv"), "-q", *LORA]
+    assert run(base + ["--out", str(tmp_path / "ref")], capsys)[0] == 0
+    real = T.save_checkpoint
+    state = {"calls": 0}
+
+    def fills_at_second(*a, **k):
+        state["calls"] += 1
+        if state["calls"] == 2:  # the end of epoch 2: epoch 1's checkpoint is on disk
+            state["filler"] = fill(disk)
+        return real(*a, **k)
+
+    monkeypatch.setattr(T, "save_checkpoint", fills_at_second)
+    out = disk / "run"
+    code, _, err = run(base + ["--out", str(out)], capsys)
+    last = err.strip().splitlines()[-1]  # after the epochs' progress lines: one error line, no traceback
+    assert code == 2 and "Traceback" not in err and last.startswith(f"error: no space left on the device holding {out / 'checkpoints'}: step_0000006"), err
+    assert not any((out / name).exists() for name in ("best", "last", "metrics.json", "loss.png"))
+    assert [p.name for p in (out / "checkpoints").glob("step_*")] == ["step_0000003"] and leftovers(out) == []
+    monkeypatch.setattr(T, "save_checkpoint", real)
+    state["filler"].unlink()
+    code, _, err = run(base + ["--out", str(out), "--resume"], capsys)
+    assert code == 0 and "resumed from" in err, err
+    a = load_file(str(tmp_path / "ref" / "last" / "adapter_model.safetensors"))
+    b = load_file(str(out / "last" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)  # as if nothing had happened
+    assert (out / "best" / "adapter_model.safetensors").exists() and (out / "metrics.json").exists()
+
+
+def test_ensemble_disk_full(disk: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    import numpy as np
+    import pandas as pd
+
+    import mcvqa.predict as P
+
+    p = tmp_path / "m" / "probs.csv"
+    p.parent.mkdir()
+    pd.DataFrame({"id": ["q1", "q2"], **{f"p_{l}": np.full(2, 0.25) for l in "abcd"}}).to_csv(p, index=False)
+    real = P.write_outputs
+    monkeypatch.setattr(P, "write_outputs", lambda *a, **k: (fill(disk), real(*a, **k))[1])
+    code, _, err = run(["ensemble", "-p", str(p), "-p", str(p), "--out", str(disk / "ens")], capsys)
+    assert code == 2 and err.startswith(f"error: no space left on the device holding {disk / 'ens'}") and err.count("\n") == 1
+    assert not (disk / "ens").exists() or sorted(x.name for x in (disk / "ens").iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------- damaged files
+
+
+def _cut(path: Path, keep: float = 0.5) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny_model: Path, tmp_path_factory) -> Path:
+    from mcvqa.config import load_config
+    from mcvqa.model import attach_lora, load_model
+
+    cfg = load_config(None, [f"model.name_or_path={tiny_model}", "model.device=cpu", "model.dtype=fp32", "lora.r=4"], env=False)
+    model, _ = load_model(cfg.model)
+    out = tmp_path_factory.mktemp("adapter") / "a"
+    attach_lora(model, cfg.lora).save_pretrained(str(out), safe_serialization=True)
+    return out
+
+
+@pytest.mark.parametrize("what", ["adapter", "model shard", "tokenizer.json", "config.json"])
+def test_damaged_files_are_named_in_one_line(what: str, tiny_model: Path, adapter: Path, synth_data: Path, tmp_path: Path, capsys) -> None:
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    ad = tmp_path / "adapter"
+    shutil.copytree(adapter, ad)
+    damaged = {"adapter": ad / "adapter_model.safetensors", "model shard": model / "model.safetensors",
+               "tokenizer.json": model / "tokenizer.json", "config.json": model / "config.json"}[what]
+    _cut(damaged)
+    argv = ["predict", "--model", str(model), "--data", str(synth_data / "test.csv"), "--out", str(tmp_path / "o"), "-q"]
+    if what == "adapter":
+        argv += ["--adapter", str(ad)]
+    code, out, err = run(argv, capsys)
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in out + err, err
+    assert err.startswith(f"error: {damaged}: damaged") and "re-copy it" in err, err
+    assert not (tmp_path / "o" / "journal.jsonl").exists()  # refused before anything started
