@@ -96,3 +96,20 @@ def test_ensemble_command(tmp_path: Path, tiny_model: Path, synth_data: Path, ca
     assert code == 0, err
     # identical members: the ensemble is the member
     assert (tmp_path / "ens" / "submission.csv").read_bytes() == (tmp_path / "m1" / "submission.csv").read_bytes()
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["predict", "--tta", "pride,orders"], "choose orders or pride"),
+    (["predict", "--tta", "tent,views"], "tent adapts on its own"),
+    (["train", "--val-data", "v.csv", "--kfold", "3"], "--val-data and --kfold exclude each other"),
+])
+def test_invalid_combinations_fail_before_any_model_loads(tmp_path: Path, synth_data: Path, capsys, monkeypatch, argv, says) -> None:
+    import time
+
+    import mcvqa.model
+
+    monkeypatch.setattr(mcvqa.model, "load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("a model was loaded")))
+    t0 = time.perf_counter()
+    code, out, err = run([*argv, "--data", str(synth_data / "train.csv"), "--out", str(tmp_path / "o"), "--model", "x"], capsys)
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and says in err, err
+    assert time.perf_counter() - t0 < 5 and not (tmp_path / "o").exists()

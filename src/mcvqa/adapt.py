@@ -25,7 +25,7 @@ import torch
 from PIL import Image, ImageEnhance
 from tqdm.auto import tqdm
 
-from mcvqa.config import TTAConfig
+from mcvqa.config import ADAPTIVE, TTAConfig
 from mcvqa.data import Item
 from mcvqa.errors import McvqaError
 from mcvqa.features import Batch, Example, collate, cyclic_orders
@@ -589,11 +589,9 @@ def zero(scorer: Scorer, items: Sequence[Item], views: Sequence[str] = ("rescale
 
 def run_tta(scorer: Scorer, items: Sequence[Item], cfg: TTAConfig, batch_size: int = 16, progress: bool = True) -> TTAResult:
     """The methods named in ``cfg.methods``, composed: orders -> pride -> views -> blend; or one adapter."""
-    methods = list(cfg.methods)
-    adaptive = [m for m in methods if m in ("tent", "sar", "tpt", "zero")]
+    methods = list(cfg.methods)  # combinations were checked when the config was built (TTAConfig)
+    adaptive = [m for m in methods if m in ADAPTIVE]
     if adaptive:
-        if len(methods) > 1:
-            raise ValueError(f"{adaptive[0]} adapts on its own; use it alone (got {', '.join(methods)})")
         m = adaptive[0]
         if m == "tpt":
             return tpt(scorer, items, k=cfg.tpt_tokens, lr=cfg.tpt_lr, select=cfg.select, progress=progress)
@@ -608,8 +606,6 @@ def run_tta(scorer: Scorer, items: Sequence[Item], cfg: TTAConfig, batch_size: i
             return adapter.run(items, batch_size, progress)
         finally:
             adapter.close()
-    if "pride" in methods and "orders" in methods:
-        raise ValueError("pride already averages its estimation questions over orders; use orders or pride")
     views = image_views(scorer, items, cfg.views, batch_size, progress) if "views" in methods else None
     if "pride" in methods:
         res = pride(scorer, items, cfg.pride_fraction, cfg.orders, batch_size, progress=progress, min_questions=cfg.pride_min)

@@ -235,11 +235,15 @@ def train(
     """Train LoRA/QLoRA adapters (or all weights) on the answer letter; validate each epoch; keep the best."""
     from mcvqa.train import train as run_train
 
+    if val_data is not None and (kfold or 0) > 0:
+        raise McvqaError("--val-data and --kfold exclude each other: k-fold validates on its own folds; drop one of them")
     cfg = _config(
         config, sets, [model], model__name_or_path=model, model__quant=quant, model__device=device,
         train__epochs=epochs, train__lr=lr, train__batch_size=batch_size, train__kfold=kfold,
         data__root=str(data_root) if data_root else None,
     )
+    if val_data is not None and cfg.train.kfold:
+        raise McvqaError(f"--val-data and train.kfold={cfg.train.kfold} exclude each other: k-fold validates on its own folds; drop one of them")
     res = run_train(cfg, data, out, val_data=val_data, resume=resume, progress=not quiet, log_fn=_echo)
     if res.best_metrics:
         typer.echo(f"best       {res.best} " + " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in res.best_metrics.items()))

@@ -42,7 +42,7 @@ class ModelConfig:
     trust_remote_code: bool = False
     """Allow Python code shipped inside a checkpoint to run. Off, and refused unless set explicitly."""
     backend: str = "auto"
-    """Training backend: auto (unsloth when installed and on a GPU, else peft) | peft | unsloth."""
+    """Training backend: auto = peft (transformers + peft) | peft | unsloth (only when asked for; needs a GPU and the unsloth package)."""
 
     def __post_init__(self) -> None:
         _choice("model.quant", self.quant, ("none", "nf4", "int8"))
@@ -240,6 +240,9 @@ class PredictConfig:
         _choice("predict.on_bad_image", self.on_bad_image, ("fail", "skip"))
 
 
+ADAPTIVE = ("tent", "sar", "tpt", "zero")
+"""Test-time methods that run alone (they adapt weights or prompts, or vote over their own views)."""
+
 BEST_TTA = ["orders", "views"]
 """``--tta best``: the methods the evaluation in the README supports."""
 
@@ -292,6 +295,12 @@ class TTAConfig:
             self.methods = list(dict.fromkeys(m for name in self.methods for m in (BEST_TTA if name == "best" else [name])))
         for m in self.methods:
             _choice("tta.methods", m, ("orders", "pride", "views", "blend", "tent", "sar", "tpt", "zero"))
+        # Combinations are checked here, before any model loads (one line, exit 2), not mid-run.
+        adaptive = [m for m in self.methods if m in ADAPTIVE]
+        if adaptive and len(self.methods) > 1:
+            raise ConfigError(f"--tta {','.join(self.methods)}: {adaptive[0]} adapts on its own and cannot be combined; use it alone")
+        if "pride" in self.methods and "orders" in self.methods:
+            raise ConfigError("--tta pride,orders: pride already averages its estimation questions over the orders; choose orders or pride")
         for v in self.views:
             _choice("tta.views", v, ("rescale", "crop", "colour", "jpeg"))
         _choice("tta.params", self.params, ("lora", "norm"))

@@ -197,7 +197,7 @@ def load_processor(name_or_path: str, trust_remote_code: bool = False, local_fil
         raise ModelError(f"{name_or_path}: cannot load the tokenizer and processor ({first}); if a file there is damaged, re-copy it") from None
 
 
-def load_model(cfg: ModelConfig, adapter: str | Path | None = None, *, trainable_adapter: bool = False) -> tuple[Any, Any]:
+def load_model(cfg: ModelConfig, adapter: str | Path | None = None) -> tuple[Any, Any]:
     """(model, processor) on the configured device, in eval mode; with a LoRA adapter when given."""
     from transformers import AutoModelForImageTextToText
 
@@ -211,7 +211,7 @@ def load_model(cfg: ModelConfig, adapter: str | Path | None = None, *, trainable
     device = resolve_device(cfg)
     dtype = resolve_dtype(cfg, device)
     qconf = quantization_config(cfg, dtype)
-    if qconf is not None and device.type != "cuda" and not os.environ.get("MCVQA_ALLOW_CPU_QUANT"):
+    if qconf is not None and device.type != "cuda":
         # bitsandbytes can quantise on CPU, but it is only sensible for tests; say so rather than crawl.
         log.warning("4-bit/8-bit weights on CPU are very slow; meant for GPUs")
     processor = load_processor(name, cfg.trust_remote_code, local_only)
@@ -238,7 +238,7 @@ def load_model(cfg: ModelConfig, adapter: str | Path | None = None, *, trainable
 
         use_causal_attention(model)  # same results, fused kernels with a cached prefix (scoring.py)
     if adapter is not None:
-        model = load_adapter(model, adapter, trainable=trainable_adapter)
+        model = load_adapter(model, adapter)
     return model, processor
 
 
@@ -270,28 +270,17 @@ def load_adapter(model: Any, adapter: str | Path, trainable: bool = False) -> An
     return peft_model
 
 
-def load_full_weights(model: Any, path: str | Path) -> None:
-    """Load full fine-tuned weights (``train.method=full``) saved as safetensors into ``model``."""
-    from safetensors.torch import load_file
-
-    state = load_file(str(path))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected:
-        raise ModelError(f"{path}: weights do not match the model ({len(unexpected)} unexpected keys, e.g. {unexpected[0]})")
-
-
 def lora_targets(cfg: LoraConfig) -> list[str]:
     return list(cfg.target_modules) + (VISION_LORA_TARGETS if cfg.vision else [])
 
 
-def attach_lora(model: Any, cfg: LoraConfig, quantized: bool = False, gradient_checkpointing: bool = True) -> Any:
+def attach_lora(model: Any, cfg: LoraConfig) -> Any:
     """Wrap ``model`` with fresh LoRA adapters (peft). Base weights are frozen."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
     # No prepare_model_for_kbit_training: it upcasts every frozen non-quantised weight (embeddings, head,
     # norms: ~5 GB for an 8B model) to fp32, which bf16 training does not need. get_peft_model freezes the base.
-    del quantized, gradient_checkpointing
     targets = lora_targets(cfg)
     if cfg.vision:
         target: Any = targets
@@ -317,9 +306,3 @@ def _quiet_peft() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         yield
-
-
-def model_summary(model: Any) -> dict[str, Any]:
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {"parameters": total, "trainable": trainable, "class": type(model).__name__}

@@ -139,17 +139,23 @@ class AnswerLoss(torch.nn.Module):
 # ------------------------------------------------------------------------------------------ setup
 
 
-def build_model(cfg: Config, for_training: bool = True) -> tuple[Any, Any]:
-    """Model + processor ready to train: LoRA attached (QLoRA with nf4) or every weight trainable."""
+def build_model(cfg: Config, log_fn: Callable[[str], None] | None = None) -> tuple[Any, Any]:
+    """Model + processor ready to train: LoRA attached (QLoRA with nf4) or every weight trainable.
+
+    ``model.backend: auto`` is transformers + peft; Unsloth only when asked for (and said so), never because it
+    happens to be installed.
+    """
     from mcvqa.model import attach_lora, load_model
 
-    backend = cfg.model.backend
-    use_unsloth = backend == "unsloth" or (backend == "auto" and _unsloth_available())
-    if use_unsloth and cfg.train.method == "lora":
+    if cfg.model.backend == "unsloth" and cfg.train.method == "lora":
+        if not _unsloth_available():
+            raise McvqaError("model.backend=unsloth needs a CUDA GPU and the unsloth package; use model.backend=peft")
+        if log_fn is not None:
+            log_fn("backend: Unsloth (model.backend=unsloth)")
         return _build_unsloth(cfg)
     model, processor = load_model(cfg.model)
     if cfg.train.method == "lora":
-        model = attach_lora(model, cfg.lora, quantized=cfg.model.quant != "none", gradient_checkpointing=cfg.train.gradient_checkpointing)
+        model = attach_lora(model, cfg.lora)
     else:
         for p in model.parameters():
             p.requires_grad_(True)
@@ -472,7 +478,7 @@ def train_split(
     rank, world = accelerator.process_index, accelerator.num_processes
     set_seed(tc.seed)
 
-    model, processor = build_model(cfg)
+    model, processor = build_model(cfg, log_fn)
     encoder = Encoder(processor, load_prompt(cfg.prompt.name), cfg.image)
     letters = letter_tokens(processor.tokenizer)
     items = list(train_ds)
@@ -549,7 +555,7 @@ def train_split(
         for batch in loader:
             batch = batch.to(accelerator.device)
             last_micro = (micro + 1) % tc.grad_accum == 0 or micro + 1 == len(batches)
-            with accelerator.no_sync(loss_module) if not last_micro else _nullcontext():
+            with accelerator.no_sync(loss_module) if not last_micro else contextlib.nullcontext():
                 with torch.autocast(device_type=accelerator.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                     loss, _ = loss_module(batch)
                 # Mean over the micro-batches of one optimiser step (the last step of an epoch may have fewer).
@@ -634,14 +640,6 @@ def train_split(
         samples_per_second=samples_seen * world / seconds if seconds > 0 else 0.0,
         steps=state["global_step"],
     )
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *a: Any) -> None:
-        return None
 
 
 def _mean_tail(losses: list[list[float]], n: int) -> float:

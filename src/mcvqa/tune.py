@@ -339,8 +339,4 @@ def plot_history(study: Any, path: Path) -> None:
     tmp.replace(path)
 
 
-def options_from(**kw: Any) -> TuneOptions:
-    return TuneOptions(**{k: v for k, v in kw.items() if v is not None})
-
-
 __all__ = ["TuneOptions", "tune", "load_space", "apply", "DEFAULT_SPACE", "parse_overrides"]
