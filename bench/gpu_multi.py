@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 from mcvqa.config import load_config  # noqa: E402
 from mcvqa.data import read_csv  # noqa: E402
 from mcvqa.features import collate  # noqa: E402
-from mcvqa.predict import build_scorer, distributed, predict  # noqa: E402
+from mcvqa.predict import build_scorer, predict  # noqa: E402
+from mcvqa.runtime import distributed  # noqa: E402
 
 
 def sync() -> None:

@@ -185,8 +185,14 @@ def test_zero_votes(scorer, items) -> None:
 def test_run_tta_composes_and_refuses_nonsense(scorer, items, cfg_factory) -> None:
     from mcvqa.config import TTAConfig
 
-    res = A.run_tta(scorer, items[:4], TTAConfig(methods=["orders", "views"]), batch_size=8, progress=False)
+    from mcvqa.engine import Engine
+
+    engine = Engine(items[:4], scorer.encoder, batch_size=8, progress=False)
+    res = A.run_tta(scorer, items[:4], TTAConfig(methods=["orders", "views"]), engine)
     assert res.per_order is not None and res.cost.forwards == 4 + 5
+    # composed through the engine = the library functions composed by hand
+    by_hand = A.ensemble([A.order_average(scorer, items[:4]).probs, A.image_views(scorer, items[:4]).probs])
+    np.testing.assert_allclose(res.probs, by_hand, atol=1e-6)
     from mcvqa.errors import ConfigError
 
     with pytest.raises(ConfigError, match="adapts on its own"):

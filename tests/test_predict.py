@@ -47,7 +47,7 @@ def test_resume_after_interruption_is_byte_identical(cfg_factory, scorer, synth_
     cfg = cfg_factory("predict.batch_size=4")
     full = predict(cfg, synth_data / "test.csv", tmp_path / "full", scorer=scorer, progress=False, log=lambda s: None)
 
-    import mcvqa.predict as P
+    import mcvqa.engine as P
 
     calls = {"n": 0}
     real = P.score_batch_with_backoff

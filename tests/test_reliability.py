@@ -209,7 +209,7 @@ def test_journal_is_fsynced_for_every_batch(cfg_factory, tiny_loaded, synth_data
 def test_resume_refuses_a_journal_of_another_adapter_data_or_ids(cfg_factory, tiny_loaded, synth_data, tmp_path, monkeypatch, change) -> None:
     import shutil
 
-    import mcvqa.predict as P
+    import mcvqa.engine as P
 
     scorer = build_scorer(cfg_factory(), model=tiny_loaded[0], processor=tiny_loaded[1])
     shutil.copytree(synth_data, tmp_path / "d")

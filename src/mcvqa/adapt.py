@@ -27,9 +27,10 @@ from tqdm.auto import tqdm
 
 from mcvqa.config import ADAPTIVE, TTAConfig
 from mcvqa.data import Item
+from mcvqa.engine import Engine, Scored
 from mcvqa.errors import McvqaError
 from mcvqa.features import Batch, Example, collate, cyclic_orders
-from mcvqa.images import load_image, prepare
+from mcvqa.images import prepare
 from mcvqa.scoring import MAX_ENTROPY, Scorer, core_and_head, entropy
 
 # ------------------------------------------------------------------------------------------ results
@@ -202,7 +203,7 @@ VIEWS: dict[str, Callable[[Image.Image, random.Random], Image.Image]] = {
 def view_examples(scorer: Scorer, item: Item, views: Sequence[str]) -> list[Example]:
     """The original view plus each named augmentation, encoded (deterministic per item and view)."""
     enc = scorer.encoder
-    raw = load_image(item.image, enc.image_cfg.max_image_pixels)
+    raw = enc.load_raw(item)
     out = [enc.encode(item, image=prepare(raw, enc.image_cfg))]
     for v, name in enumerate(views, start=1):
         out.append(enc.encode(item, image=prepare(VIEWS[name](raw, _seeded(item, v)), enc.image_cfg)))
@@ -388,13 +389,20 @@ class Tent(_WeightAdapter):
     def update(self, batch: Batch) -> None:
         self.optimizer.step()
 
-    def run(self, items: Sequence[Item], batch_size: int = 16, progress: bool = False) -> TTAResult:
+    def score(self, items: Sequence[Item]) -> np.ndarray:
+        """(B, 4) predictions for one batch (before its update), then the update: online TTA's unit of work."""
         enc = self.scorer.encoder
+        batch = collate([enc.encode(it) for it in items], enc.pad_id, enc.image_token_id)
+        return self.adapt_batch(batch).exp().double().cpu().numpy()
+
+    def run(self, items: Sequence[Item], batch_size: int = 16, progress: bool = False) -> TTAResult:
         out = np.zeros((len(items), 4))
         for r in _progress(_batches(len(items), batch_size), len(items), type(self).__name__, progress):
-            batch = collate([enc.encode(items[i]) for i in r], enc.pad_id, enc.image_token_id)
-            out[list(r)] = self.adapt_batch(batch).exp().double().cpu().numpy()
-        return TTAResult(out / out.sum(-1, keepdims=True), self.cost())
+            out[list(r)] = self.score([items[i] for i in r])
+        return TTAResult(out / out.sum(-1, keepdims=True), self.cost(), notes=self.notes())
+
+    def notes(self) -> dict[str, Any]:
+        return {}
 
     def cost(self) -> Cost:
         return Cost(float(self.steps), float(self.steps))
@@ -460,18 +468,20 @@ class SAR(Tent):
                 self.ema = None
                 self.resets += 1
 
-    def run(self, items: Sequence[Item], batch_size: int = 16, progress: bool = False) -> TTAResult:
+    def score(self, items: Sequence[Item]) -> np.ndarray:
         if self.consistency <= 0:
-            return super().run(items, batch_size, progress)
+            return super().score(items)
         enc = self.scorer.encoder
-        out = np.zeros((len(items), 4))
-        for r in _progress(_batches(len(items), batch_size), len(items), "SAR", progress):
-            pairs = [view_examples(self.scorer, items[i], [self.view]) for i in r]
-            batch = collate([p[0] for p in pairs], enc.pad_id, enc.image_token_id)
-            self._view_batch = collate([p[1] for p in pairs], enc.pad_id, enc.image_token_id)
-            out[list(r)] = self.adapt_batch(batch).exp().double().cpu().numpy()
-        self._view_batch = None
-        return TTAResult(out / out.sum(-1, keepdims=True), self.cost(), notes={"resets": self.resets})
+        pairs = [view_examples(self.scorer, it, [self.view]) for it in items]
+        batch = collate([p[0] for p in pairs], enc.pad_id, enc.image_token_id)
+        self._view_batch = collate([p[1] for p in pairs], enc.pad_id, enc.image_token_id)
+        try:
+            return self.adapt_batch(batch).exp().double().cpu().numpy()
+        finally:
+            self._view_batch = None
+
+    def notes(self) -> dict[str, Any]:
+        return {"resets": self.resets}
 
     def cost(self) -> Cost:
         extra = 1.0 if self.consistency > 0 else 0.0
@@ -587,36 +597,89 @@ def zero(scorer: Scorer, items: Sequence[Item], views: Sequence[str] = ("rescale
 # ------------------------------------------------------------------------------------------ composition
 
 
-def run_tta(scorer: Scorer, items: Sequence[Item], cfg: TTAConfig, batch_size: int = 16, progress: bool = True) -> TTAResult:
-    """The methods named in ``cfg.methods``, composed: orders -> pride -> views -> blend; or one adapter."""
+def run_tta(scorer: Scorer, items: Sequence[Item], cfg: TTAConfig, engine: Engine) -> TTAResult:
+    """The methods named in ``cfg.methods``, composed (orders | pride -> views -> blend; or one adaptive method
+    alone), every batch through ``engine``: journaled, resumable, sharded, under the bad-image policy.
+
+    Each phase is a function of its batch alone, so a resumed run equals an uninterrupted one - except for online
+    TENT/SAR (``tta.episodic: false``), whose weights carry over from batch to batch: after a resume they start
+    again from the source weights at the first batch not yet scored (README, "Reliability").
+    """
+    n = len(items)
+    every = range(n)
     methods = list(cfg.methods)  # combinations were checked when the config was built (TTAConfig)
     adaptive = [m for m in methods if m in ADAPTIVE]
     if adaptive:
         m = adaptive[0]
         if m == "tpt":
-            return tpt(scorer, items, k=cfg.tpt_tokens, lr=cfg.tpt_lr, select=cfg.select, progress=progress)
+            out = engine.map("tpt", every, lambda b: Scored(tpt(scorer, b, k=cfg.tpt_tokens, lr=cfg.tpt_lr, select=cfg.select).probs), "TPT")
+            return TTAResult(out.probs, Cost(float(1 + 7 + 1), 1.0))
         if m == "zero":
-            return zero(scorer, items, select=cfg.select, batch_size=batch_size, progress=progress)
+            out = engine.map("zero", every, lambda b: Scored(zero(scorer, b, select=cfg.select, batch_size=engine.batch_size).probs), "ZERO")
+            return TTAResult(out.probs, Cost(8.0, 0.0))
         cls = Tent if m == "tent" else SAR
         kwargs: dict[str, Any] = dict(params=cfg.params, lr=cfg.lr, steps=cfg.steps, episodic=cfg.episodic, optimizer=cfg.optimizer)
         if m == "sar":
             kwargs.update(e0=cfg.sar_e0, rho=cfg.sar_rho, reset_below=cfg.sar_reset_below, consistency=cfg.consistency)
         adapter = cls(scorer, **kwargs)
         try:
-            return adapter.run(items, batch_size, progress)
+            out = engine.map(m, every, lambda b: Scored(adapter.score(b)), m.upper())
+            return TTAResult(out.probs, adapter.cost(), notes=adapter.notes())
         finally:
             adapter.close()
-    views = image_views(scorer, items, cfg.views, batch_size, progress) if "views" in methods else None
+
+    def plain_fn(b: list[Item]) -> Scored:
+        return Scored(plain(scorer, b, len(b)).probs)
+
+    def orders_fn(b: list[Item]) -> Scored:
+        lp, _ = score_orders(scorer, b, cfg.orders, len(b))
+        return Scored(_normalise(lp.mean(axis=1)), np.exp(lp))
+
+    def views_fn(b: list[Item]) -> Scored:
+        return Scored(image_views(scorer, b, cfg.views, engine.batch_size).probs)
+
+    views = engine.map("views", every, views_fn, "views") if "views" in methods else None
+    view_cost = Cost(float(1 + len(cfg.views)), 0.0)
     if "pride" in methods:
-        res = pride(scorer, items, cfg.pride_fraction, cfg.orders, batch_size, progress=progress, min_questions=cfg.pride_min)
+        m = min(n, max(4, cfg.pride_min, math.ceil(cfg.pride_fraction * n)))
+        est = sorted(random.Random(0).sample(range(n), m))
+        in_est = set(est)
+        rest = [i for i in every if i not in in_est]
+        scored = engine.map("pride-estimate", est, orders_fn, "PriDe prior")
+        orders = np.array([item_orders(items[i], cfg.orders) for i in est], dtype=np.int64).reshape(m, cfg.orders, 4)
+        prior = estimate_prior(np.log(np.clip(scored.per_order, 1e-300, 1.0)), orders)
+        probs = np.zeros((n, 4))
+        probs[est] = scored.probs  # seen under every order: already debiased
+        if rest:
+            probs[rest] = _normalise(np.log(engine.map("plain", rest, plain_fn, "PriDe").probs) - np.log(prior))
+        res = TTAResult(probs, Cost(1.0 + (cfg.orders - 1) * m / n, 0.0), notes={"prior": prior.tolist(), "estimation_questions": m})
     elif "orders" in methods:
-        res = order_average(scorer, items, cfg.orders, batch_size, progress)
+        out = engine.map("orders", every, orders_fn, "orders")
+        res = TTAResult(out.probs, Cost(float(cfg.orders), 0.0), per_order=out.per_order)
     elif views is not None:
-        res, views = views, None  # the views already include the original image: no separate plain pass
+        res, views = TTAResult(views.probs, view_cost), None  # the views include the original image: no plain pass
     else:
-        res = plain(scorer, items, batch_size, progress)
+        res = TTAResult(engine.map("plain", every, plain_fn, "plain").probs, Cost(1.0, 0.0))
     if views is not None:
-        res = TTAResult(ensemble([res.probs, views.probs]), res.cost + views.cost, res.per_order, res.notes)
+        res = TTAResult(ensemble([res.probs, views.probs]), res.cost + view_cost, res.per_order, res.notes)
     if "blend" in methods:
-        res = blend_with_base(scorer, items, cfg.blend_fraction, cfg.blend_weight, batch_size, base=res, progress=progress)
+        model = scorer.model
+        if not hasattr(model, "disable_adapter"):
+            raise McvqaError("--tta blend needs a LoRA adapter (--adapter): it blends the adapted model with its base")
+        m = max(1, math.ceil(cfg.blend_fraction * n))
+        unsure = sorted(np.argsort(res.probs.max(axis=1), kind="stable")[:m].tolist())
+
+        def base_fn(b: list[Item]) -> Scored:
+            with model.disable_adapter():
+                scorer.invalidate()
+                try:
+                    return plain_fn(b)
+                finally:
+                    scorer.invalidate()
+
+        base = engine.map("blend-base", unsure, base_fn, "blend").probs
+        probs = res.probs.copy()
+        w = cfg.blend_weight
+        probs[unsure] = _normalise((1 - w) * np.log(np.clip(res.probs[unsure], 1e-12, 1)) + w * np.log(np.clip(base, 1e-12, 1)))
+        res = TTAResult(probs, res.cost + Cost(m / n, 0.0), res.per_order, {**res.notes, "blended": int(m)})
     return res

@@ -121,6 +121,10 @@ class Encoder:
         self.merge = int(getattr(self.image_processor, "merge_size", 2))
         self.prefix_ids: list[int] = self._tok(self.frame.head)
         self._blank: Image.Image | None = None
+        self.on_bad_image = "fail"
+        """Policy when an item's image cannot be read and the caller names none (the engine sets it per batch)."""
+        self.substituted: list[tuple[str, str]] = []
+        """(id, why) of every image replaced by a blank one under ``skip`` since the engine last cleared it."""
 
     def _tok(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False) if text else []
@@ -148,15 +152,28 @@ class Encoder:
             self._blank = prepare(Image.new("RGB", (size, size), (128, 128, 128)), self.image_cfg)
         return self._blank
 
-    def load_image(self, item: Item, on_bad_image: str = "fail") -> tuple[Image.Image, str | None]:
+    def load_image(self, item: Item, on_bad_image: str | None = None) -> tuple[Image.Image, str | None]:
         try:
             return load_prepared(item.image, self.image_cfg), None
         except ImageError as e:
-            if on_bad_image == "fail":
+            if (on_bad_image or self.on_bad_image) == "fail":
                 raise
+            self.substituted.append((item.id, e.problem))
             return self.blank_image(), e.problem
 
-    def _shared(self, item: Item, image: Image.Image | None, on_bad_image: str) -> dict[str, Any]:
+    def load_raw(self, item: Item) -> Image.Image:
+        """The decoded image before letterboxing (for augmented views), under the encoder's bad-image policy."""
+        from mcvqa.images import load_image
+
+        try:
+            return load_image(item.image, self.image_cfg.max_image_pixels)
+        except ImageError as e:
+            if self.on_bad_image == "fail":
+                raise
+            self.substituted.append((item.id, e.problem))
+            return Image.new("RGB", (448, 448), (128, 128, 128))
+
+    def _shared(self, item: Item, image: Image.Image | None, on_bad_image: str | None) -> dict[str, Any]:
         """What every encoding of ``item`` shares: its image segment, pixels and question."""
         bad = None
         if image is None:
@@ -167,11 +184,11 @@ class Encoder:
             pixel_values=pixel_values, image_grid_thw=grid, label=item.answer, bad_image=bad,
         )
 
-    def encode(self, item: Item, image: Image.Image | None = None, on_bad_image: str = "fail") -> Example:
+    def encode(self, item: Item, image: Image.Image | None = None, on_bad_image: str | None = None) -> Example:
         """Tokenize ``item`` with its options in the given order. ``image`` (already prepared) skips loading."""
         return Example(**self._shared(item, image, on_bad_image), option_ids=self.option_ids(item.options))
 
-    def encode_orders(self, item: Item, orders: Sequence[Sequence[int]], image: Image.Image | None = None, on_bad_image: str = "fail") -> OrderedExample:
+    def encode_orders(self, item: Item, orders: Sequence[Sequence[int]], image: Image.Image | None = None, on_bad_image: str | None = None) -> OrderedExample:
         """Tokenize ``item`` once, with one options segment per order (for option-order averaging)."""
         return OrderedExample(
             **self._shared(item, image, on_bad_image),

@@ -425,7 +425,7 @@ class TrainResult:
 
 def evaluate_split(model: Any, encoder: Encoder, items: Sequence[Item], batch_size: int, progress: bool, prefix_cache: bool = True) -> dict[str, Any]:
     """Validation with the same scorer ``predict`` uses."""
-    from mcvqa.predict import score_items
+    from mcvqa.engine import score_items
 
     was_training = model.training
     model.eval()

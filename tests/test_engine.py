@@ -1,0 +1,157 @@
+"""One engine under every path (issue 16): each guarantee of plain predict holds for generate and every --tta method.
+
+- interrupted mid-run and resumed: byte-identical submission and probabilities (online TENT/SAR excepted: with
+  ``tta.episodic: false`` their weights carry across batches, documented; their episodic form is tested here);
+- an unreadable image is skipped (answered with a blank image, listed in bad_images.csv) or stops the run naming
+  its row, whatever the method;
+- a real SIGKILL of ``--tta orders``, then ``--resume``.
+Sharding of the methods under 2 processes is in test_distributed.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import make_image
+from mcvqa.cli import main
+
+METHODS = {
+    "generate": ["--scoring", "generate", "--set", "predict.max_new_tokens=2"],
+    "orders": ["--tta", "orders"],
+    "pride": ["--tta", "pride", "--set", "tta.pride_min=6"],
+    "views": ["--tta", "views", "--set", "tta.views=[crop,colour]"],
+    "orders+views+blend": ["--tta", "orders,views,blend", "--set", "tta.views=[crop]", "--set", "tta.blend_fraction=0.3"],
+    "tent (episodic)": ["--tta", "tent", "--set", "tta.episodic=true", "--set", "tta.lr=1e-2"],
+    "sar (episodic)": ["--tta", "sar", "--set", "tta.episodic=true", "--set", "tta.lr=1e-2", "--set", "tta.sar_e0=1.0"],
+    "tpt": ["--tta", "tpt", "--set", "tta.select=0.5"],
+    "zero": ["--tta", "zero"],
+}
+
+
+def run(argv: list[str], capsys) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    out = capsys.readouterr()
+    return int(e.value.code or 0), out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny_model: Path, tmp_path_factory) -> Path:
+    """A LoRA adapter whose weights change the answers (blend and TENT/SAR on LoRA need one)."""
+    import torch
+
+    from mcvqa.config import load_config
+    from mcvqa.model import attach_lora, load_model
+
+    cfg = load_config(None, [f"model.name_or_path={tiny_model}", "model.device=cpu", "model.dtype=fp32", "lora.r=4"], env=False)
+    model, _ = load_model(cfg.model)
+    peft = attach_lora(model, cfg.lora)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for n, p in peft.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.3)
+    out = tmp_path_factory.mktemp("adapter") / "a"
+    peft.save_pretrained(str(out), safe_serialization=True)
+    (out / "mcvqa.yaml").write_text("image:\n  mode: letterbox\n  size: 64\n", encoding="utf-8")
+    return out
+
+
+def base(tiny_model: Path, adapter: Path, data: Path) -> list[str]:
+    return ["predict", "--model", str(tiny_model), "--adapter", str(adapter), "--data", str(data), "-q", "--batch-size", "4", "--set", "image.size=64"]
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_method_resumes_byte_identical(method: str, tiny_model: Path, adapter: Path, synth_data: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    import mcvqa.engine as E
+
+    argv = base(tiny_model, adapter, synth_data / "test.csv") + METHODS[method]
+    code, _, err = run(argv + ["--out", str(tmp_path / "full")], capsys)
+    assert code == 0, err
+    real = E.Engine._scored
+    calls = {"n": 0}
+
+    def dies_on_third(self, fn, batch):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # killed in the middle of the run
+        return real(self, fn, batch)
+
+    monkeypatch.setattr(E.Engine, "_scored", dies_on_third)
+    code, _, _ = run(argv + ["--out", str(tmp_path / "cut")], capsys)
+    assert code == 130 and not (tmp_path / "cut" / "submission.csv").exists()
+    monkeypatch.setattr(E.Engine, "_scored", real)
+    code, _, err = run(argv + ["--out", str(tmp_path / "cut"), "--resume"], capsys)
+    assert code == 0 and "resuming:" in err, err
+    assert json.loads((tmp_path / "cut" / "predict_summary.json").read_text())["resumed_batches"] == 2
+    for f in ("submission.csv", "probs.csv"):
+        assert (tmp_path / "cut" / f).read_bytes() == (tmp_path / "full" / f).read_bytes(), (method, f)
+
+
+@pytest.fixture(scope="module")
+def with_bad_image(synth_data: Path, tmp_path_factory) -> Path:
+    """The synthetic test set plus one row whose JPEG is cut short (passes the header check, fails to decode)."""
+    root = tmp_path_factory.mktemp("bad") / "d"
+    shutil.copytree(synth_data, root)
+    full = make_image(root / "test" / "full.jpg", size=(300, 200))
+    from PIL import Image
+
+    Image.effect_noise((300, 200), 60).convert("RGB").save(full, quality=95)
+    data = full.read_bytes()
+    (root / "test" / "cut.jpg").write_bytes(data[: len(data) // 3])
+    text = (root / "test.csv").read_text(encoding="utf-8")
+    (root / "test.csv").write_text(text + "bad_1,test/cut.jpg,무엇인가요?,가,나,다,라\n", encoding="utf-8")
+    return root / "test.csv"
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_method_skips_a_bad_image(method: str, tiny_model: Path, adapter: Path, with_bad_image: Path, tmp_path: Path, capsys) -> None:
+    argv = base(tiny_model, adapter, with_bad_image) + METHODS[method] + ["--out", str(tmp_path / "o")]
+    code, _, err = run(argv + ["--on-bad-image", "skip"], capsys)
+    assert code == 0, err
+    assert "1 image(s) could not be read" in err
+    bad = (tmp_path / "o" / "bad_images.csv").read_text().splitlines()
+    assert bad[0] == "id,problem" and bad[1].startswith("bad_1,") and len(bad) == 2
+    assert (tmp_path / "o" / "submission.csv").read_text().splitlines()[-1].startswith("bad_1,")
+
+
+def test_a_bad_image_stops_a_method_naming_its_row(tiny_model: Path, adapter: Path, with_bad_image: Path, tmp_path: Path, capsys) -> None:
+    argv = base(tiny_model, adapter, with_bad_image) + ["--tta", "orders,views", "--out", str(tmp_path / "o")]
+    code, out, err = run(argv, capsys)
+    assert code == 2 and "Traceback" not in out + err and err.count("\n") == 1
+    assert err.startswith(f"error: {with_bad_image} row 25, column path: image of id bad_1: truncated or corrupt image data"), err
+    assert not (tmp_path / "o" / "submission.csv").exists()
+
+
+@pytest.mark.slow
+def test_sigkill_during_orders_then_resume(tiny_model: Path, adapter: Path, tmp_path: Path) -> None:
+    from mcvqa.synth import SynthConfig, synthesize
+
+    synthesize(tmp_path / "d", SynthConfig(train=0, test=120, seed=8))
+    argv = [sys.executable, "-m", "mcvqa", *base(tiny_model, adapter, tmp_path / "d" / "test.csv"), "--tta", "orders", "--device", "cpu"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    full = subprocess.run(argv + ["--out", str(tmp_path / "full")], env=env, capture_output=True, text=True, timeout=600)
+    assert full.returncode == 0, full.stderr
+    proc = subprocess.Popen(argv + ["--out", str(tmp_path / "cut")], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    journal = tmp_path / "cut" / "journal.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if journal.exists() and journal.read_bytes().count(b"\n") >= 6:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    resumed = subprocess.run(argv + ["--out", str(tmp_path / "cut"), "--resume"], env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0 and "resuming:" in resumed.stderr, resumed.stderr
+    for f in ("submission.csv", "probs.csv", "per_order.csv"):
+        assert (tmp_path / "cut" / f).read_bytes() == (tmp_path / "full" / f).read_bytes(), f
