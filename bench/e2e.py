@@ -183,7 +183,7 @@ def train_rows(model: Path, data: Path, out: Path, args: argparse.Namespace) -> 
     run = out / "train_seed"
     wall, _ = cli(["train", "--config", str(HERE.parent / "configs" / "seed.yaml"), "--model", str(model), "--data", str(data / "train.csv"),
                    "--out", str(run), "-q", "--set", "train.epochs=1", "--set", "train.eval_every=never", "--set", "train.report_to=[]",
-                   "--set", f"data.val_fraction=0.01"])
+                   "--set", "data.val_fraction=0.01"])
     m = json.loads((run / "metrics.json").read_text())
     rows.append({"setting": "nf4", "path": "mcvqa train --config configs/seed.yaml (CLI), 1 epoch", "seconds": round(wall, 1), "steps": m["steps"],
                  "samples_per_s": m.get("samples_per_second"), "steady_samples_per_s": m.get("steady_samples_per_second"),

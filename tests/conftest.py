@@ -71,6 +71,16 @@ def make_image(path: Path, size=(64, 48), colour=(200, 30, 30), fmt: str = "JPEG
     return path
 
 
+def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    """``mcvqa ARGV`` in this process: (exit code, stdout, stderr)."""
+    from mcvqa.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    out = capsys.readouterr()
+    return int(e.value.code or 0), out.out, out.err
+
+
 # ---------------------------------------------------------------------------------------------- real files
 
 REPO = Path(__file__).resolve().parents[1]

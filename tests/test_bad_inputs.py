@@ -13,19 +13,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import make_image, write_csv
-from mcvqa.cli import main
+from conftest import make_image, run_cli as run
 
 H = "id,path,question,a,b,c,d,answer\n"
 T = "id,path,question,a,b,c,d\n"
 OK_ROW = "q1,img/ok.jpg,무엇인가요?,가,나,다,라,a\n"
 
-
-def run(argv: list[str], capsys) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    out = capsys.readouterr()
-    return int(e.value.code or 0), out.out, out.err
 
 
 @pytest.fixture()

@@ -6,15 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_image, write_csv
-from mcvqa.cli import main
+from conftest import make_image, write_csv, run_cli as run
 
-
-def run(argv: list[str], capsys) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    out = capsys.readouterr()
-    return int(e.value.code or 0), out.out, out.err
 
 
 def test_bad_csv_is_one_line(tmp_path: Path, capsys) -> None:

@@ -21,8 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_image
-from mcvqa.cli import main
+from conftest import make_image, run_cli as run
 
 METHODS = {
     "generate": ["--scoring", "generate", "--set", "predict.max_new_tokens=2"],
@@ -36,12 +35,6 @@ METHODS = {
     "zero": ["--tta", "zero"],
 }
 
-
-def run(argv: list[str], capsys) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    out = capsys.readouterr()
-    return int(e.value.code or 0), out.out, out.err
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +129,7 @@ def test_a_bad_image_stops_a_method_naming_its_row(tiny_model: Path, adapter: Pa
 def test_sigkill_during_orders_then_resume(tiny_model: Path, adapter: Path, tmp_path: Path) -> None:
     from mcvqa.synth import SynthConfig, synthesize
 
-    synthesize(tmp_path / "d", SynthConfig(train=0, test=120, seed=8))
+    synthesize(tmp_path / "d", SynthConfig(train=0, test=64, seed=8))
     argv = [sys.executable, "-m", "mcvqa", *base(tiny_model, adapter, tmp_path / "d" / "test.csv"), "--tta", "orders", "--device", "cpu"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     full = subprocess.run(argv + ["--out", str(tmp_path / "full")], env=env, capture_output=True, text=True, timeout=600)
@@ -145,7 +138,7 @@ def test_sigkill_during_orders_then_resume(tiny_model: Path, adapter: Path, tmp_
     journal = tmp_path / "cut" / "journal.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        if journal.exists() and journal.read_bytes().count(b"\n") >= 6:
+        if journal.exists() and journal.read_bytes().count(b"\n") >= 4:
             proc.send_signal(signal.SIGKILL)
             break
         time.sleep(0.005)

@@ -14,18 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from mcvqa.cli import main
+from conftest import run_cli as run
 
 LORA = ["--set", "train.method=lora", "--set", "lora.r=4", "--set", "lora.alpha=8", "--set", "lora.dropout=0.0",
         "--set", "train.batch_size=8", "--set", "train.report_to=[]", "--set", "prompt.name=plain_ko", "--set", "image.size=64",
         "--set", "model.device=cpu", "--set", "model.dtype=fp32", "--set", "train.epochs=2", "--set", "train.gradient_checkpointing=false"]
 
-
-def run(argv: list[str], capsys) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    out = capsys.readouterr()
-    return int(e.value.code or 0), out.out, out.err
 
 
 @pytest.fixture()

@@ -14,15 +14,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import make_image, write_csv
-from mcvqa.cli import main
+from conftest import write_csv, run_cli as run
 
-
-def run(argv: list[str], capsys) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    out = capsys.readouterr()
-    return int(e.value.code or 0), out.out, out.err
 
 
 def probs_csv(path: Path, ids: list[str], p: np.ndarray) -> Path:
@@ -86,18 +79,17 @@ def test_ensemble_weight_that_is_not_a_number(tmp_path: Path, two_members, capsy
 # 3. outputs readable by teammates --------------------------------------------------------------------------
 
 
-def test_outputs_follow_the_umask_not_0600(tmp_path: Path, two_members) -> None:
-    script = (
-        "import os, sys; os.umask(0o022); from mcvqa.cli import main; main(sys.argv[1:])"
-    )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+def test_outputs_follow_the_umask_not_0600(tmp_path: Path, two_members, capsys, monkeypatch) -> None:
+    import mcvqa.io
+
+    monkeypatch.setattr(mcvqa.io, "FILE_MODE", 0o644)  # what umask 022 gives, whatever this process's umask is
     for argv in (
         ["synth", "--out", str(tmp_path / "d"), "--train", "4", "--test", "4", "-q"],
         ["ensemble", "-p", str(two_members[0]), "-p", str(two_members[1]), "--out", str(tmp_path / "e")],
         ["tiny", "--out", str(tmp_path / "m"), "--vocab", "300", "--hidden", "32", "--layers", "1"],
     ):
-        r = subprocess.run([sys.executable, "-c", script, *argv], env=env, capture_output=True, text=True)
-        assert r.returncode == 0, r.stderr
+        code, _, err = run(argv, capsys)
+        assert code == 0, err
     written = [tmp_path / "d" / "train.csv", tmp_path / "d" / "test.csv", tmp_path / "e" / "submission.csv", tmp_path / "e" / "probs.csv",
                tmp_path / "m" / "model.safetensors", tmp_path / "m" / "config.json"]
     for f in written:

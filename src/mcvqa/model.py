@@ -127,6 +127,9 @@ def quantization_config(cfg: ModelConfig, compute_dtype: torch.dtype) -> Any | N
         return None
     if importlib.util.find_spec("bitsandbytes") is None:
         raise ModelError(f"model.quant={cfg.quant} needs bitsandbytes: pip install 'mcvqa[gpu]'")
+    # On CPUs with AVX512-BF16, bitsandbytes warns at import that an optional package ("kernels") is missing,
+    # on every run; its plain CPU path works without it.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     from transformers import BitsAndBytesConfig
 
     if cfg.quant == "nf4":
