@@ -13,7 +13,7 @@ STAMP           := $(VENV)/.installed
 TORCH_SPEC      ?= torch>=2.4 torchvision
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 HAS_GPU         := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo yes)
-PYTEST_ARGS     ?= -n 2 --dist loadfile
+PYTEST_ARGS     ?=
 
 .PHONY: demo test install clean
 

@@ -41,6 +41,9 @@ from mcvqa.prompts import Prompt, load_prompt  # noqa: E402
 from mcvqa.scoring import Scorer, letter_tokens, score_generate  # noqa: E402
 
 
+REAL_FILES = Path(__file__).resolve().parent.parent / ".fixtures" / "qwen3-vl-8b-instruct"
+"""Copy of ../shared/fixtures/qwen3-vl-8b-instruct carried to the GPU machine (it does not travel by itself)."""
+
 def log(*a: Any) -> None:
     print(*a, flush=True)
 
@@ -489,7 +492,7 @@ def main() -> None:
     ap.add_argument("--phases", default="predict,train")
     ap.add_argument("--quants", default="none,nf4")
     ap.add_argument("--modes", default="letterbox", help="letterbox,native")
-    ap.add_argument("--system-tokens", type=int, default=1200)
+    ap.add_argument("--system-tokens", type=int, default=546, help="system prompt length; 546 = fewshot_ko under the real tokenizer (1,200 was the local tokenizer's count)")
     ap.add_argument("--n", type=int, default=256)
     ap.add_argument("--n-reference", type=int, default=48)
     ap.add_argument("--n-exact", type=int, default=128)
@@ -512,7 +515,10 @@ def main() -> None:
 
     if not (args.build / "config.json").exists():
         t = time.perf_counter()
-        build_random_8b(args.build)
+        # The real config and tokenizer when they are at hand (real token counts); else the local stand-in.
+        like = REAL_FILES if (REAL_FILES / "config.json").exists() else None
+        build_random_8b(args.build, like=like)
+        log(f"token counts from {'the real Qwen3-VL files' if like else 'the LOCAL tokenizer (about 2x the real prefix)'}")
         log(f"built random Qwen3-VL-8B in {time.perf_counter() - t:.0f}s")
     if not (args.data / "test.csv").exists():
         synthesize(args.data, SynthConfig(train=0, test=max(args.n, 64), size=(720, 540), option_order="random"))

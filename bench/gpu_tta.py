@@ -42,6 +42,9 @@ METHODS = {
 }
 
 
+REAL_FILES = Path(__file__).resolve().parent.parent / ".fixtures" / "qwen3-vl-8b-instruct"
+"""Copy of ../shared/fixtures/qwen3-vl-8b-instruct carried to the GPU machine (it does not travel by itself)."""
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--build", type=Path, default=Path("/tmp/q8b"))
@@ -49,7 +52,7 @@ def main() -> None:
     ap.add_argument("--quant", default="nf4")
     ap.add_argument("--n", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--system-tokens", type=int, default=1200)
+    ap.add_argument("--system-tokens", type=int, default=546)
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench_out")))
     args = ap.parse_args()
@@ -60,7 +63,10 @@ def main() -> None:
     from mcvqa.tiny import build_random_8b
 
     if not (args.build / "config.json").exists():
-        build_random_8b(args.build)
+        # The real config and tokenizer when they are at hand (real token counts); else the local stand-in.
+        like = REAL_FILES if (REAL_FILES / "config.json").exists() else None
+        build_random_8b(args.build, like=like)
+        print(f"token counts from {'the real Qwen3-VL files' if like else 'the LOCAL tokenizer (about 2x the real prefix)'}")
     if not (args.data / "test_labels.csv").exists():
         synthesize(args.data, SynthConfig(train=0, test=max(args.n, 64), size=(720, 540), option_order="random"))
     items = read_csv(args.data / "test_labels.csv").items[: args.n]

@@ -32,8 +32,8 @@ def run(cmd: list[str]) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", [[], ["--tta", "pride", "--set", "tta.pride_min=6"], ["--scoring", "generate", "--set", "predict.max_new_tokens=2"]],
-                         ids=["logits", "pride (orders, then plain: two phases)", "generate"])
+@pytest.mark.parametrize("method", [[], ["--tta", "pride", "--set", "tta.pride_min=6"]],
+                         ids=["logits (score_items)", "pride (Engine.map: orders, then plain; the path of every other method)"])
 def test_sharded_predict_equals_single_process(tiny_model: Path, synth_data: Path, tmp_path: Path, method: list[str]) -> None:
     common = ["predict", "--model", str(tiny_model), "--data", str(synth_data / "test.csv"), "--device", "cpu", "-q", "--batch-size", "4", *method]
     run([sys.executable, "-m", "mcvqa", *common, "--out", str(tmp_path / "one")])

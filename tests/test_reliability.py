@@ -149,7 +149,7 @@ def test_sigkill_during_training_then_resume(tiny_model: Path, synth_data: Path,
 
     def cmd(out: Path, *extra: str) -> list[str]:
         return [sys.executable, "-m", "mcvqa", "train", "--model", str(tiny_model), "--data", str(synth_data / "train.csv"), "--out", str(out),
-                "--device", "cpu", "-q", "--set", "train.method=lora", "--set", "lora.r=4", "--set", "train.epochs=3", "--set", "train.batch_size=4",
+                "--device", "cpu", "-q", "--set", "train.method=lora", "--set", "lora.r=4", "--set", "train.epochs=2", "--set", "train.batch_size=4",
                 "--set", "train.checkpoint_every_steps=1", "--set", "train.save_total_limit=2", "--set", "train.report_to=[]",
                 "--set", "prompt.name=plain_ko", "--set", "image.size=64", *extra]
 
@@ -161,7 +161,7 @@ def test_sigkill_during_training_then_resume(tiny_model: Path, synth_data: Path,
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         steps = sorted(ckpts.glob("step_*[0-9]")) if ckpts.exists() else []
-        if steps and int(steps[-1].name.split("_")[1]) >= 5:
+        if steps and int(steps[-1].name.split("_")[1]) >= 3:
             proc.send_signal(signal.SIGKILL)
             break
         time.sleep(0.01)
