@@ -19,13 +19,17 @@ PYTEST_ARGS     ?=
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@# --isolated: only the CPU index, none of pip's configured extra indexes or wheel folders, so torch and
+	@# torchvision come from one place and match; then check they load together before trusting them.
 	@if [ -z "$(HAS_GPU)" ] && [ -n "$(TORCH_CPU_INDEX)" ] && \
-	    $(BIN)/python -m pip install -q --retries 1 --timeout 15 --index-url $(TORCH_CPU_INDEX) $(TORCH_SPEC) 2>/dev/null; then \
+	    $(BIN)/python -m pip install -q --isolated --retries 1 --timeout 15 --index-url $(TORCH_CPU_INDEX) $(TORCH_SPEC) 2>/dev/null && \
+	    $(BIN)/python -c "import torch, torchvision.ops" 2>/dev/null; then \
 	  echo "torch: CPU build from $(TORCH_CPU_INDEX)"; \
 	else \
 	  [ -n "$(HAS_GPU)" ] || [ -z "$(TORCH_CPU_INDEX)" ] || echo "torch: $(TORCH_CPU_INDEX) not reachable; installing from the default index"; \
 	  $(BIN)/python -m pip install -q $(TORCH_SPEC); \
 	fi
+	$(BIN)/python -c "import torch, torchvision.ops; print('torch', torch.__version__, 'torchvision', torchvision.__version__)"
 	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
