@@ -26,7 +26,7 @@ SRC = Path(__file__).resolve().parent.parent / "src" / "mcvqa"
 @pytest.fixture(scope="module")
 def big_test(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("big")
-    synthesize(out, SynthConfig(train=0, test=240, seed=21))
+    synthesize(out, SynthConfig(train=0, test=160, seed=21))
     return out / "test.csv"
 
 

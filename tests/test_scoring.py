@@ -153,7 +153,9 @@ def test_batched_vision_attention_equals_per_image_loop(tiny_loaded) -> None:
     torch.testing.assert_close(fast, stock, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("scope", ["mlp", "layers"])
+# "layers" compiles whole decoder layers: 36 s of inductor on 2 CPU cores for what "mlp" proves in 3 s (the same
+# compile_blocks path); it is a GPU option, timed and checked in bench/gpu_bench.py --compile layers.
+@pytest.mark.parametrize("scope", ["mlp"])
 def test_compiled_blocks_score_like_eager(cfg_factory, encoder, items, scope) -> None:
     """Dynamo traces the decoder layers with the read-only prefix cache; the "eager" backend keeps CPU tests
     fast and isolates tracing (the GPU's inductor kernels are checked by bench/gpu_bench.py --compile)."""
