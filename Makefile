@@ -6,11 +6,12 @@
 # cannot be reached, pip's usual index serves whatever build it has. Override either, e.g.
 #   make test TORCH_CPU_INDEX=            # never use the CPU index
 #   make test TORCH_SPEC='torch==2.9.1 torchvision==0.24.1'
+# The line after the install prints which torch and torchvision builds the venv holds.
 PYTHON          ?= python3
 VENV            := .venv
 BIN             := $(VENV)/bin
 STAMP           := $(VENV)/.installed
-TORCH_SPEC      ?= torch>=2.4 torchvision
+TORCH_SPEC      ?= "torch>=2.4" torchvision
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 HAS_GPU         := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo yes)
 PYTEST_ARGS     ?=
@@ -24,7 +25,7 @@ $(STAMP): pyproject.toml
 	@if [ -z "$(HAS_GPU)" ] && [ -n "$(TORCH_CPU_INDEX)" ] && \
 	    $(BIN)/python -m pip install -q --isolated --retries 1 --timeout 15 --index-url $(TORCH_CPU_INDEX) $(TORCH_SPEC) 2>/dev/null && \
 	    $(BIN)/python -c "import torch, torchvision.ops" 2>/dev/null; then \
-	  echo "torch: CPU build from $(TORCH_CPU_INDEX)"; \
+	  true; \
 	else \
 	  [ -n "$(HAS_GPU)" ] || [ -z "$(TORCH_CPU_INDEX)" ] || echo "torch: $(TORCH_CPU_INDEX) not reachable; installing from the default index"; \
 	  $(BIN)/python -m pip install -q $(TORCH_SPEC); \
