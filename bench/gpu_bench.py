@@ -92,13 +92,14 @@ def timed(fn, repeat: int = 1) -> float:
 
 def set_attention(model: Any, name: str) -> None:
     """Baselines run transformers' stock SDPA (text and vision); mcvqa rows run mcvqa's attention."""
-    from mcvqa.scoring import core_and_head, use_causal_attention
+    from mcvqa.kernels import use_causal_attention
+    from mcvqa.model import core_and_head
 
     core = core_and_head(model)[0]
     core.language_model.config._attn_implementation = "sdpa"
     core.visual.config._attn_implementation = "sdpa"
     if name != "sdpa":
-        use_causal_attention(model)
+        use_causal_attention(core_and_head(model)[0])
 
 
 def agreement(ref: torch.Tensor, ours: torch.Tensor, what: str, n: int) -> dict[str, Any]:
@@ -111,7 +112,7 @@ def agreement(ref: torch.Tensor, ours: torch.Tensor, what: str, n: int) -> dict[
 
 
 def bench_predict(model: Any, processor: Any, prompt: Prompt, cfg: Any, items: list, args: argparse.Namespace, tag: str) -> list[dict[str, Any]]:
-    from mcvqa.scoring import CAUSAL_ATTENTION
+    from mcvqa.kernels import CAUSAL_ATTENTION
 
     enc = Encoder(processor, prompt, cfg.image)
     rows: list[dict[str, Any]] = []
@@ -231,7 +232,8 @@ def bench_predict(model: Any, processor: Any, prompt: Prompt, cfg: Any, items: l
 
 def bench_compiled(model: Any, processor: Any, prompt: Prompt, cfg: Any, items: list, args: argparse.Namespace, tag: str, scope: str) -> list[dict[str, Any]]:
     """mcvqa's fast path with ``predict.compile=<scope>``: speed, compile time, and exactness vs unbatched uncached."""
-    from mcvqa.scoring import CAUSAL_ATTENTION, compile_blocks
+    from mcvqa.kernels import CAUSAL_ATTENTION, compile_blocks
+    from mcvqa.model import core_and_head
 
     enc = Encoder(processor, prompt, cfg.image)
     n = min(args.n, len(items))
@@ -241,7 +243,7 @@ def bench_compiled(model: Any, processor: Any, prompt: Prompt, cfg: Any, items: 
         plain = Scorer(model, enc, prefix_cache=False)
         ref = torch.cat([plain.logprobs(collate([e], enc.pad_id, enc.image_token_id, enc.prefix_ids)) for e in exs[: args.n_exact]]).exp()
     set_attention(model, CAUSAL_ATTENTION)
-    compile_blocks(model, scope)
+    compile_blocks(core_and_head(model)[0], scope)
     scorer = Scorer(model, enc, prefix_cache=True)
     rows = []
     for bs in args.batch_sizes:
@@ -349,7 +351,7 @@ def bench_train(cfg: Any, prompt: Prompt, items: list, args: argparse.Namespace,
         else:
             module = AnswerLoss(model, enc.prefix_ids, letters.target, shared_prefix="cache" if "cache" in method else "packed")
             if torch.cuda.is_available():
-                from mcvqa.scoring import core_and_head
+                from mcvqa.model import core_and_head
 
                 log(f"  attention: {core_and_head(model)[0].language_model.config._attn_implementation}")
 
@@ -425,7 +427,7 @@ def bench_exact_vs_fp32(args: argparse.Namespace) -> list[dict[str, Any]]:
     that neither path can avoid, not an error of the method.
     """
     from mcvqa.model import load_model
-    from mcvqa.scoring import CAUSAL_ATTENTION
+    from mcvqa.kernels import CAUSAL_ATTENTION
 
     if not (args.data / "test_labels.csv").exists():
         from mcvqa.synth import SynthConfig, synthesize

@@ -104,10 +104,16 @@ def test_data_root_from_environment(folder: Path, monkeypatch: pytest.MonkeyPatc
     with pytest.raises(DataError, match="outside the data root"):
         read_csv(sub / "train.csv")
     monkeypatch.setenv("MCVQA_DATA", str(folder))
-    assert read_csv(sub / "train.csv").items[0].id == "x1"
+    from mcvqa.config import load_config
+
+    # The variable reaches the reader through the config (data.root), as every command builds it ...
+    assert read_csv(sub / "train.csv", cfg=load_config().data).items[0].id == "x1"
+    # ... and not around it: a config that sets no root from the environment keeps the CSV's folder.
+    with pytest.raises(DataError, match="outside the data root"):
+        read_csv(sub / "train.csv", cfg=load_config(env=False).data)
     # A relative --data that is not under the cwd is looked up under MCVQA_DATA.
     monkeypatch.chdir(folder.parent)
-    assert read_csv("csvs/train.csv").source == (sub / "train.csv").resolve()
+    assert read_csv("csvs/train.csv", cfg=load_config().data).source == (sub / "train.csv").resolve()
 
 
 def test_mixed_encoding_refused(folder: Path) -> None:

@@ -82,7 +82,7 @@ def test_predict_disk_full_while_writing_outputs(disk: Path, tiny_model: Path, s
 
 @pytest.mark.slow
 def test_train_disk_full_at_a_checkpoint_then_resume(disk: Path, tiny_model: Path, synth_data: Path, tmp_path: Path, capsys, monkeypatch) -> None:
-    import mcvqa.train as T
+    import mcvqa.checkpoint as T
     from safetensors.torch import load_file
 
     base = ["train", "--model", str(tiny_model), "--data", str(synth_data / "train.csv"), "-q", *LORA]

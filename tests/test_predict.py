@@ -47,10 +47,8 @@ def test_resume_after_interruption_is_byte_identical(cfg_factory, scorer, synth_
     cfg = cfg_factory("predict.batch_size=4")
     full = predict(cfg, synth_data / "test.csv", tmp_path / "full", scorer=scorer, progress=False, log=lambda s: None)
 
-    import mcvqa.engine as P
-
     calls = {"n": 0}
-    real = P.score_batch_with_backoff
+    real = scorer.logprobs  # the forward the engine calls for each batch
 
     def dies_on_third(*a, **k):
         calls["n"] += 1
@@ -58,11 +56,11 @@ def test_resume_after_interruption_is_byte_identical(cfg_factory, scorer, synth_
             raise KeyboardInterrupt  # a kill in the middle of the run
         return real(*a, **k)
 
-    monkeypatch.setattr(P, "score_batch_with_backoff", dies_on_third)
+    monkeypatch.setattr(scorer, "logprobs", dies_on_third)
     with pytest.raises(KeyboardInterrupt):
         predict(cfg, synth_data / "test.csv", tmp_path / "cut", scorer=scorer, progress=False, log=lambda s: None)
     assert not (tmp_path / "cut" / "submission.csv").exists()  # nothing partial under the final name
-    monkeypatch.setattr(P, "score_batch_with_backoff", real)
+    monkeypatch.setattr(scorer, "logprobs", real)
     with pytest.raises(McvqaError, match="pass --resume"):
         predict(cfg, synth_data / "test.csv", tmp_path / "cut", scorer=scorer, progress=False, log=lambda s: None)
     res = predict(cfg, synth_data / "test.csv", tmp_path / "cut", scorer=scorer, resume=True, progress=False, log=lambda s: None)

@@ -209,7 +209,6 @@ def test_journal_is_fsynced_for_every_batch(cfg_factory, tiny_loaded, synth_data
 def test_resume_refuses_a_journal_of_another_adapter_data_or_ids(cfg_factory, tiny_loaded, synth_data, tmp_path, monkeypatch, change) -> None:
     import shutil
 
-    import mcvqa.engine as P
 
     scorer = build_scorer(cfg_factory(), model=tiny_loaded[0], processor=tiny_loaded[1])
     shutil.copytree(synth_data, tmp_path / "d")
@@ -217,7 +216,7 @@ def test_resume_refuses_a_journal_of_another_adapter_data_or_ids(cfg_factory, ti
         (tmp_path / name).mkdir()
         (tmp_path / name / "adapter_model.safetensors").write_bytes(name.encode())
     calls = {"n": 0}
-    real = P.score_batch_with_backoff
+    real = scorer.logprobs  # the forward the engine calls for each batch
 
     def dies_on_second(*a, **k):
         calls["n"] += 1
@@ -225,11 +224,11 @@ def test_resume_refuses_a_journal_of_another_adapter_data_or_ids(cfg_factory, ti
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(P, "score_batch_with_backoff", dies_on_second)
+    monkeypatch.setattr(scorer, "logprobs", dies_on_second)
     cfg = cfg_factory("predict.batch_size=8")
     with pytest.raises(KeyboardInterrupt):
         predict(cfg, tmp_path / "d" / "test.csv", tmp_path / "r", scorer=scorer, adapter=tmp_path / "a1", progress=False, log=lambda s: None)
-    monkeypatch.setattr(P, "score_batch_with_backoff", real)
+    monkeypatch.setattr(scorer, "logprobs", real)
     data, adapter = tmp_path / "d" / "test.csv", tmp_path / "a1"
     if change == "adapter":
         adapter = tmp_path / "a2"

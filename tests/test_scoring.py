@@ -136,7 +136,8 @@ def test_batched_vision_attention_equals_per_image_loop(tiny_loaded) -> None:
     """mcvqa runs the vision tower's attention once per group of equal-size images instead of once per image."""
     from PIL import Image
 
-    from mcvqa.scoring import VISION_ATTENTION, core_and_head
+    from mcvqa.kernels import VISION_ATTENTION
+    from mcvqa.model import core_and_head
 
     model, processor = tiny_loaded
     core = core_and_head(model)[0]
@@ -160,13 +161,14 @@ def test_compiled_blocks_score_like_eager(cfg_factory, encoder, items, scope) ->
     """Dynamo traces the decoder layers with the read-only prefix cache; the "eager" backend keeps CPU tests
     fast and isolates tracing (the GPU's inductor kernels are checked by bench/gpu_bench.py --compile)."""
     from mcvqa.model import load_model
-    from mcvqa.scoring import compile_blocks
+    from mcvqa.kernels import compile_blocks
+    from mcvqa.model import core_and_head
 
     model, _ = load_model(cfg_factory().model)  # compile works in place: not the shared session model
     exs = _long_short(encoder, items)
     batch = collate(exs, encoder.pad_id, encoder.image_token_id)
     before = Scorer(model, encoder).logprobs(batch)
-    assert compile_blocks(model, scope, backend="eager") > 0
+    assert compile_blocks(core_and_head(model)[0], scope, backend="eager") > 0
     after = Scorer(model, encoder).logprobs(batch)
     shorter = Scorer(model, encoder).logprobs(collate(exs[:3], encoder.pad_id, encoder.image_token_id))  # another shape
     torch.testing.assert_close(after, before, atol=1e-5, rtol=0)

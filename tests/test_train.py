@@ -160,18 +160,30 @@ def test_full_training_loss_falls(cfg_factory, data, tmp_path) -> None:
 
 
 def test_resume_gives_the_same_adapter(cfg_factory, data, tmp_path) -> None:
-    """Resumed == uninterrupted, bit for bit; the interrupted run also loads its data in 2 worker processes,
-    so the same proves that workers change nothing (option shuffles, batch order, dropout RNG)."""
+    """Resumed == uninterrupted, bit for bit. The run is cut into sessions of 2 optimiser steps by the public
+    ``train.stop_after_steps`` (a checkpoint mid-epoch, then --resume, again and again); the cut run also loads its
+    data in 2 worker processes, so the same proves that workers change nothing (option shuffles, batch order,
+    dropout RNG)."""
     cfg = cfg_factory(*LORA, "train.epochs=2", "train.batch_size=6", "train.grad_accum=2", "train.lr=5e-3", "lora.dropout=0.1", "train.option_shuffle=true", "train.num_workers=0")
-    train_split(cfg, data[0], data[1].items, tmp_path / "straight", progress=False, log_fn=_quiet)
+    straight = train_split(cfg, data[0], data[1].items, tmp_path / "straight", progress=False, log_fn=_quiet)
     cfg.train.num_workers = 2
-    with pytest.raises(InterruptedError):
-        train_split(cfg, data[0], data[1].items, tmp_path / "cut", progress=False, log_fn=_quiet, stop_after_steps=2)
+    cfg.train.stop_after_steps = 2
+    said: list[str] = []
+    first = train_split(cfg, data[0], data[1].items, tmp_path / "cut", progress=False, log_fn=said.append)
+    assert not first.finished and first.steps == 2 and not (tmp_path / "cut" / "last").exists()
+    assert any("stopped after 2 steps at step 2 of" in s and "--resume" in s for s in said), said
     from mcvqa.errors import McvqaError
 
     with pytest.raises(McvqaError, match="--resume"):
         train_split(cfg, data[0], data[1].items, tmp_path / "cut", progress=False, log_fn=_quiet)
-    train_split(cfg, data[0], data[1].items, tmp_path / "cut", resume=True, progress=False, log_fn=_quiet)
+    sessions = 1
+    while True:
+        res = train_split(cfg, data[0], data[1].items, tmp_path / "cut", resume=True, progress=False, log_fn=_quiet)
+        sessions += 1
+        if res.finished:
+            break
+        assert res.steps == 2 * sessions and sessions < 10
+    assert res.steps == straight.steps and sessions == -(-straight.steps // 2)
     a = load_file(str(tmp_path / "straight" / "last" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "cut" / "last" / "adapter_model.safetensors"))
     assert a.keys() == b.keys()

@@ -27,11 +27,12 @@ from tqdm.auto import tqdm
 
 from mcvqa.config import ADAPTIVE, TTAConfig
 from mcvqa.data import Item
-from mcvqa.engine import Engine, Scored
+from mcvqa.engine import Engine, Scored, logits_step
 from mcvqa.errors import McvqaError
 from mcvqa.features import Batch, Example, collate, cyclic_orders
 from mcvqa.images import prepare
-from mcvqa.scoring import MAX_ENTROPY, Scorer, core_and_head, entropy
+from mcvqa.model import core_and_head
+from mcvqa.scoring import MAX_ENTROPY, Scorer, entropy
 
 # ------------------------------------------------------------------------------------------ results
 
@@ -610,26 +611,7 @@ def run_tta(scorer: Scorer, items: Sequence[Item], cfg: TTAConfig, engine: Engin
     methods = list(cfg.methods)  # combinations were checked when the config was built (TTAConfig)
     adaptive = [m for m in methods if m in ADAPTIVE]
     if adaptive:
-        m = adaptive[0]
-        if m == "tpt":
-            out = engine.map("tpt", every, lambda b: Scored(tpt(scorer, b, k=cfg.tpt_tokens, lr=cfg.tpt_lr, select=cfg.select).probs), "TPT")
-            return TTAResult(out.probs, Cost(float(1 + 7 + 1), 1.0))
-        if m == "zero":
-            out = engine.map("zero", every, lambda b: Scored(zero(scorer, b, select=cfg.select, batch_size=engine.batch_size).probs), "ZERO")
-            return TTAResult(out.probs, Cost(8.0, 0.0))
-        cls = Tent if m == "tent" else SAR
-        kwargs: dict[str, Any] = dict(params=cfg.params, lr=cfg.lr, steps=cfg.steps, episodic=cfg.episodic, optimizer=cfg.optimizer)
-        if m == "sar":
-            kwargs.update(e0=cfg.sar_e0, rho=cfg.sar_rho, reset_below=cfg.sar_reset_below, consistency=cfg.consistency)
-        adapter = cls(scorer, **kwargs)
-        try:
-            out = engine.map(m, every, lambda b: Scored(adapter.score(b)), m.upper())
-            return TTAResult(out.probs, adapter.cost(), notes=adapter.notes())
-        finally:
-            adapter.close()
-
-    def plain_fn(b: list[Item]) -> Scored:
-        return Scored(plain(scorer, b, len(b)).probs)
+        return _run_adaptive(adaptive[0], scorer, cfg, engine)
 
     def orders_fn(b: list[Item]) -> Scored:
         lp, _ = score_orders(scorer, b, cfg.orders, len(b))
@@ -651,7 +633,7 @@ def run_tta(scorer: Scorer, items: Sequence[Item], cfg: TTAConfig, engine: Engin
         probs = np.zeros((n, 4))
         probs[est] = scored.probs  # seen under every order: already debiased
         if rest:
-            probs[rest] = _normalise(np.log(engine.map("plain", rest, plain_fn, "PriDe").probs) - np.log(prior))
+            probs[rest] = _normalise(np.log(engine.score(scorer, rest, sort_by_length=False, phase="plain", desc="PriDe").probs) - np.log(prior))
         res = TTAResult(probs, Cost(1.0 + (cfg.orders - 1) * m / n, 0.0), notes={"prior": prior.tolist(), "estimation_questions": m})
     elif "orders" in methods:
         out = engine.map("orders", every, orders_fn, "orders")
@@ -659,27 +641,56 @@ def run_tta(scorer: Scorer, items: Sequence[Item], cfg: TTAConfig, engine: Engin
     elif views is not None:
         res, views = TTAResult(views.probs, view_cost), None  # the views include the original image: no plain pass
     else:
-        res = TTAResult(engine.map("plain", every, plain_fn, "plain").probs, Cost(1.0, 0.0))
+        res = TTAResult(engine.score(scorer, every, sort_by_length=False, phase="plain", desc="plain").probs, Cost(1.0, 0.0))
     if views is not None:
         res = TTAResult(ensemble([res.probs, views.probs]), res.cost + view_cost, res.per_order, res.notes)
     if "blend" in methods:
-        model = scorer.model
-        if not hasattr(model, "disable_adapter"):
-            raise McvqaError("--tta blend needs a LoRA adapter (--adapter): it blends the adapted model with its base")
-        m = max(1, math.ceil(cfg.blend_fraction * n))
-        unsure = sorted(np.argsort(res.probs.max(axis=1), kind="stable")[:m].tolist())
-
-        def base_fn(b: list[Item]) -> Scored:
-            with model.disable_adapter():
-                scorer.invalidate()
-                try:
-                    return plain_fn(b)
-                finally:
-                    scorer.invalidate()
-
-        base = engine.map("blend-base", unsure, base_fn, "blend").probs
-        probs = res.probs.copy()
-        w = cfg.blend_weight
-        probs[unsure] = _normalise((1 - w) * np.log(np.clip(res.probs[unsure], 1e-12, 1)) + w * np.log(np.clip(base, 1e-12, 1)))
-        res = TTAResult(probs, res.cost + Cost(m / n, 0.0), res.per_order, {**res.notes, "blended": int(m)})
+        res = _blend(res, scorer, cfg, engine)
     return res
+
+
+def _run_adaptive(m: str, scorer: Scorer, cfg: TTAConfig, engine: Engine) -> TTAResult:
+    """One adaptive method (tpt, zero, tent, sar) alone, batch by batch through the engine."""
+    every = range(len(engine.items))
+    if m == "tpt":
+        out = engine.map("tpt", every, lambda b: Scored(tpt(scorer, b, k=cfg.tpt_tokens, lr=cfg.tpt_lr, select=cfg.select).probs), "TPT")
+        return TTAResult(out.probs, Cost(float(1 + 7 + 1), 1.0))
+    if m == "zero":
+        out = engine.map("zero", every, lambda b: Scored(zero(scorer, b, select=cfg.select, batch_size=engine.batch_size).probs), "ZERO")
+        return TTAResult(out.probs, Cost(8.0, 0.0))
+    cls = Tent if m == "tent" else SAR
+    kwargs: dict[str, Any] = dict(params=cfg.params, lr=cfg.lr, steps=cfg.steps, episodic=cfg.episodic, optimizer=cfg.optimizer)
+    if m == "sar":
+        kwargs.update(e0=cfg.sar_e0, rho=cfg.sar_rho, reset_below=cfg.sar_reset_below, consistency=cfg.consistency)
+    adapter = cls(scorer, **kwargs)
+    try:
+        out = engine.map(m, every, lambda b: Scored(adapter.score(b)), m.upper())
+        return TTAResult(out.probs, adapter.cost(), notes=adapter.notes())
+    finally:
+        adapter.close()
+
+
+def _blend(res: TTAResult, scorer: Scorer, cfg: TTAConfig, engine: Engine) -> TTAResult:
+    """The least confident ``blend_fraction`` of questions also scored with the adapter switched off, blended in."""
+    n = len(engine.items)
+    model = scorer.model
+    if not hasattr(model, "disable_adapter"):
+        raise McvqaError("--tta blend needs a LoRA adapter (--adapter): it blends the adapted model with its base")
+    m = max(1, math.ceil(cfg.blend_fraction * n))
+    unsure = sorted(np.argsort(res.probs.max(axis=1), kind="stable")[:m].tolist())
+
+    adapted = logits_step(scorer)
+
+    def base_step(batch: Batch) -> Scored:
+        with model.disable_adapter():
+            scorer.invalidate()
+            try:
+                return adapted(batch)
+            finally:
+                scorer.invalidate()
+
+    base = engine.score(scorer, unsure, sort_by_length=False, phase="blend-base", desc="blend", step=base_step).probs
+    probs = res.probs.copy()
+    w = cfg.blend_weight
+    probs[unsure] = _normalise((1 - w) * np.log(np.clip(res.probs[unsure], 1e-12, 1)) + w * np.log(np.clip(base, 1e-12, 1)))
+    return TTAResult(probs, res.cost + Cost(m / n, 0.0), res.per_order, {**res.notes, "blended": int(m)})

@@ -4,6 +4,8 @@ Precedence, lowest first: dataclass defaults < a YAML recipe (``--config``) < ``
 overrides < explicit CLI flags. Nothing else is read implicitly except the environment variables named
 in the field docs (``MCVQA_DATA``, ``MCVQA_MODEL``). The resolved config is written next to every output.
 
+Every environment variable mcvqa reads is read by :func:`environment`, here, and nowhere else.
+
 Each field carries a one-line docstring (the string literal under it); ``describe()`` extracts them so
 ``mcvqa config --show`` and the YAML recipes document the same text.
 """
@@ -179,7 +181,13 @@ class TrainConfig:
     kfold: int = 0
     """K-fold mode: train k models on k stratified folds and report mean +- std (0: single split)."""
     max_steps: int = 0
-    """Stop after this many optimiser steps (0: run all epochs). For smoke tests and benchmarks."""
+    """Stop after this many optimiser steps (0: run all epochs); the schedule is fitted to the shorter run.
+    For smoke tests and benchmarks."""
+    stop_after_steps: int = 0
+    """End this invocation after this many optimiser steps (counted from where it started or resumed) with a
+    resumable checkpoint, keeping the full run's schedule (0: run to the end). Splits a long run over sessions
+    with a time limit: each ``mcvqa train --resume`` runs that many more, and the last ends with the same adapter
+    as an uninterrupted run."""
     log_every: int = 10
     """Log the running loss every N optimiser steps."""
     num_workers: int = -1
@@ -202,6 +210,8 @@ class TrainConfig:
         _positive("train.checkpoint_every_n_layers", self.checkpoint_every_n_layers)
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.max_steps < 0 or self.stop_after_steps < 0:
+            raise ConfigError("train.max_steps and train.stop_after_steps must be 0 (off) or more")
         if self.kfold == 1 or self.kfold < 0:
             raise ConfigError(f"train.kfold must be 0 (off) or at least 2, got {self.kfold}")
         for r in self.report_to:
@@ -209,7 +219,7 @@ class TrainConfig:
 
 
 COMPILE_SCOPES = ("off", "mlp", "layers")
-"""``predict.compile`` values (see :func:`mcvqa.scoring.compile_blocks`)."""
+"""``predict.compile`` values (see :func:`mcvqa.kernels.compile_blocks`)."""
 
 
 @dataclass
@@ -407,6 +417,9 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
     if tp is str:
         if value is None:
             raise ConfigError(f"{name} must be a string, got null")
+        if isinstance(value, bool):
+            # YAML 1.1 reads `off`/`on` (and no/yes) as booleans: `compile: off` means the word, not False.
+            return "on" if value else "off"
         return str(value)
     return value
 
@@ -471,6 +484,58 @@ def inherited_settings(folder: str | Path | None) -> dict[str, dict[str, Any]]:
     return out
 
 
+# ------------------------------------------------------------------------------------------ environment
+
+LAUNCHER_VARIABLES = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE", "GROUP_WORLD_SIZE")
+"""What ``torchrun`` / ``accelerate launch`` set for each process (``tune`` clears them for independent trials)."""
+
+
+@dataclass(frozen=True)
+class Environment:
+    """The environment variables mcvqa reads, read at the moment of the call (tests and launchers set them)."""
+
+    data: str | None
+    """``MCVQA_DATA``: the data root when the config sets none; also where a relative CSV path is looked up."""
+    model: str | None
+    """``MCVQA_MODEL``: ``model.name_or_path`` when the config sets none."""
+    world_size: int
+    """``WORLD_SIZE``: processes in this launch (``accelerate launch`` / ``torchrun``); 1 otherwise."""
+    rank: int
+    """``RANK``: this process among all of the launch."""
+    local_rank: int
+    """``LOCAL_RANK``: this process's GPU on its host."""
+    local_world_size: int
+    """``LOCAL_WORLD_SIZE``: processes on this host (the CPU cores are shared among them)."""
+    hub_offline: bool
+    """``HF_HUB_OFFLINE`` or ``TRANSFORMERS_OFFLINE`` set: never try the Hugging Face Hub."""
+    hub_endpoint: str
+    """``HF_ENDPOINT``: the Hub's address (a mirror), else huggingface.co."""
+    wandb_configured: bool
+    """``WANDB_API_KEY`` or ``WANDB_MODE`` set; without either, Weights & Biases logs offline."""
+    wandb_project: str
+    """``WANDB_PROJECT``, default ``mcvqa``."""
+
+
+def environment() -> Environment:
+    get = os.environ.get
+
+    def flag(name: str) -> bool:
+        return get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+    return Environment(
+        data=get("MCVQA_DATA") or None,
+        model=get("MCVQA_MODEL") or None,
+        world_size=int(get("WORLD_SIZE", "1")),
+        rank=int(get("RANK", "0")),
+        local_rank=int(get("LOCAL_RANK", "0")),
+        local_world_size=max(1, int(get("LOCAL_WORLD_SIZE", "1"))),
+        hub_offline=flag("HF_HUB_OFFLINE") or flag("TRANSFORMERS_OFFLINE"),
+        hub_endpoint=get("HF_ENDPOINT") or "https://huggingface.co",
+        wandb_configured=bool(get("WANDB_API_KEY") or get("WANDB_MODE")),
+        wandb_project=get("WANDB_PROJECT") or "mcvqa",
+    )
+
+
 def load_config(
     path: str | Path | None = None,
     overrides: list[str] | dict[str, dict[str, Any]] | None = None,
@@ -505,10 +570,11 @@ def load_config(
                 raise ConfigError(f"{p}: section {section!r} must be a mapping")
             raw = _merge(raw, {section: values})
     if env:
-        if os.environ.get("MCVQA_MODEL") and "name_or_path" not in raw.get("model", {}):
-            raw.setdefault("model", {})["name_or_path"] = os.environ["MCVQA_MODEL"]
-        if os.environ.get("MCVQA_DATA") and "root" not in raw.get("data", {}):
-            raw.setdefault("data", {})["root"] = os.environ["MCVQA_DATA"]
+        e = environment()
+        if e.model and "name_or_path" not in raw.get("model", {}):
+            raw.setdefault("model", {})["name_or_path"] = e.model
+        if e.data and "root" not in raw.get("data", {}):
+            raw.setdefault("data", {})["root"] = e.data
     if overrides:
         ov = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
         raw = _merge(raw, ov)

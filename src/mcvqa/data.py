@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 import random
 import warnings
+from typing import Any
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pandas as pd
 
-from mcvqa.config import LETTERS, DataConfig
+from mcvqa.config import LETTERS, DataConfig, environment
 from mcvqa.errors import DataError, ImageError
 
 REQUIRED = ("id", "path", "question", "a", "b", "c", "d")
@@ -123,9 +123,7 @@ def _is_utf8_non_ascii(line: bytes) -> bool:
 
 
 def resolve_root(csv_path: Path, root: str | Path | None) -> Path:
-    """The data root: explicit flag/config, else ``MCVQA_DATA``, else the CSV's folder."""
-    if root is None:
-        root = os.environ.get("MCVQA_DATA") or None
+    """The data root: explicit flag or config (which ``MCVQA_DATA`` fills when unset), else the CSV's folder."""
     base = Path(root) if root is not None else csv_path.parent
     return base.expanduser().resolve()
 
@@ -133,8 +131,9 @@ def resolve_root(csv_path: Path, root: str | Path | None) -> Path:
 def resolve_csv(path: str | Path) -> Path:
     """A CSV given relative to the cwd, or else relative to ``MCVQA_DATA``."""
     p = Path(path).expanduser()
-    if not p.exists() and not p.is_absolute() and os.environ.get("MCVQA_DATA"):
-        alt = Path(os.environ["MCVQA_DATA"]).expanduser() / p
+    data = environment().data
+    if not p.exists() and not p.is_absolute() and data:
+        alt = Path(data).expanduser() / p
         if alt.exists():
             return alt
     return p
@@ -182,6 +181,28 @@ def read_csv(
     if not csv_path.resolve().parent.is_relative_to(root_path):
         # The CSV itself lives outside the root: its relative paths could never be inside it.
         raise DataError(csv_path, f"the CSV is outside the data root {root_path}", fix="set --data-root to a folder above it")
+    df = _read_frame(csv_path)
+    has_answer = "answer" in df.columns
+    if require_answer and not has_answer:
+        raise DataError(csv_path, "has no answer column", fix="labels are needed here (train/validation/evaluation)")
+    if len(df) == 0:
+        raise DataError(csv_path, "has a header but no rows")
+    items: list[Item] = []
+    notes: list[str] = []
+    seen: dict[str, int] = {}
+    for idx, rec in enumerate(df.to_dict("records")):
+        items.append(_read_row(csv_path, root_path, idx + 1, rec, seen, notes, cfg, has_answer, require_answer))
+    if has_answer and not require_answer:
+        n_labelled = sum(it.answer is not None for it in items)
+        if 0 < n_labelled < len(items):
+            notes.append(f"{csv_path}: {len(items) - n_labelled} of {len(items)} rows have no answer")
+    for note in notes:
+        warnings.warn(note, stacklevel=2)
+    return Dataset(items, csv_path.resolve(), root_path, notes)
+
+
+def _read_frame(csv_path: Path) -> pd.DataFrame:
+    """The CSV as text columns (encoding detected, header checked: no repeats, every required column)."""
     raw = csv_path.read_bytes()
     if not raw.strip():
         raise DataError(csv_path, "is empty", fix="expected a header line id,path,question,a,b,c,d[,answer]")
@@ -205,7 +226,6 @@ def read_csv(
         raise DataError(csv_path, f"is not a valid CSV ({detail})", fix="check quoting") from None
     except pd.errors.EmptyDataError:
         raise DataError(csv_path, "has no header line", fix="expected id,path,question,a,b,c,d[,answer]") from None
-
     df.columns = [str(c).strip().lstrip("\ufeff").lower() for c in df.columns]
     missing = [c for c in REQUIRED if c not in df.columns]
     if missing:
@@ -214,66 +234,48 @@ def read_csv(
             f"missing column{'s' if len(missing) > 1 else ''} {', '.join(missing)}",
             fix="expected header id,path,question,a,b,c,d[,answer]",
         )
-    has_answer = "answer" in df.columns
-    if require_answer and not has_answer:
-        raise DataError(csv_path, "has no answer column", fix="labels are needed here (train/validation/evaluation)")
+    return df
 
-    items: list[Item] = []
-    notes: list[str] = []
-    seen: dict[str, int] = {}
-    if len(df) == 0:
-        raise DataError(csv_path, "has a header but no rows")
-    for idx, rec in enumerate(df.to_dict("records")):
-        row = idx + 1
-        rid = str(rec["id"]).strip()
-        if not rid:
-            raise DataError(csv_path, "id is empty", row=row, column="id")
-        if rid in seen:
-            raise DataError(
-                csv_path, f"duplicate id {rid!r} (first seen in row {seen[rid]})", row=row, column="id", fix="ids must be unique"
-            )
-        seen[rid] = row
-        question = _clean_text(rec["question"])
-        if not question:
-            raise DataError(csv_path, "question is empty", row=row, column="question")
-        if len(question) > cfg.max_question_chars:
-            notes.append(
-                f"{csv_path} row {row}: question has {len(question)} characters; truncated to {cfg.max_question_chars}"
-            )
-            question = question[: cfg.max_question_chars]
-        options = []
-        for col in OPTION_COLUMNS:
-            opt = _clean_text(rec[col])
-            if not opt:
-                raise DataError(csv_path, f"option {col} is empty", row=row, column=col)
-            if len(opt) > cfg.max_option_chars:
-                notes.append(
-                    f"{csv_path} row {row}: option {col} has {len(opt)} characters; truncated to {cfg.max_option_chars}"
-                )
-                opt = opt[: cfg.max_option_chars]
-            options.append(opt)
-        answer: int | None = None
-        if has_answer:
-            raw_answer = str(rec["answer"]).strip().lower()
-            if raw_answer in ("", "nan", "none", "null"):
-                if require_answer:
-                    raise DataError(csv_path, "answer is empty", row=row, column="answer", fix="expected one of a, b, c, d")
-            elif raw_answer not in LETTERS:
-                raise DataError(
-                    csv_path, f"answer {rec['answer']!r} is not one of a, b, c, d", row=row, column="answer"
-                )
-            else:
-                answer = LETTERS.index(raw_answer)
-        image = safe_image_path(csv_path, root_path, str(rec["path"]).strip(), row)
-        _check_image(csv_path, image, row, cfg)
-        items.append(Item(rid, image, question, tuple(options), answer, row))  # type: ignore[arg-type]
-    if has_answer and not require_answer:
-        n_labelled = sum(it.answer is not None for it in items)
-        if 0 < n_labelled < len(items):
-            notes.append(f"{csv_path}: {len(items) - n_labelled} of {len(items)} rows have no answer")
-    for note in notes:
-        warnings.warn(note, stacklevel=2)
-    return Dataset(items, csv_path.resolve(), root_path, notes)
+
+def _read_row(
+    csv_path: Path, root_path: Path, row: int, rec: dict[str, Any], seen: dict[str, int], notes: list[str],
+    cfg: DataConfig, has_answer: bool, require_answer: bool,
+) -> Item:
+    """One validated question (1-based ``row``); too-long text truncated with a note."""
+    rid = str(rec["id"]).strip()
+    if not rid:
+        raise DataError(csv_path, "id is empty", row=row, column="id")
+    if rid in seen:
+        raise DataError(csv_path, f"duplicate id {rid!r} (first seen in row {seen[rid]})", row=row, column="id", fix="ids must be unique")
+    seen[rid] = row
+    question = _clean_text(rec["question"])
+    if not question:
+        raise DataError(csv_path, "question is empty", row=row, column="question")
+    if len(question) > cfg.max_question_chars:
+        notes.append(f"{csv_path} row {row}: question has {len(question)} characters; truncated to {cfg.max_question_chars}")
+        question = question[: cfg.max_question_chars]
+    options = []
+    for col in OPTION_COLUMNS:
+        opt = _clean_text(rec[col])
+        if not opt:
+            raise DataError(csv_path, f"option {col} is empty", row=row, column=col)
+        if len(opt) > cfg.max_option_chars:
+            notes.append(f"{csv_path} row {row}: option {col} has {len(opt)} characters; truncated to {cfg.max_option_chars}")
+            opt = opt[: cfg.max_option_chars]
+        options.append(opt)
+    answer: int | None = None
+    if has_answer:
+        raw_answer = str(rec["answer"]).strip().lower()
+        if raw_answer in ("", "nan", "none", "null"):
+            if require_answer:
+                raise DataError(csv_path, "answer is empty", row=row, column="answer", fix="expected one of a, b, c, d")
+        elif raw_answer not in LETTERS:
+            raise DataError(csv_path, f"answer {rec['answer']!r} is not one of a, b, c, d", row=row, column="answer")
+        else:
+            answer = LETTERS.index(raw_answer)
+    image = safe_image_path(csv_path, root_path, str(rec["path"]).strip(), row)
+    _check_image(csv_path, image, row, cfg)
+    return Item(rid, image, question, tuple(options), answer, row)  # type: ignore[arg-type]
 
 
 def _clean_text(value: object) -> str:

@@ -6,9 +6,9 @@ batch starts; a batch counts as done only once it is on disk), out-of-memory hal
 sharding under ``accelerate launch`` / ``torchrun`` with the results gathered on every process, and a progress bar
 that counts questions.
 
-Two loops share those guarantees: :func:`score_items` (plain scoring, images decoded in DataLoader workers,
-batches of similar length) and :class:`Engine` (test-time methods: any function from a batch of questions to
-probabilities, run phase by phase).
+One loop, :meth:`Engine.map`, gives those guarantees to any function from a batch of questions to probabilities:
+plain scoring (:meth:`Engine.score`, images decoded in DataLoader workers, batches of similar length), generate,
+each test-time method phase by phase, training-time validation (:func:`score_items`) and ``serve``.
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ def fingerprint(parts: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-# ------------------------------------------------------------------------------------------ scoring loop
+# ------------------------------------------------------------------------------------------ the engine
 
 
 @dataclass
@@ -131,24 +131,6 @@ class ScoreStats:
 
 def _is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
-
-
-def score_batch_with_backoff(scorer: Scorer, batch: Batch, stats: ScoreStats) -> torch.Tensor:
-    """Log-probs for a batch; on GPU out-of-memory, split it in halves and carry on (and remember the size)."""
-    try:
-        lp = scorer.logprobs(batch)
-        stats.batch_size_used = max(stats.batch_size_used, len(batch)) if stats.oom_halvings == 0 else stats.batch_size_used
-        return lp
-    except (torch.OutOfMemoryError, RuntimeError) as e:
-        if not _is_oom(e) or len(batch) == 1:
-            raise
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    stats.oom_halvings += 1
-    half = len(batch) // 2
-    stats.batch_size_used = half if stats.batch_size_used == 0 else min(stats.batch_size_used, half)
-    parts = [_slice(batch, 0, half), _slice(batch, half, len(batch))]
-    return torch.cat([score_batch_with_backoff(scorer, p, stats) for p in parts])
 
 
 def _slice(batch: Batch, a: int, b: int) -> Batch:
@@ -169,8 +151,12 @@ def _slice(batch: Batch, a: int, b: int) -> Batch:
     )
 
 
-def batch_slices(n: int, batch_size: int) -> list[list[int]]:
-    return [list(range(s, min(s + batch_size, n))) for s in range(0, n, batch_size)]
+def _halves(work: Any) -> list[Any]:
+    """A batch of questions (a list of items, or an encoded :class:`Batch`) cut in two."""
+    half = len(work) // 2
+    if isinstance(work, Batch):
+        return [_slice(work, 0, half), _slice(work, half, len(work))]
+    return [work[:half], work[half:]]
 
 
 def iterate_batches(
@@ -182,7 +168,7 @@ def iterate_batches(
     num_workers: int = 0,
 ) -> Iterator[Batch]:
     """Batches in the given order; images decoded in ``num_workers`` processes, overlapped with scoring."""
-    ds = ItemDataset(items, encoder, on_bad_image="skip")  # the caller decides whether a bad image is fatal
+    ds = ItemDataset(items, encoder, on_bad_image="skip")  # the engine decides whether a bad image is fatal
     loader = torch.utils.data.DataLoader(
         ds,
         batch_sampler=[list(b) for b in batches],
@@ -193,80 +179,6 @@ def iterate_batches(
         generator=torch.Generator().manual_seed(0),  # leave the global RNG alone (see train.py)
     )
     yield from loader
-
-
-def score_items(
-    scorer: Scorer,
-    items: Sequence[Item],
-    batch_size: int,
-    *,
-    num_workers: int = 0,
-    on_bad_image: str = "fail",
-    progress: bool = True,
-    journal: Journal | None = None,
-    done: dict[tuple[str, int], dict[str, Any]] | None = None,
-    source: Path | None = None,
-    desc: str = "scoring",
-    stats: ScoreStats | None = None,
-    sort_by_length: bool = True,
-    dist: Dist | None = None,
-) -> np.ndarray:
-    """(N, 4) probabilities in item order. Skips batches already in ``done`` (resume).
-
-    With ``sort_by_length`` the batches hold questions of similar token length (less padding); the order is
-    a pure function of the data, so a resumed run forms exactly the same batches. Under several processes
-    (``dist``) process r scores batches r, r + world, ...; every process ends with all probabilities.
-    """
-    dist = dist or Dist()
-    stats = stats if stats is not None else ScoreStats()
-    done = done or {}
-    n = len(items)
-    if sort_by_length and n > batch_size:
-        lengths = token_lengths(items, scorer.encoder)
-        order = sorted(range(n), key=lambda i: (lengths[i], i))
-        slices = [[order[i] for i in s] for s in batch_slices(n, batch_size)]
-    else:
-        slices = batch_slices(n, batch_size)
-    probs = np.zeros((n, 4), dtype=np.float64)
-    todo = []
-    for b, idx in enumerate(slices):
-        if b % dist.world != dist.rank:
-            continue
-        rec = done.get(("", b))
-        if rec is not None and rec["ids"] == [items[i].id for i in idx]:
-            probs[idx] = np.asarray(rec["probs"], dtype=np.float64)
-            stats.bad_images += [tuple(x) for x in rec.get("bad", [])]
-        else:
-            todo.append(b)
-    mine = sum(len(s) for b, s in enumerate(slices) if b % dist.world == dist.rank)
-    bar = tqdm(total=mine, initial=mine - sum(len(slices[b]) for b in todo), desc=desc, unit="q", disable=not progress or not dist.main, dynamic_ncols=True)
-    row_of = {it.id: it.row for it in items}
-    batches = iterate_batches(items, scorer.encoder, [slices[b] for b in todo], with_prefix=scorer.with_prefix_in_batch, num_workers=num_workers)
-    for b, batch in zip(todo, batches):
-        bad = [(i, why) for i, why in zip(batch.ids, batch.bad_images) if why]
-        if bad and on_bad_image == "fail":
-            rid, why = bad[0]
-            raise DataError(
-                source or "data", f"image of id {rid}: {why}", row=row_of.get(rid), column="path",
-                fix="fix the file, or pass --on-bad-image skip to answer it from the text with a blank image",
-            )
-        lp = score_batch_with_backoff(scorer, batch, stats)
-        p = lp.exp().double().cpu().numpy()
-        p = p / p.sum(axis=1, keepdims=True)
-        probs[slices[b]] = p
-        stats.bad_images += bad
-        if journal is not None:
-            journal.append({"batch": b, "ids": batch.ids, "probs": p.tolist(), "bad": bad})
-        bar.update(len(batch))
-    bar.close()
-    if dist.world > 1:
-        # Each process scored its share; every process gets the whole table (small: N x 4 floats).
-        mine_rows = [i for b, s in enumerate(slices) if b % dist.world == dist.rank for i in s]
-        for rows, part, bad_part in dist.gather((mine_rows, probs[mine_rows], stats.bad_images)):
-            probs[rows] = part
-            if bad_part is not stats.bad_images:
-                stats.bad_images += bad_part
-    return probs
 
 
 def score_items_generate(model: Any, encoder: Encoder, items: Sequence[Item], *, max_new_tokens: int, stats: ScoreStats) -> np.ndarray:
@@ -304,14 +216,23 @@ class Scored:
 
 @dataclass
 class Engine:
-    """Runs a test-time method batch by batch with predict's guarantees.
+    """Scores questions batch by batch with the guarantees every path shares.
 
-    ``map(phase, indices, fn)`` calls ``fn(items)`` on consecutive batches of ``items[indices]``. Each result is
-    journaled (phase, batch) before the next batch starts, so a killed run resumes where it stopped and, for a
-    method that is a function of each batch alone, ends byte-identical; batches already in the journal are not
-    scored again. Under several processes process r takes batches r, r + world, ...; every process gets the
-    whole result. Images that cannot be read stop the run naming their row (``fail``), or are replaced by a
-    blank image and listed (``skip``), through the encoder's ``on_bad_image``.
+    ``map(phase, indices, fn)`` calls ``fn`` on consecutive batches of ``items[indices]``: a list of items, or with
+    ``encode=True`` a :class:`~mcvqa.features.Batch` whose images were decoded and tokenised in DataLoader workers
+    while the previous batch ran. For every batch it:
+
+    * journals the result (phase, batch) before the next batch starts, so a killed run resumes where it stopped
+      and, for a method that is a function of each batch alone, ends byte-identical; batches already in the
+      journal are not scored again;
+    * halves the batch on GPU out-of-memory and carries on (counted in ``stats``);
+    * applies the bad-image policy: an image that cannot be read stops the run naming its row (``fail``), or is
+      replaced by a blank image and listed (``skip``);
+    * under several processes, process r takes batches r, r + world, ...; every process gets the whole result;
+    * counts questions on one progress bar.
+
+    With ``sort_by_length`` the batches hold questions of similar token length (less padding); the order is a
+    pure function of the data, so a resumed run forms exactly the same batches.
     """
 
     items: Sequence[Item]
@@ -324,60 +245,127 @@ class Engine:
     source: Path | None = None
     stats: ScoreStats = field(default_factory=ScoreStats)
     progress: bool = True
+    num_workers: int = 0
 
-    def map(self, phase: str, indices: Sequence[int], fn: Callable[[list[Item]], Scored], desc: str = "", batch_size: int | None = None) -> Scored:
-        bs = batch_size or self.batch_size
+    def map(
+        self, phase: str, indices: Sequence[int], fn: Callable[[Any], Scored], desc: str = "", batch_size: int | None = None,
+        *, encode: bool = False, with_prefix: bool = False, sort_by_length: bool = False, leave: bool = False,
+    ) -> Scored:
         indices = list(indices)
-        slices = [indices[s : s + bs] for s in range(0, len(indices), bs)]
-        row = {j: k for k, j in enumerate(indices)}
-        probs = np.zeros((len(indices), 4))
-        per_order: np.ndarray | None = None
+        slices = self._slices(indices, batch_size or self.batch_size, sort_by_length)
         mine = [b for b in range(len(slices)) if b % self.dist.world == self.dist.rank]
-        kept = {b: self.done[(phase, b)] for b in mine if (phase, b) in self.done and self.done[(phase, b)]["ids"] == [self.items[i].id for i in slices[b]]}
         results: dict[int, tuple[list[int], list[list[float]], Any, list[Any]]] = {}
-        for b, rec in kept.items():
-            results[b] = (slices[b], rec["probs"], rec.get("per_order"), rec.get("bad", []))
+        for b in mine:
+            rec = self.done.get((phase, b))
+            if rec is not None and rec["ids"] == [self.items[i].id for i in slices[b]]:
+                results[b] = (slices[b], rec["probs"], rec.get("per_order"), rec.get("bad", []))
+        todo = [b for b in mine if b not in results]
         total = sum(len(slices[b]) for b in mine)
-        with tqdm(total=total, initial=sum(len(slices[b]) for b in kept), desc=desc or phase, unit="q",
-                  disable=not self.progress or not self.dist.main, leave=False, dynamic_ncols=True) as bar:
-            for b in mine:
-                if b in kept:
-                    continue
-                batch = [self.items[i] for i in slices[b]]
-                out, bad = self._scored(fn, batch)
+        works: Iterator[Any] = (
+            iterate_batches(self.items, self.encoder, [slices[b] for b in todo], with_prefix=with_prefix, num_workers=self.num_workers)
+            if encode else ([self.items[i] for i in slices[b]] for b in todo)
+        )
+        with tqdm(total=total, initial=total - sum(len(slices[b]) for b in todo), desc=desc or phase, unit="q",
+                  disable=not self.progress or not self.dist.main, leave=leave, dynamic_ncols=True) as bar:
+            for b, work in zip(todo, works):
+                out, bad = self._scored(fn, work)
                 p = out.probs / out.probs.sum(axis=1, keepdims=True)
                 po = None if out.per_order is None else out.per_order.tolist()
                 results[b] = (slices[b], p.tolist(), po, bad)
                 if self.journal is not None:
-                    self.journal.append({"phase": phase, "batch": b, "ids": [it.id for it in batch], "probs": p.tolist(), "per_order": po, "bad": bad})
-                bar.update(len(batch))
-        parts = [results] if self.dist.world == 1 else self.dist.gather(results)
-        for part in parts:
-            for b, (idx, p, po, bad) in part.items():
-                probs[[row[j] for j in idx]] = np.asarray(p, dtype=np.float64)
+                    ids = [self.items[i].id for i in slices[b]]
+                    self.journal.append({"phase": phase, "batch": b, "ids": ids, "probs": p.tolist(), "per_order": po, "bad": bad})
+                bar.update(len(slices[b]))
+        return self._assemble(indices, results)
+
+    def score(
+        self, scorer: Scorer, indices: Sequence[int] | None = None, *, sort_by_length: bool = True, desc: str = "scoring",
+        phase: str = "", step: Callable[[Batch], Scored] | None = None,
+    ) -> Scored:
+        """Plain scoring (of every item, or of ``indices``): one forward per encoded batch, the letters' softmax at
+        the answer position; ``step`` replaces :func:`logits_step` (e.g. the same with the adapter switched off)."""
+        idx = range(len(self.items)) if indices is None else indices
+        return self.map(phase, idx, step or logits_step(scorer), desc, encode=True, with_prefix=scorer.with_prefix_in_batch,
+                        sort_by_length=sort_by_length, leave=indices is None)
+
+    def _slices(self, indices: list[int], bs: int, sort_by_length: bool) -> list[list[int]]:
+        if sort_by_length and len(indices) > bs:
+            lengths = token_lengths([self.items[i] for i in indices], self.encoder)
+            indices = [indices[k] for k in sorted(range(len(indices)), key=lambda k: (lengths[k], indices[k]))]
+        return [indices[s : s + bs] for s in range(0, len(indices), bs)]
+
+    def _assemble(self, indices: list[int], results: dict[int, tuple[list[int], list[list[float]], Any, list[Any]]]) -> Scored:
+        """Every process's batches (gathered under several processes) into one result in ``indices`` order."""
+        row = {j: k for k, j in enumerate(indices)}
+        probs = np.zeros((len(indices), 4))
+        per_order: np.ndarray | None = None
+        for part in [results] if self.dist.world == 1 else self.dist.gather(results):
+            for idx, p, po, bad in part.values():
+                rows = [row[j] for j in idx]
+                probs[rows] = np.asarray(p, dtype=np.float64)
                 if po is not None:
                     arr = np.asarray(po, dtype=np.float64)
                     if per_order is None:
                         per_order = np.zeros((len(indices), arr.shape[1], 4))
-                    per_order[[row[j] for j in idx]] = arr
+                    per_order[rows] = arr
                 for rid, why in bad:
                     if (rid, why) not in self.stats.bad_images:
                         self.stats.bad_images.append((rid, why))
         return Scored(probs, per_order)
 
-    def _scored(self, fn: Callable[[list[Item]], Scored], batch: list[Item]) -> tuple[Scored, list[tuple[str, str]]]:
+    def _scored(self, fn: Callable[[Any], Scored], work: Any) -> tuple[Scored, list[list[str]]]:
         """``fn`` on one batch under the bad-image policy; returns its result and the images replaced."""
         enc = self.encoder
         enc.on_bad_image, enc.substituted = self.on_bad_image, []
+        loaded = [(i, why) for i, why in zip(work.ids, work.bad_images) if why] if isinstance(work, Batch) else []
         try:
-            out = fn(batch)
+            if loaded and self.on_bad_image == "fail":
+                raise self._bad_image(loaded[0][0], loaded[0][1])
+            out = self._with_backoff(fn, work)
         except ImageError as e:
-            bad_item = next((it for it in batch if str(it.image) == e.path), None)
-            raise DataError(
-                self.source or "data", f"image of id {bad_item.id if bad_item else '?'}: {e.problem}", row=bad_item.row if bad_item else None,
-                column="path", fix="fix the file, or pass --on-bad-image skip to answer it from the text with a blank image",
-            ) from None
+            bad_item = next((it for it in (work if isinstance(work, list) else []) if str(it.image) == e.path), None)
+            raise self._bad_image(bad_item.id if bad_item else "?", e.problem) from None
         finally:
             enc.on_bad_image = "fail"
-        bad = list(dict.fromkeys(enc.substituted))
-        return out, [list(x) for x in bad]  # type: ignore[misc]
+        bad = list(dict.fromkeys([*loaded, *enc.substituted]))
+        return out, [list(x) for x in bad]
+
+    def _with_backoff(self, fn: Callable[[Any], Scored], work: Any) -> Scored:
+        """``fn(work)``; on GPU out-of-memory, the two halves one after the other (and remember the size that fit)."""
+        st = self.stats
+        try:
+            out = fn(work)
+            st.batch_size_used = max(st.batch_size_used, len(work)) if st.oom_halvings == 0 else st.batch_size_used
+            return out
+        except (torch.OutOfMemoryError, RuntimeError) as e:
+            if not _is_oom(e) or len(work) == 1:
+                raise
+        # Outside the except block: the failed attempt's tensors are released before the halves run.
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        st.oom_halvings += 1
+        half = len(work) // 2
+        st.batch_size_used = half if st.batch_size_used == 0 else min(st.batch_size_used, half)
+        outs = [self._with_backoff(fn, w) for w in _halves(work)]
+        per_order = None if outs[0].per_order is None else np.concatenate([o.per_order for o in outs])  # type: ignore[misc]
+        return Scored(np.concatenate([o.probs for o in outs]), per_order)
+
+    def _bad_image(self, rid: str, why: str) -> DataError:
+        row = next((it.row for it in self.items if it.id == rid), None)
+        return DataError(
+            self.source or "data", f"image of id {rid}: {why}", row=row, column="path",
+            fix="fix the file, or pass --on-bad-image skip to answer it from the text with a blank image",
+        )
+
+
+def logits_step(scorer: Scorer) -> Callable[[Batch], Scored]:
+    """One encoded batch -> its (B, 4) probabilities: the plain scoring step."""
+    def step(batch: Batch) -> Scored:
+        return Scored(scorer.logprobs(batch).exp().double().cpu().numpy())
+
+    return step
+
+
+def score_items(scorer: Scorer, items: Sequence[Item], batch_size: int, *, progress: bool = True, desc: str = "scoring", num_workers: int = 0) -> np.ndarray:
+    """(N, 4) probabilities in item order, through an engine without a journal (training-time validation)."""
+    return Engine(items, scorer.encoder, batch_size, progress=progress, num_workers=num_workers).score(scorer, desc=desc).probs

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from mcvqa.config import ImageConfig
+from mcvqa.config import ImageConfig, environment
 from mcvqa.data import Item
 from mcvqa.errors import ImageError
 from mcvqa.images import load_prepared, prepare
@@ -286,5 +286,5 @@ def resolve_num_workers(requested: int) -> int:
         return requested
     if not torch.cuda.is_available():
         return 0
-    per_process = (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    per_process = (os.cpu_count() or 1) // environment().local_world_size
     return max(0, min(4, per_process - 1))

@@ -10,7 +10,6 @@ import contextlib
 import importlib.util
 import json
 import logging
-import os
 import socket
 import warnings
 from collections.abc import Iterator
@@ -19,7 +18,8 @@ from typing import Any
 
 import torch
 
-from mcvqa.config import LoraConfig, ModelConfig
+from mcvqa import kernels
+from mcvqa.config import LoraConfig, ModelConfig, environment
 from mcvqa.errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ def resolve_device(cfg: ModelConfig) -> torch.device:
         if not torch.cuda.is_available():
             return torch.device("cpu")
         # Under torchrun / accelerate launch every process owns the GPU of its local rank.
-        return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+        return torch.device(f"cuda:{environment().local_rank}")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise ModelError(f"model.device={cfg.device} but no CUDA GPU is visible")
     return torch.device(cfg.device)
@@ -144,10 +144,6 @@ def quantization_config(cfg: ModelConfig, compute_dtype: torch.dtype) -> Any | N
     return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=SKIP_QUANT)
 
 
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
-
-
 def hub_reachable(timeout: float = 3.0) -> bool:
     """Whether the Hugging Face endpoint accepts a TCP connection within ``timeout`` seconds.
 
@@ -156,7 +152,7 @@ def hub_reachable(timeout: float = 3.0) -> bool:
     """
     from urllib.parse import urlparse
 
-    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    endpoint = urlparse(environment().hub_endpoint)
     host = endpoint.hostname or "huggingface.co"
     port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
     try:
@@ -176,7 +172,7 @@ def resolve_source(name_or_path: str) -> tuple[str, bool]:
     if local.exists() or name_or_path.startswith((".", "/", "~")):
         _check_local_checkpoint(local)
         return str(local), True
-    offline = _env_flag("HF_HUB_OFFLINE") or _env_flag("TRANSFORMERS_OFFLINE")
+    offline = environment().hub_offline
     if not offline and hub_reachable():
         return name_or_path, False
     from huggingface_hub import try_to_load_from_cache
@@ -237,9 +233,7 @@ def load_model(cfg: ModelConfig, adapter: str | Path | None = None) -> tuple[Any
         raise
     model.eval()
     if cfg.attn_implementation == "sdpa":
-        from mcvqa.scoring import use_causal_attention
-
-        use_causal_attention(model)  # same results, fused kernels with a cached prefix (scoring.py)
+        kernels.use_causal_attention(core_and_head(model)[0])  # same results, fused kernels with a cached prefix
     if adapter is not None:
         model = load_adapter(model, adapter)
     return model, processor
@@ -309,3 +303,26 @@ def _quiet_peft() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         yield
+
+
+# ------------------------------------------------------------------------------------------ model access
+
+
+def unwrap(model: Any) -> Any:
+    """The transformers model inside a peft wrapper (LoRA layers are injected in place, so they still run)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def core_and_head(model: Any) -> tuple[Any, torch.nn.Module]:
+    base = unwrap(model)
+    core = getattr(base, "model", None)
+    head = getattr(base, "lm_head", None)
+    if core is None or head is None or not hasattr(core, "get_rope_index"):
+        raise ModelError(f"{type(base).__name__} is not a Qwen-VL conditional-generation model")
+    return core, head
+
+
+def decoder_layers(model: Any) -> list[torch.nn.Module]:
+    core, _ = core_and_head(model)
+    return list(core.language_model.layers)

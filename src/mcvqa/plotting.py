@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 # Hangul needs a CJK font; matplotlib falls back glyph by glyph through this list (>= 3.6).
 CJK_FONTS = ["Noto Sans CJK KR", "Noto Sans KR", "NanumGothic", "Malgun Gothic", "AppleGothic", "Source Han Sans K"]
@@ -20,3 +24,37 @@ def setup() -> None:
     cjk = [f for f in CJK_FONTS if f in available]
     matplotlib.rcParams["font.family"] = ["DejaVu Sans", *cjk]
     matplotlib.rcParams["axes.unicode_minus"] = False
+
+
+def plot_loss(losses: list[list[float]], history: list[dict[str, Any]], path: Path) -> None:
+    """Training loss per optimiser step (and its running mean), validation accuracy per epoch on a second axis."""
+    import matplotlib.pyplot as plt
+
+    setup()
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    if losses:
+        steps, vals = zip(*losses)
+        ax.plot(steps, vals, lw=1, alpha=0.5, label="train loss (per step)")
+        k = max(1, len(vals) // 25)
+        smooth = np.convolve(vals, np.ones(k) / k, mode="valid")
+        ax.plot(steps[k - 1 :], smooth, lw=2, label=f"train loss ({k}-step mean)")
+    ax.set_xlabel("optimiser step")
+    ax.set_ylabel("cross-entropy of the answer letter")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    val = [(h["step"], h["val_accuracy"]) for h in history if "val_accuracy" in h]
+    if val:
+        ax2 = ax.twinx()
+        ax2.plot(*zip(*val), "o-", color="tab:green", label="validation accuracy")
+        ax2.set_ylabel("validation accuracy")
+        ax2.set_ylim(0, 1.02)
+        ax2.legend(loc="lower left")
+    ax.legend(loc="upper right")
+    ax.set_title("mcvqa train")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fig.savefig(path, format="png")
+    finally:
+        plt.close(fig)

@@ -21,7 +21,7 @@ import pandas as pd
 
 from mcvqa.config import LETTERS, Config
 from mcvqa.data import Dataset, read_csv
-from mcvqa.engine import JOURNAL, Engine, Journal, Scored, ScoreStats, _file_identity, fingerprint, score_items, score_items_generate
+from mcvqa.engine import JOURNAL, Engine, Journal, Scored, ScoreStats, _file_identity, fingerprint, score_items_generate
 from mcvqa.errors import McvqaError
 from mcvqa.features import Encoder
 from mcvqa.io import Staged
@@ -114,9 +114,10 @@ def build_scorer(cfg: Config, adapter: str | Path | None = None, model: Any = No
         model, processor = load_model(cfg.model, adapter)
     encoder = Encoder(processor, load_prompt(cfg.prompt.name), cfg.image)
     if cfg.predict.compile != "off":
-        from mcvqa.scoring import compile_blocks
+        from mcvqa.kernels import compile_blocks
+        from mcvqa.model import core_and_head
 
-        compile_blocks(model, cfg.predict.compile)
+        compile_blocks(core_and_head(model)[0], cfg.predict.compile)
     return Scorer(model, encoder, prefix_cache=cfg.predict.prefix_cache)
 
 
@@ -159,6 +160,7 @@ def predict(
     dataset: Dataset | None = None,
     log: Callable[[str], None] = print,
 ) -> PredictResult:
+    """Read -> journal -> load -> score through the engine -> write (rank 0) -> close the journal."""
     out = Path(out)
     if adapter is not None and scorer is None:
         from mcvqa.model import check_adapter_folder
@@ -167,10 +169,55 @@ def predict(
     ds = dataset if dataset is not None else read_csv(data, cfg=cfg.data)
     dist = distributed()
     out.mkdir(parents=True, exist_ok=True)
-    journal_path = out / (JOURNAL if dist.world == 1 else f"journal.rank{dist.rank}-of-{dist.world}.jsonl")
-    if journal_path.exists() and not resume:
-        raise McvqaError(f"{out} holds an unfinished run ({journal_path.name}); pass --resume to continue it or use another --out")
+    journal = _journal(out, cfg, ds, adapter, dist)
+    if journal.path.exists() and not resume:
+        raise McvqaError(f"{out} holds an unfinished run ({journal.path.name}); pass --resume to continue it or use another --out")
     t0 = time.perf_counter()
+    if resume and not journal.path.exists():
+        finished = Journal(journal.path.with_name(journal.path.name + ".done"), journal.fingerprint)
+        if finished.path.exists() and (out / "submission.csv").exists():
+            finished.load()  # refuses a finished run of other settings
+            log(f"{out}: this run is already finished ({out / 'submission.csv'}); nothing to resume")
+            summary = json.loads((out / "predict_summary.json").read_text(encoding="utf-8")) if (out / "predict_summary.json").exists() else {}
+            return PredictResult(out, out / "submission.csv", out / "probs.csv", len(ds), float(summary.get("seconds", 0.0)), ScoreStats(), 0)
+        log(f"no unfinished run in {out} to resume; starting fresh")
+    done = journal.load() if resume else {}
+    t_load = time.perf_counter()
+    scorer = scorer or build_scorer(cfg, adapter)
+    load_seconds = time.perf_counter() - t_load
+    journal.start()  # after loading: a model that fails to load leaves no journal to trip over
+    if done:
+        log(f"resuming: {sum(len(r['ids']) for r in done.values())} of {len(ds)} questions already scored")
+    # Every path runs batch by batch through the engine: journaled (--resume), sharded, bad-image policy.
+    engine = Engine(
+        ds.items, scorer.encoder, cfg.predict.batch_size, journal, done, dist, cfg.predict.on_bad_image, ds.source, ScoreStats(), progress,
+        num_workers=cfg.predict.num_workers,
+    )
+    probs, tta_result = _score(cfg, scorer, engine)
+    seconds = time.perf_counter() - t0
+    stats = engine.stats
+    result = PredictResult(out, out / "submission.csv", out / "probs.csv", len(ds), seconds, stats, len(done))
+    if dist.main:  # rank 0 writes the one submission; the others only close their journals
+        _write(out, cfg, ds, probs, tta_result, adapter, seconds, load_seconds, stats, done)
+    else:
+        dist.barrier()
+    # The run is complete and its outputs are on disk: the journal has done its job.
+    journal.path.replace(journal.path.with_name(journal.path.name + ".done"))
+    if not dist.main:
+        return result
+    dist.barrier()
+    if stats.oom_halvings:
+        log(f"GPU memory ran out {stats.oom_halvings} time(s); continued with batch size {stats.batch_size_used}")
+    if stats.bad_images:
+        log(f"{len(stats.bad_images)} image(s) could not be read and were answered with a blank image; see {out / 'bad_images.csv'}")
+    if cfg.predict.scoring == "generate" and stats.generate_unparsed:
+        log(f"generate: {stats.generate_unparsed} answer(s) had no parseable letter; used the first-step letter scores")
+    return result
+
+
+def _journal(out: Path, cfg: Config, ds: Dataset, adapter: str | Path | None, dist: Any) -> Journal:
+    """This process's journal, fingerprinted with everything that changes the scores (so resume can't mix runs)."""
+    path = out / (JOURNAL if dist.world == 1 else f"journal.rank{dist.rank}-of-{dist.world}.jsonl")
     fp = fingerprint(
         {
             "model": cfg.model.name_or_path,
@@ -187,52 +234,33 @@ def predict(
             "tta": cfg.to_dict()["tta"] if cfg.tta.methods else None,
         }
     )
-    journal = Journal(journal_path, fp)
-    if resume and not journal_path.exists():
-        finished = Journal(journal_path.with_name(journal_path.name + ".done"), fp)
-        if finished.path.exists() and (out / "submission.csv").exists():
-            finished.load()  # refuses a finished run of other settings
-            log(f"{out}: this run is already finished ({out / 'submission.csv'}); nothing to resume")
-            summary = json.loads((out / "predict_summary.json").read_text(encoding="utf-8")) if (out / "predict_summary.json").exists() else {}
-            return PredictResult(out, out / "submission.csv", out / "probs.csv", len(ds), float(summary.get("seconds", 0.0)), ScoreStats(), 0)
-        log(f"no unfinished run in {out} to resume; starting fresh")
-    done = journal.load() if resume else {}
-    t_load = time.perf_counter()
-    scorer = scorer or build_scorer(cfg, adapter)
-    load_seconds = time.perf_counter() - t_load
-    journal.start()  # after loading: a model that fails to load leaves no journal to trip over
-    stats = ScoreStats()
-    if done:
-        log(f"resuming: {sum(len(r['ids']) for r in done.values())} of {len(ds)} questions already scored")
-    tta_result = None
-    # Every path below runs batch by batch through the engine: journaled (--resume), sharded, bad-image policy.
-    engine = Engine(ds.items, scorer.encoder, cfg.predict.batch_size, journal, done, dist, cfg.predict.on_bad_image, ds.source, stats, progress)
+    return Journal(path, fp)
+
+
+def _score(cfg: Config, scorer: Scorer, engine: Engine) -> tuple[np.ndarray, Any]:
+    """(N, 4) probabilities by the configured path: a test-time method, generate, or plain logits."""
     if cfg.tta.methods:
         from mcvqa.adapt import run_tta
 
-        tta_result = run_tta(scorer, ds.items, cfg.tta, engine)
-        probs = tta_result.probs
-    elif cfg.predict.scoring == "generate":
+        tta_result = run_tta(scorer, engine.items, cfg.tta, engine)
+        return tta_result.probs, tta_result
+    if cfg.predict.scoring == "generate":
+        stats = engine.stats
         gen = lambda b: Scored(score_items_generate(scorer.model, scorer.encoder, b, max_new_tokens=cfg.predict.max_new_tokens, stats=stats))  # noqa: E731
-        probs = engine.map("generate", range(len(ds)), gen, "generate", batch_size=max(1, cfg.predict.batch_size)).probs
-    else:
-        probs = score_items(
-            scorer, ds.items, cfg.predict.batch_size, num_workers=cfg.predict.num_workers, on_bad_image=cfg.predict.on_bad_image,
-            progress=progress, journal=journal, done=done, source=ds.source, stats=stats, sort_by_length=cfg.predict.sort_by_length,
-            dist=dist,
-        )
-    seconds = time.perf_counter() - t0
+        return engine.map("generate", range(len(engine.items)), gen, "generate", batch_size=max(1, cfg.predict.batch_size)).probs, None
+    return engine.score(scorer, sort_by_length=cfg.predict.sort_by_length).probs, None
+
+
+def _write(
+    out: Path, cfg: Config, ds: Dataset, probs: np.ndarray, tta_result: Any, adapter: str | Path | None, seconds: float,
+    load_seconds: float, stats: ScoreStats, done: dict[Any, Any],
+) -> None:
+    """Every output staged and renamed into place together: a full disk leaves none of them, and the journal stays,
+    so ``--resume`` writes them once there is space (the scoring is not repeated)."""
     ids = [it.id for it in ds]
-    sub, pr = out / "submission.csv", out / "probs.csv"
-    if not dist.main:  # rank 0 writes the one submission; the others only close their journals
-        dist.barrier()
-        journal_path.replace(journal_path.with_name(journal_path.name + ".done"))
-        return PredictResult(out, sub, pr, len(ds), seconds, stats, len(done))
-    # Every output is staged and renamed into place together: a full disk leaves none of them, and the journal
-    # stays, so `--resume` writes them once there is space (the scoring is not repeated).
     staged = Staged()
     try:
-        sub, pr = write_outputs(out, ids, probs, staged)
+        write_outputs(out, ids, probs, staged)
         staged.text(out / "config.yaml", cfg.to_yaml())
         if stats.bad_images:
             staged.csv(out / "bad_images.csv", pd.DataFrame(stats.bad_images, columns=["id", "problem"]))
@@ -243,13 +271,3 @@ def predict(
         staged.discard()
         raise
     staged.commit()
-    # The run is complete and its outputs are on disk: the journal has done its job.
-    journal_path.replace(journal_path.with_name(journal_path.name + ".done"))
-    dist.barrier()
-    if stats.oom_halvings:
-        log(f"GPU memory ran out {stats.oom_halvings} time(s); continued with batch size {stats.batch_size_used}")
-    if stats.bad_images:
-        log(f"{len(stats.bad_images)} image(s) could not be read and were answered with a blank image; see {out / 'bad_images.csv'}")
-    if cfg.predict.scoring == "generate" and stats.generate_unparsed:
-        log(f"generate: {stats.generate_unparsed} answer(s) had no parseable letter; used the first-step letter scores")
-    return PredictResult(out, sub, pr, len(ds), seconds, stats, len(done))

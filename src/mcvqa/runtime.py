@@ -1,17 +1,17 @@
 """Process-wide runtime: where this process stands among the others of a launch.
 
 Read once, used by every command: ``predict`` shards its batches with it, ``train`` and ``tune`` learn their rank
-from it. Environment variables set by launchers (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``) are read here and in
-the model loader's device choice, nowhere else.
+from it. The launcher's environment variables come from :func:`mcvqa.config.environment`.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from mcvqa.config import environment
 
 
 @dataclass
@@ -43,7 +43,7 @@ class Dist:
 
 def distributed() -> Dist:
     """Initialise the process group when launched with several processes (gloo on CPU, NCCL on GPUs)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if environment().world_size <= 1:
         return Dist()
     from accelerate import PartialState
 

@@ -1,12 +1,11 @@
 """``mcvqa serve``: a Gradio page to ask the model one question about one picture.
 
-The model is loaded once; each request is one forward pass through the same scorer ``predict`` uses.
+The model is loaded once; each request is one forward pass through the engine and scorer ``predict`` uses.
 An upload that is not a usable image gets a message on the page, not a stack trace.
 """
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,7 @@ class Answerer:
 
     def answer(self, image_path: str | None, question: str, options: list[str]) -> tuple[str, np.ndarray | None]:
         """(markdown message, probabilities or None)."""
-        from mcvqa.features import collate
+        from mcvqa.engine import Engine
         from mcvqa.images import load_prepared
 
         if not image_path:
@@ -44,10 +43,10 @@ class Answerer:
             image = load_prepared(image_path, self.cfg.image)
         except ImageError as e:
             return f"**That file cannot be used as an image:** {e.problem}.", None
-        enc = self.scorer.encoder
+        del image  # readable: checked here for a friendly message; the engine decodes it like predict does
         item = Item(id="web", image=Path(image_path), question=question[: self.cfg.data.max_question_chars], options=tuple(o[: self.cfg.data.max_option_chars] for o in options))  # type: ignore[arg-type]
-        batch = collate([enc.encode(item, image=image)], enc.pad_id, enc.image_token_id)
-        p = self.scorer.logprobs(batch)[0].exp().double().cpu().numpy()
+        # The same engine as predict (out-of-memory halving, bad-image policy), one question, no journal.
+        p = Engine([item], self.scorer.encoder, 1, progress=False).score(self.scorer, sort_by_length=False).probs[0]
         k = int(p.argmax())
         return f"### Answer: **{LETTERS[k]}. {options[k]}**  ({p[k]:.1%})", p
 
@@ -120,4 +119,4 @@ def launch(cfg: Config, *, adapter: str | Path | None = None, examples: Path | N
     app.launch(server_name=host, server_port=port, share=False, allowed_paths=[str(examples.parent)] if examples else None, show_error=True)
 
 
-__all__ = ["Answerer", "build_app", "launch", "bar_chart", "tempfile"]
+__all__ = ["Answerer", "build_app", "launch", "bar_chart"]

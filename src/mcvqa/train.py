@@ -1,7 +1,9 @@
 """``mcvqa train``: LoRA / QLoRA (or full-parameter) training on the answer letter only.
 
-The loop reads top to bottom: setup -> for each epoch: micro-batches -> accumulate -> step -> evaluate
-with the same scorer as ``predict`` -> keep the best -> checkpoint. Details that matter:
+Reads top to bottom as :func:`setup` -> :func:`fit` (for each epoch, :func:`train_epoch`: micro-batches ->
+accumulate -> :func:`optimizer_step`; then :func:`end_epoch`: evaluate with the same scorer as ``predict`` -> keep
+the best -> checkpoint) -> :func:`finish` (publish the outputs). Checkpoints live in :mod:`mcvqa.checkpoint`.
+Details that matter:
 
 * Loss: cross-entropy of the bare answer letter at the answer position only; the LM head runs on B rows,
   never on B x sequence (the full logits of an 8B model at bs 8 x 1,500 tokens would be ~7 GB).
@@ -21,9 +23,8 @@ import logging
 import math
 import os
 import random
-import shutil
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,22 +34,22 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from mcvqa.config import Config
+from mcvqa.checkpoint import checkpoint, latest_checkpoint, load_checkpoint, publish, save_model
+from mcvqa.config import Config, environment
 from mcvqa.data import Dataset, Item, kfold_splits, read_csv, stratified_split
 from mcvqa.errors import McvqaError
 from mcvqa.evaluate import metrics
 from mcvqa.features import Batch, Collator, Encoder, Example, resolve_num_workers, token_lengths
-from mcvqa.io import Staged, atomic_write_json, atomic_write_text, disk_error, disk_problem, recover_dir, replace_dir
+from mcvqa.io import atomic_write_json, atomic_write_text, recover_dir
+from mcvqa.model import core_and_head, unwrap
 from mcvqa.prompts import load_prompt
 from mcvqa.scoring import (
     Scorer,
     allow_prefix_cache_under_checkpointing,
     answer_hidden,
     compute_prefix,
-    core_and_head,
     letter_tokens,
     packed_answer_hidden,
-    unwrap,
 )
 
 log = logging.getLogger(__name__)
@@ -225,147 +226,6 @@ def make_scheduler(optimizer: torch.optim.Optimizer, kind: str, warmup: int, tot
     return get_constant_schedule_with_warmup(optimizer, warmup)
 
 
-# ------------------------------------------------------------------------------------------ checkpoints
-
-
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def _rng_state() -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """RNG state as (JSON-able, tensors): loadable later without unpickling anything."""
-    py = random.getstate()
-    np_state = np.random.get_state()
-    plain = {"python": [py[0], list(py[1]), py[2]], "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
-    tensors = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        tensors.update({f"cuda_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    return plain, tensors
-
-
-def _set_rng_state(plain: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-    py = plain["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    npst = plain["numpy"]
-    np.random.set_state((npst[0], np.array(npst[1], dtype=np.uint32), *npst[2:]))
-    torch.set_rng_state(tensors["torch"])
-    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda_"))]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda)
-
-
-def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: Any, scheduler: Any, state: dict[str, Any]) -> None:
-    """Trainable weights (safetensors), optimizer, scheduler, RNG and progress; written to a temp dir, then renamed."""
-    from safetensors.torch import save_file
-
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    with _cleaned_on_failure(tmp, path):  # a full disk: the checkpoints before this one stay, --resume uses them
-        tmp.mkdir(parents=True)
-        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        plain, tensors = _rng_state()
-        save_file(tensors, str(tmp / "rng.safetensors"))
-        atomic_write_json(tmp / "trainer_state.json", {**state, "rng": plain})
-    replace_dir(tmp, path)
-
-
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: Any, scheduler: Any) -> dict[str, Any]:
-    from safetensors.torch import load_file
-
-    from mcvqa.errors import ModelError
-    from mcvqa.model import check_safetensors
-
-    try:
-        for f in ("trainable.safetensors", "rng.safetensors"):
-            check_safetensors(path / f)
-    except ModelError as e:
-        raise McvqaError(f"{e}; or delete {path} to resume from the checkpoint before it") from None
-    weights = load_file(str(path / "trainable.safetensors"))
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in weights.items():
-            if name not in params:
-                raise McvqaError(f"{path}: checkpoint does not match the model (unknown parameter {name})")
-            params[name].copy_(value.to(params[name].device, params[name].dtype))
-    # weights_only: our own files, loaded without unpickling arbitrary objects.
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True))
-    state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
-    _set_rng_state(state.pop("rng"), load_file(str(path / "rng.safetensors")))
-    return state
-
-
-def latest_checkpoint(out: Path) -> Path | None:
-    ckpts = sorted((out / "checkpoints").glob("step_*[0-9]")) if (out / "checkpoints").exists() else []
-    ckpts = [c for c in ckpts if (c / "trainer_state.json").exists()]
-    return ckpts[-1] if ckpts else None
-
-
-def save_model(path: Path, model: Any, processor: Any, cfg: Config, method: str, extra: dict[str, Any], *, publish: bool = True) -> Path:
-    """``best/`` or ``last/``: a LoRA adapter (safetensors) or a full checkpoint, with its config and metrics.
-
-    Written into ``path.tmp`` first; with ``publish`` renamed to ``path`` at once, else left for the caller.
-    """
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    with _cleaned_on_failure(tmp, path):
-        tmp.mkdir(parents=True)
-        if method == "lora":
-            model.save_pretrained(str(tmp), safe_serialization=True)
-        else:
-            unwrap(model).save_pretrained(str(tmp), safe_serialization=True)
-            processor.save_pretrained(str(tmp))
-        cfg.dump(tmp / "mcvqa.yaml")
-        atomic_write_json(tmp / "metrics.json", extra)
-    if publish:
-        replace_dir(tmp, path)
-    return tmp
-
-
-@contextlib.contextmanager
-def _cleaned_on_failure(tmp: Path, path: Path) -> Iterator[None]:
-    """A folder being written: removed if anything fails, and a full disk said in one line (the file named)."""
-    try:
-        yield
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, Exception) and disk_problem(e):
-            raise disk_error(e, path) from None
-        raise
-
-
-def publish(out: Path, model: Any, processor: Any, cfg: Config, method: str, state: dict[str, Any], summary: dict[str, Any]) -> None:
-    """The run's outputs, all at once at the end: last/, best/, metrics.json, loss.png.
-
-    Everything is written under temporary names first; only when all of it is on disk are the names given.
-    A full disk on the way leaves no final-named output and the checkpoints intact, so ``--resume`` finishes
-    once there is space.
-    """
-    last_tmp = save_model(out / "last", model, processor, cfg, method, {"history": state["history"]}, publish=False)
-    kept_best = out / "checkpoints" / "best"
-    best_src = kept_best
-    staged = Staged()
-    try:
-        if state["best"] is None or not kept_best.exists():  # no validation: the last weights are the best we know
-            best_src = out / "best.tmp"
-            shutil.rmtree(best_src, ignore_errors=True)
-            with _cleaned_on_failure(best_src, out / "best"):
-                shutil.copytree(last_tmp, best_src)
-        staged.json(out / "metrics.json", summary)
-        staged.file(out / "loss.png", lambda p: plot_loss(state["losses"], state["history"], p))
-    except BaseException:
-        staged.discard()
-        shutil.rmtree(last_tmp, ignore_errors=True)
-        if best_src != kept_best:
-            shutil.rmtree(best_src, ignore_errors=True)
-        raise
-    replace_dir(last_tmp, out / "last")
-    replace_dir(best_src, out / "best")
-    staged.commit()
-
-
 # ------------------------------------------------------------------------------------------ trackers
 
 
@@ -388,9 +248,10 @@ class Trackers:
             try:
                 import wandb
 
-                if not os.environ.get("WANDB_API_KEY") and not os.environ.get("WANDB_MODE"):
+                env = environment()
+                if not env.wandb_configured:
                     os.environ["WANDB_MODE"] = "offline"  # no key: log locally, `wandb sync` later
-                self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "mcvqa"), dir=str(out), config=cfg.to_dict(), reinit=True)
+                self.wandb = wandb.init(project=env.wandb_project, dir=str(out), config=cfg.to_dict(), reinit=True)
             except ImportError:
                 log.warning("wandb is not installed (pip install 'mcvqa[wandb]'); not logging to it")
 
@@ -421,6 +282,8 @@ class TrainResult:
     samples_per_second: float
     steps: int
     folds: list[dict[str, Any]] = field(default_factory=list)
+    finished: bool = True
+    """False when ``train.stop_after_steps`` ended the invocation before the schedule did."""
 
 
 def evaluate_split(model: Any, encoder: Encoder, items: Sequence[Item], batch_size: int, progress: bool, prefix_cache: bool = True) -> dict[str, Any]:
@@ -442,6 +305,64 @@ def _is_better(m: dict[str, Any], best: dict[str, Any] | None) -> bool:
     return (m["accuracy"], -m["nll"]) > (best["accuracy"], -best["nll"])
 
 
+@dataclass
+class Run:
+    """What :func:`setup` builds, :func:`fit` moves forward and :func:`finish` writes out."""
+
+    cfg: Config
+    out: Path
+    accelerator: Any
+    processor: Any
+    encoder: Encoder
+    dataset: TrainDataset
+    collator: Collator
+    lengths: list[int]
+    val_items: list[Item]
+    loss_module: Any
+    optimizer: Any
+    scheduler: Any
+    trackers: Trackers
+    autocast_dtype: torch.dtype | None
+    plan: Plan
+    state: dict[str, Any]
+    num_workers: int
+    progress: bool
+    log_fn: Callable[[str], None]
+    samples_seen: int = 0
+    marks: list[tuple[float, int]] = field(default_factory=list)
+    """(time, samples) after each optimiser step, for the steady-state rate."""
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def main(self) -> bool:
+        return bool(self.accelerator.is_main_process)
+
+    @property
+    def model(self) -> Any:
+        return self.accelerator.unwrap_model(self.loss_module).model
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The schedule, a function of the data size and the settings only (so a resumed run agrees with it)."""
+
+    micro_per_epoch: int
+    steps_per_epoch: int
+    total_steps: int
+    warmup: int
+
+    @classmethod
+    def of(cls, n_items: int, tc: Any, world: int) -> Plan:
+        micro = math.ceil(n_items / tc.batch_size) // world
+        if micro == 0:
+            raise McvqaError(f"{n_items} training rows give no batch of {tc.batch_size} per process")
+        per_epoch = math.ceil(micro / tc.grad_accum)
+        total = max(1, math.ceil(per_epoch * tc.epochs))
+        if tc.max_steps:
+            total = min(total, tc.max_steps)
+        return cls(micro, per_epoch, total, int(round(tc.warmup_ratio * total)))
+
+
 def train_split(
     cfg: Config,
     train_ds: Dataset | Sequence[Item],
@@ -451,18 +372,14 @@ def train_split(
     resume: bool = False,
     progress: bool = True,
     log_fn: Callable[[str], None] = print,
-    stop_after_steps: int | None = None,
-    epoch_callback: Callable[[int, dict[str, Any]], None] | None = None,
+    on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
 ) -> TrainResult:
     """Train on ``train_ds``, validate on ``val_items`` each epoch, keep the best. The heart of ``mcvqa train``.
 
-    ``stop_after_steps`` simulates an interruption (tests); ``epoch_callback(epoch, metrics)`` lets a tuner
-    report and prune (it may raise to stop).
+    ``on_epoch_end(epoch, validation metrics)`` is how a tuner reports and prunes (it may raise to stop).
     """
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
 
-    tc = cfg.train
     out.mkdir(parents=True, exist_ok=True)
     for folder in ("best", "last"):
         recover_dir(out / folder)  # a kill between the two renames of a folder swap
@@ -471,174 +388,228 @@ def train_split(
         raise McvqaError(f"{out} already holds a training run ({ckpt.name}); pass --resume to continue it or use another --out")
     if ckpt is None and resume:
         log_fn(f"no checkpoint in {out} to resume; starting fresh")
-    device_cfg = cfg.model.device
-    cpu = device_cfg == "cpu" or (device_cfg == "auto" and not torch.cuda.is_available())
-    # Weights load in bf16/fp16 on GPUs; LoRA parameters stay fp32 and the autocast below mixes them.
-    accelerator = Accelerator(cpu=cpu)
-    rank, world = accelerator.process_index, accelerator.num_processes
-    set_seed(tc.seed)
-
-    model, processor = build_model(cfg, log_fn)
-    encoder = Encoder(processor, load_prompt(cfg.prompt.name), cfg.image)
-    letters = letter_tokens(processor.tokenizer)
     items = list(train_ds)
     if any(it.answer is None for it in items):
         raise McvqaError("every training row needs an answer")
-    dataset = TrainDataset(items, encoder, tc.option_shuffle, tc.seed)
-    lengths = token_lengths(items, encoder)
+    # Weights load in bf16/fp16 on GPUs; LoRA parameters stay fp32 and the autocast in the step mixes them.
+    accelerator = Accelerator(cpu=_on_cpu(cfg))
+    plan = Plan.of(len(items), cfg.train, accelerator.num_processes)
+    if ckpt is not None and (done := _already_finished(out, ckpt, plan, log_fn)) is not None:
+        return done  # before any model is loaded
+    run = setup(cfg, items, list(val_items), out, accelerator, plan, ckpt, progress=progress, log_fn=log_fn)
+    if fit(run, on_epoch_end):
+        return finish(run)
+    return _result(run, finished=False)
+
+
+def _on_cpu(cfg: Config) -> bool:
+    return cfg.model.device == "cpu" or (cfg.model.device == "auto" and not torch.cuda.is_available())
+
+
+def _already_finished(out: Path, ckpt: Path, plan: Plan, log_fn: Callable[[str], None]) -> TrainResult | None:
+    state = json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))
+    if state["global_step"] < plan.total_steps or not (out / "metrics.json").exists() or not (out / "last").exists():
+        return None
+    log_fn(f"{out}: training already finished (step {state['global_step']} of {plan.total_steps}); nothing to resume")
+    saved = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    return TrainResult(
+        out, out / "best", saved.get("best") or {}, saved.get("history", []), float(saved.get("seconds") or 0.0),
+        float(saved.get("samples_per_second") or 0.0), state["global_step"],
+    )
+
+
+def setup(
+    cfg: Config, items: list[Item], val_items: list[Item], out: Path, accelerator: Any, plan: Plan, ckpt: Path | None,
+    *, progress: bool, log_fn: Callable[[str], None],
+) -> Run:
+    """Seed, model, data, loss, optimiser, schedule, trackers; the checkpoint's state restored when resuming."""
+    from accelerate.utils import set_seed
+
+    tc = cfg.train
+    cpu = accelerator.device.type == "cpu"
+    set_seed(tc.seed)
+    model, processor = build_model(cfg, log_fn)
+    encoder = Encoder(processor, load_prompt(cfg.prompt.name), cfg.image)
     shared = tc.shared_prefix
     if shared == "auto":
         # Measured on an H100 (BENCHMARKS.md): packed wins with 4-bit weights (one dequantisation per layer
         # pass), the cached prefix wins with bf16 weights and on CPU.
         shared = "packed" if cfg.model.quant != "none" and not cpu else "cache"
-    collator = Collator(encoder, with_prefix=shared == "off")
-
-    loss_module = AnswerLoss(model, encoder.prefix_ids, letters.target, shared_prefix=shared)
+    loss_module = AnswerLoss(model, encoder.prefix_ids, letter_tokens(processor.tokenizer).target, shared_prefix=shared)
     optimizer = torch.optim.AdamW(param_groups(loss_module, tc.weight_decay), lr=tc.lr, betas=(0.9, 0.999), eps=1e-8)
-    micro_per_epoch = math.ceil(len(items) / tc.batch_size) // world
-    if micro_per_epoch == 0:
-        raise McvqaError(f"{len(items)} training rows give no batch of {tc.batch_size} per process")
-    steps_per_epoch = math.ceil(micro_per_epoch / tc.grad_accum)
-    total_steps = max(1, math.ceil(steps_per_epoch * tc.epochs))
-    if tc.max_steps:
-        total_steps = min(total_steps, tc.max_steps)
-    warmup = int(round(tc.warmup_ratio * total_steps))
-    scheduler = make_scheduler(optimizer, tc.scheduler, warmup, total_steps)
+    scheduler = make_scheduler(optimizer, tc.scheduler, plan.warmup, plan.total_steps)
     # The model is already on its device (device_map at load time; moving 4-bit weights again is an error).
     loss_module, optimizer = accelerator.prepare(loss_module, optimizer, device_placement=[False, False])
-    trackers = Trackers(tc.report_to, out, cfg, enabled=accelerator.is_main_process)
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.model.dtype)
     if not cpu and autocast_dtype is None:
         autocast_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
     state: dict[str, Any] = {"global_step": 0, "epoch": 0, "micro_in_epoch": 0, "best": None, "history": [], "losses": []}
     if ckpt is not None:
         state = load_checkpoint(ckpt, accelerator.unwrap_model(loss_module), optimizer, scheduler)
-        if state["global_step"] >= total_steps and (out / "metrics.json").exists() and (out / "last").exists():
-            log_fn(f"{out}: training already finished (step {state['global_step']} of {total_steps}); nothing to resume")
-            trackers.close()
-            saved = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
-            return TrainResult(out, out / "best", saved.get("best") or {}, saved.get("history", []), float(saved.get("seconds") or 0.0), float(saved.get("samples_per_second") or 0.0), state["global_step"])
         log_fn(f"resumed from {ckpt} (step {state['global_step']}, epoch {state['epoch']})")
     if accelerator.is_main_process:
         cfg.dump(out / "config.yaml")
+    return Run(
+        cfg=cfg, out=out, accelerator=accelerator, processor=processor, encoder=encoder,
+        dataset=TrainDataset(items, encoder, tc.option_shuffle, tc.seed), collator=Collator(encoder, with_prefix=shared == "off"),
+        lengths=token_lengths(items, encoder), val_items=val_items, loss_module=loss_module, optimizer=optimizer,
+        scheduler=scheduler, trackers=Trackers(tc.report_to, out, cfg, enabled=accelerator.is_main_process),
+        autocast_dtype=autocast_dtype, plan=plan, state=state,
+        # Decoding 8 photos and running the image processor takes ~0.1 s of one core per batch; in the main
+        # process it would sit between launch-bound QLoRA steps of ~1.1 s on an H100 (BENCHMARKS.md).
+        num_workers=resolve_num_workers(tc.num_workers), progress=progress, log_fn=log_fn,
+    )
 
+
+def fit(run: Run, on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None) -> bool:
+    """Epochs until the schedule ends; True when it did, False when ``train.stop_after_steps`` ended this
+    invocation first (a checkpoint holds where it stopped)."""
+    tc, state = run.cfg.train, run.state
+    stop_at = state["global_step"] + tc.stop_after_steps if tc.stop_after_steps else None
+    bar = tqdm(total=run.plan.total_steps, initial=state["global_step"], desc="training", unit="step", disable=not run.progress or not run.main, dynamic_ncols=True)
+    run.loss_module.train()
+    try:
+        while state["global_step"] < run.plan.total_steps and state["epoch"] < math.ceil(tc.epochs):
+            if not train_epoch(run, bar, stop_at):
+                checkpoint(run.accelerator, run.out, run.loss_module, run.optimizer, run.scheduler, state, tc.save_total_limit)
+                run.log_fn(f"stopped after {tc.stop_after_steps} steps at step {state['global_step']} of {run.plan.total_steps} (train.stop_after_steps); --resume continues")
+                return False
+            end_epoch(run, on_epoch_end)
+    finally:
+        bar.close()
+    return True
+
+
+def epoch_loader(run: Run, epoch: int) -> tuple[list[list[int]], torch.utils.data.DataLoader]:
+    """This process's batches of ``epoch`` and a loader from where the epoch stands (resume)."""
+    tc = run.cfg.train
+    world, rank = run.accelerator.num_processes, run.accelerator.process_index
+    run.dataset.epoch = epoch
+    batches = epoch_batches(run.lengths, tc.batch_size, tc.seed, epoch, tc.group_by_length)
+    batches = batches[: len(batches) // world * world][rank::world]
     n_epochs = math.ceil(tc.epochs)
-    samples_seen, t_start = 0, time.perf_counter()
-    # Decoding 8 photos and running the image processor takes ~0.1 s of one core per batch; in the main
-    # process it would sit between launch-bound QLoRA steps of ~1.1 s on an H100 (BENCHMARKS.md).
-    num_workers = resolve_num_workers(tc.num_workers)
-    marks: list[tuple[float, int]] = []  # (time, samples) after each optimiser step, for the steady-state rate
+    if tc.epochs < n_epochs and epoch == n_epochs - 1:  # fractional last epoch
+        batches = batches[: max(1, round(len(batches) * (tc.epochs - epoch)))]
+    loader = torch.utils.data.DataLoader(
+        run.dataset,
+        batch_sampler=batches[run.state["micro_in_epoch"] :],
+        collate_fn=run.collator,
+        num_workers=run.num_workers,
+        pin_memory=run.accelerator.device.type != "cpu",
+        # Its own generator: a DataLoader draws a seed when iterated, which would shift the global RNG
+        # (dropout) differently in a resumed epoch than in an uninterrupted one.
+        generator=torch.Generator().manual_seed(tc.seed * 7919 + epoch),
+    )
+    return batches, loader
+
+
+def train_epoch(run: Run, bar: Any, stop_at: int | None) -> bool:
+    """The micro-batches of the current epoch, an optimiser step every ``grad_accum``. False when ``stop_at``
+    was reached (the epoch is unfinished), True when the epoch or the whole schedule ended."""
+    tc, state, acc = run.cfg.train, run.state, run.accelerator
+    batches, loader = epoch_loader(run, state["epoch"])
     running: list[float] = []
-    done = state["global_step"] >= total_steps
-    bar = tqdm(total=total_steps, initial=state["global_step"], desc="training", unit="step", disable=not progress or not accelerator.is_main_process, dynamic_ncols=True)
-    model.train()
-    while not done and state["epoch"] < n_epochs:
-        epoch = state["epoch"]
-        dataset.epoch = epoch
-        batches = epoch_batches(lengths, tc.batch_size, tc.seed, epoch, tc.group_by_length)
-        batches = batches[: len(batches) // world * world][rank::world]
-        if tc.epochs < n_epochs and epoch == n_epochs - 1:  # fractional last epoch
-            batches = batches[: max(1, round(len(batches) * (tc.epochs - epoch)))]
-        skip = state["micro_in_epoch"]
-        loader = torch.utils.data.DataLoader(
-            dataset,
-            batch_sampler=batches[skip:],
-            collate_fn=collator,
-            num_workers=num_workers,
-            pin_memory=not cpu,
-            # Its own generator: a DataLoader draws a seed when iterated, which would shift the global RNG
-            # (dropout) differently in a resumed epoch than in an uninterrupted one.
-            generator=torch.Generator().manual_seed(tc.seed * 7919 + epoch),
-        )
-        micro = skip
-        for batch in loader:
-            batch = batch.to(accelerator.device)
-            last_micro = (micro + 1) % tc.grad_accum == 0 or micro + 1 == len(batches)
-            with accelerator.no_sync(loss_module) if not last_micro else contextlib.nullcontext():
-                with torch.autocast(device_type=accelerator.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                    loss, _ = loss_module(batch)
-                # Mean over the micro-batches of one optimiser step (the last step of an epoch may have fewer).
-                group = tc.grad_accum if micro // tc.grad_accum < len(batches) // tc.grad_accum else len(batches) % tc.grad_accum
-                accelerator.backward(loss / max(1, group))
-            running.append(float(loss.detach()))
-            samples_seen += len(batch)
-            micro += 1
-            state["micro_in_epoch"] = micro
-            if not last_micro:
-                continue
-            if tc.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(loss_module.parameters(), tc.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            state["global_step"] += 1
-            marks.append((time.perf_counter(), samples_seen))
-            step_loss = sum(running) / len(running)
-            running = []
-            state["losses"].append([state["global_step"], step_loss])
-            bar.update(1)
-            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-            if state["global_step"] % tc.log_every == 0:
-                trackers.log({"train/loss": step_loss, "train/lr": scheduler.get_last_lr()[0]}, state["global_step"])
-            if tc.checkpoint_every_steps and state["global_step"] % tc.checkpoint_every_steps == 0 and micro < len(batches):
-                _checkpoint(accelerator, out, loss_module, optimizer, scheduler, state, tc.save_total_limit)
-            if stop_after_steps is not None and state["global_step"] >= stop_after_steps:
-                _checkpoint(accelerator, out, loss_module, optimizer, scheduler, state, tc.save_total_limit)
-                bar.close()
-                trackers.close()
-                raise InterruptedError(f"stopped after {stop_after_steps} steps (simulated interruption)")
-            if state["global_step"] >= total_steps:
-                done = True
-                break
-        # ---- end of epoch: evaluate with predict's scorer, keep the best, checkpoint
-        state["epoch"] = epoch + 1
-        state["micro_in_epoch"] = 0
-        entry: dict[str, Any] = {"epoch": epoch + 1, "step": state["global_step"], "train_loss": _mean_tail(state["losses"], steps_per_epoch)}
-        if tc.eval_every == "epoch" and val_items and accelerator.is_main_process:
-            m = evaluate_split(accelerator.unwrap_model(loss_module).model, encoder, val_items, cfg.predict.batch_size, progress)
-            entry.update({"val_accuracy": m["accuracy"], "val_nll": m["nll"], "val_ece": m["ece"]})
-            trackers.log({"val/accuracy": m["accuracy"], "val/nll": m["nll"]}, state["global_step"])
-            log_fn(
-                f"epoch {epoch + 1}: train loss {entry['train_loss']:.4f} (cross-entropy over the vocabulary)  "
-                f"val accuracy {m['accuracy']:.4f}  val nll {m['nll']:.4f} (over a-d)"
-            )
-            if _is_better(m, state["best"]):
-                state["best"] = {"epoch": epoch + 1, "step": state["global_step"], "accuracy": m["accuracy"], "nll": m["nll"], "ece": m["ece"]}
-                # Kept beside the checkpoints until the run succeeds: best/ appears with the run's other outputs.
-                save_model(out / "checkpoints" / "best", accelerator.unwrap_model(loss_module).model, processor, cfg, tc.method, {"best": state["best"], "metrics": m})
-            if epoch_callback is not None:
-                epoch_callback(epoch + 1, m)
-        elif accelerator.is_main_process:
-            log_fn(f"epoch {epoch + 1}: train loss {entry['train_loss']:.4f} (cross-entropy over the vocabulary)")
-        state["history"].append(entry)
-        _checkpoint(accelerator, out, loss_module, optimizer, scheduler, state, tc.save_total_limit)
-    bar.close()
-    seconds = time.perf_counter() - t_start
-    unwrapped = accelerator.unwrap_model(loss_module).model
-    if accelerator.is_main_process:
+    for batch in loader:
+        micro = state["micro_in_epoch"]
+        last_micro = (micro + 1) % tc.grad_accum == 0 or micro + 1 == len(batches)
+        with acc.no_sync(run.loss_module) if not last_micro else contextlib.nullcontext():
+            with torch.autocast(device_type=acc.device.type, dtype=run.autocast_dtype, enabled=run.autocast_dtype is not None):
+                loss, _ = run.loss_module(batch.to(acc.device))
+            # Mean over the micro-batches of one optimiser step (the last step of an epoch may have fewer).
+            group = tc.grad_accum if micro // tc.grad_accum < len(batches) // tc.grad_accum else len(batches) % tc.grad_accum
+            acc.backward(loss / max(1, group))
+        running.append(float(loss.detach()))
+        run.samples_seen += len(batch)
+        state["micro_in_epoch"] = micro + 1
+        if not last_micro:
+            continue
+        optimizer_step(run, sum(running) / len(running), bar)
+        running = []
+        if tc.checkpoint_every_steps and state["global_step"] % tc.checkpoint_every_steps == 0 and micro + 1 < len(batches):
+            checkpoint(acc, run.out, run.loss_module, run.optimizer, run.scheduler, state, tc.save_total_limit)
+        if state["global_step"] >= run.plan.total_steps:
+            return True
+        if stop_at is not None and state["global_step"] >= stop_at:
+            return False
+    return True
+
+
+def optimizer_step(run: Run, step_loss: float, bar: Any) -> None:
+    """Clip, step, schedule, zero; then record and log the step's loss."""
+    tc, state = run.cfg.train, run.state
+    if tc.max_grad_norm > 0:
+        run.accelerator.clip_grad_norm_(run.loss_module.parameters(), tc.max_grad_norm)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    state["global_step"] += 1
+    run.marks.append((time.perf_counter(), run.samples_seen))
+    state["losses"].append([state["global_step"], step_loss])
+    lr = run.scheduler.get_last_lr()[0]
+    bar.update(1)
+    bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
+    if state["global_step"] % tc.log_every == 0:
+        run.trackers.log({"train/loss": step_loss, "train/lr": lr}, state["global_step"])
+
+
+def end_epoch(run: Run, on_epoch_end: Callable[[int, dict[str, Any]], None] | None) -> None:
+    """Validate with predict's scorer, keep the best adapter, log, checkpoint."""
+    tc, state = run.cfg.train, run.state
+    epoch = state["epoch"] + 1
+    state["epoch"], state["micro_in_epoch"] = epoch, 0
+    entry: dict[str, Any] = {"epoch": epoch, "step": state["global_step"], "train_loss": _mean_tail(state["losses"], run.plan.steps_per_epoch)}
+    line = f"epoch {epoch}: train loss {entry['train_loss']:.4f} (cross-entropy over the vocabulary)"
+    if tc.eval_every == "epoch" and run.val_items and run.main:
+        m = evaluate_split(run.model, run.encoder, run.val_items, run.cfg.predict.batch_size, run.progress)
+        run.loss_module.train()
+        entry.update({"val_accuracy": m["accuracy"], "val_nll": m["nll"], "val_ece": m["ece"]})
+        run.trackers.log({"val/accuracy": m["accuracy"], "val/nll": m["nll"]}, state["global_step"])
+        line += f"  val accuracy {m['accuracy']:.4f}  val nll {m['nll']:.4f} (over a-d)"
+        if _is_better(m, state["best"]):
+            state["best"] = {"epoch": epoch, "step": state["global_step"], "accuracy": m["accuracy"], "nll": m["nll"], "ece": m["ece"]}
+            # Kept beside the checkpoints until the run succeeds: best/ appears with the run's other outputs.
+            save_model(run.out / "checkpoints" / "best", run.model, run.processor, run.cfg, tc.method, {"best": state["best"], "metrics": m})
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, m)
+    if run.main:
+        run.log_fn(line)
+    state["history"].append(entry)
+    checkpoint(run.accelerator, run.out, run.loss_module, run.optimizer, run.scheduler, state, tc.save_total_limit)
+
+
+def finish(run: Run) -> TrainResult:
+    """last/, best/, metrics.json and loss.png, published together (main process); trackers closed."""
+    seconds = time.perf_counter() - run.started
+    world = run.accelerator.num_processes
+    if run.main:
         summary = {
-            "best": state["best"],
-            "history": state["history"],
-            "losses": state["losses"],
-            "steps": state["global_step"],
+            "best": run.state["best"],
+            "history": run.state["history"],
+            "losses": run.state["losses"],
+            "steps": run.state["global_step"],
             "seconds": round(seconds, 2),
-            "samples_per_second": round(samples_seen * world / seconds, 3) if seconds > 0 else None,
-            "steady_samples_per_second": _steady_rate(marks, world),
+            "samples_per_second": round(run.samples_seen * world / seconds, 3) if seconds > 0 else None,
+            "steady_samples_per_second": _steady_rate(run.marks, world),
             # What the card needed at its peak (this process's allocations), for "does it fit on a smaller GPU".
-            "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if not cpu else None,
+            "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if run.accelerator.device.type == "cuda" else None,
         }
-        publish(out, unwrapped, processor, cfg, tc.method, state, summary)
-    trackers.close()
-    accelerator.wait_for_everyone()
+        publish(run.out, run.model, run.processor, run.cfg, run.cfg.train.method, run.state, summary)
+    run.accelerator.wait_for_everyone()
+    return _result(run, finished=True)
+
+
+def _result(run: Run, finished: bool) -> TrainResult:
+    run.trackers.close()
+    seconds = time.perf_counter() - run.started
     return TrainResult(
-        out=out,
-        best=out / "best",
-        best_metrics=state["best"] or {},
-        history=state["history"],
+        out=run.out,
+        best=run.out / "best" if finished else None,
+        best_metrics=run.state["best"] or {},
+        history=run.state["history"],
         seconds=seconds,
-        samples_per_second=samples_seen * world / seconds if seconds > 0 else 0.0,
-        steps=state["global_step"],
+        samples_per_second=run.samples_seen * run.accelerator.num_processes / seconds if seconds > 0 else 0.0,
+        steps=run.state["global_step"],
+        finished=finished,
     )
 
 
@@ -654,51 +625,6 @@ def _steady_rate(marks: list[tuple[float, int]], world: int, skip: int = 3) -> f
         return None
     (t0, n0), (t1, n1) = marks[skip], marks[-1]
     return round((n1 - n0) * world / (t1 - t0), 3) if t1 > t0 else None
-
-
-def _checkpoint(accelerator: Any, out: Path, loss_module: Any, optimizer: Any, scheduler: Any, state: dict[str, Any], keep: int) -> None:
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        path = out / "checkpoints" / f"step_{state['global_step']:07d}"
-        save_checkpoint(path, accelerator.unwrap_model(loss_module), optimizer, scheduler, state)
-        for old in sorted((out / "checkpoints").glob("step_*[0-9]"))[: -max(1, keep)]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-
-
-def plot_loss(losses: list[list[float]], history: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    from mcvqa.plotting import setup
-
-    setup()
-
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-    if losses:
-        steps, vals = zip(*losses)
-        ax.plot(steps, vals, lw=1, alpha=0.5, label="train loss (per step)")
-        k = max(1, len(vals) // 25)
-        smooth = np.convolve(vals, np.ones(k) / k, mode="valid")
-        ax.plot(steps[k - 1 :], smooth, lw=2, label=f"train loss ({k}-step mean)")
-    ax.set_xlabel("optimiser step")
-    ax.set_ylabel("cross-entropy of the answer letter")
-    ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    val = [(h["step"], h["val_accuracy"]) for h in history if "val_accuracy" in h]
-    if val:
-        ax2 = ax.twinx()
-        ax2.plot(*zip(*val), "o-", color="tab:green", label="validation accuracy")
-        ax2.set_ylabel("validation accuracy")
-        ax2.set_ylim(0, 1.02)
-        ax2.legend(loc="lower left")
-    ax.legend(loc="upper right")
-    ax.set_title("mcvqa train")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fig.savefig(path, format="png")
-    finally:
-        plt.close(fig)
 
 
 def train(

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import shutil
 import time
 from collections.abc import Callable
@@ -131,15 +130,16 @@ def _independent_worker(base: Config, opts: TuneOptions) -> tuple[Config, TuneOp
 
     import torch
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    from mcvqa.config import LAUNCHER_VARIABLES, environment
+
+    env = environment()
+    if env.world_size <= 1:
         return base, opts
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
+    rank, local = env.rank, env.local_rank
     if torch.cuda.is_available() and base.model.device == "auto":
         torch.cuda.set_device(local)
         base = apply(base, {"model.device": f"cuda:{local}"})
-    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE", "GROUP_WORLD_SIZE"):
+    for key in LAUNCHER_VARIABLES:
         os.environ.pop(key, None)
     return base, dataclasses.replace(opts, seed=opts.seed + rank)
 
@@ -241,7 +241,7 @@ def tune(
                     if trial.should_prune():
                         raise optuna.TrialPruned(f"fold {k}, epoch {epoch}: accuracy {m['accuracy']:.4f}")
 
-                res = train_split(cfg, train_items, val_items, trial_dir / f"fold_{k}", progress=progress, log_fn=lambda s: None, epoch_callback=report)
+                res = train_split(cfg, train_items, val_items, trial_dir / f"fold_{k}", progress=progress, log_fn=lambda s: None, on_epoch_end=report)
                 scores.append(score(res.best_metrics))
             value = float(sum(scores) / len(scores))
             trial.set_user_attr("fold_accuracies", scores)
