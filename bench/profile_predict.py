@@ -35,6 +35,7 @@ class Timers:
 
     def __init__(self) -> None:
         self.total: dict[str, float] = {}
+        self.calls: dict[str, list[float]] = {}
 
     def wrap(self, module: torch.nn.Module, name: str) -> None:
         forward = module.forward
@@ -45,6 +46,7 @@ class Timers:
             out = forward(*a, **k)
             sync()
             self.total[name] = self.total.get(name, 0.0) + time.perf_counter() - t
+            self.calls.setdefault(name, []).append(time.perf_counter() - t)
             return out
 
         module.forward = timed  # type: ignore[method-assign]
@@ -73,6 +75,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=800)
     ap.add_argument("--batch-sizes", default="16,32")
     ap.add_argument("--compile", default="off")
+    ap.add_argument("--orders", type=int, default=0, help="also profile --tta orders at this batch size (0: skip)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     info = versions()
@@ -150,6 +153,9 @@ def main() -> None:
     rows.append(row)
     log(row)
 
+    if args.orders:
+        profile_orders(scorer, items, args, rows, timers)
+
     # 4. profiler: top kernels and CPU ops over 4 batches
     from torch.profiler import ProfilerActivity, profile
 
@@ -162,6 +168,55 @@ def main() -> None:
     (args.out / f"profile_{tag}_cpu.txt").write_text(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40))
     log(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25))
     (args.out / f"profile_{tag}.json").write_text(json.dumps({"versions": info, "date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=2))
+
+
+def profile_orders(scorer: Any, items: list, args: argparse.Namespace, rows: list, timers: Timers) -> None:
+    """``--tta orders``: all 4 cyclic orders per question against one order, same questions, same batch size;
+    stage 1 (image + question) and stage 2 (the option segments) timed apart."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from mcvqa.adapt import item_orders
+    from mcvqa.features import Collator
+
+    enc, bs = scorer.encoder, args.orders
+    n = min(len(items), 256)
+    sel = sorted(range(n), key=lambda i: len(enc.encode(items[i]).suffix_ids))
+    oexs = [enc.encode_orders(items[i], item_orders(items[i], 4)) for i in sel]
+    exs = [enc.encode(items[i]) for i in sel]
+    collate = Collator(enc, with_prefix=False)
+    single = [collate(exs[s : s + bs]).to(scorer.device) for s in range(0, n, bs)]
+    groups = [oexs[s : s + bs] for s in range(0, n, bs)]
+    scorer.logprobs(single[0])
+    scorer.logprobs_orders(groups[0])
+    timers.total.clear()
+    sync()
+    t = time.perf_counter()
+    for b in single:
+        scorer.logprobs(b)
+    sync()
+    one = time.perf_counter() - t
+    timers.total.clear()
+    timers.calls.clear()
+    sync()
+    t = time.perf_counter()
+    for g in groups:
+        scorer.logprobs_orders(g)
+    sync()
+    four = time.perf_counter() - t
+    row = {"what": f"orders, batch {bs}: 4 orders vs 1 per question", "one_order_q_per_s": round(n / one, 1), "four_orders_q_per_s": round(n / four, 1),
+           "ratio": round(four / one, 2)}
+    row.update({f"4 orders: {k} ms/batch": round(1000 * v / len(groups), 1) for k, v in timers.total.items()})
+    lm = timers.calls.get("language model", [])
+    row["4 orders: LM stage 1 (image + question) ms/batch"] = round(1000 * sum(lm[0::2]) / len(groups), 1)
+    row["4 orders: LM stage 2 (option segments) ms/batch"] = round(1000 * sum(lm[1::2]) / len(groups), 1)
+    rows.append(row)
+    log(row)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for g in groups[:2]:
+            scorer.logprobs_orders(g)
+        sync()
+    (args.out / f"profile_{args.quant}_orders_cuda.txt").write_text(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40))
+    log(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=20))
 
 
 if __name__ == "__main__":

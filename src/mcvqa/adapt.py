@@ -29,7 +29,7 @@ from mcvqa.config import ADAPTIVE, TTAConfig
 from mcvqa.data import Item
 from mcvqa.engine import Engine, Scored, logits_step
 from mcvqa.errors import McvqaError
-from mcvqa.features import Batch, Example, collate, cyclic_orders
+from mcvqa.features import Batch, Example, OrderedExample, collate, cyclic_orders
 from mcvqa.images import prepare
 from mcvqa.model import core_and_head
 from mcvqa.scoring import MAX_ENTROPY, Scorer, entropy
@@ -113,6 +113,17 @@ def score_orders(scorer: Scorer, items: Sequence[Item], k: int = 4, batch_size: 
         exs = [enc.encode_orders(items[i], [tuple(o) for o in orders[i]]) for i in r]
         out[list(r)] = scorer.logprobs_orders(exs).double().cpu().numpy()
     return out, orders
+
+
+class OrdersEncoding:
+    """Picklable: an item encoded under its k cyclic option orders, images replaced by a blank when unreadable
+    (the engine applies the bad-image policy to what comes back)."""
+
+    def __init__(self, encoder: Any, k: int) -> None:
+        self.encoder, self.k = encoder, k
+
+    def __call__(self, item: Item) -> OrderedExample:
+        return self.encoder.encode_orders(item, item_orders(item, self.k), on_bad_image="skip")
 
 
 def order_average(scorer: Scorer, items: Sequence[Item], k: int = 4, batch_size: int = 16, progress: bool = False) -> TTAResult:
@@ -613,8 +624,10 @@ def run_tta(scorer: Scorer, items: Sequence[Item], cfg: TTAConfig, engine: Engin
     if adaptive:
         return _run_adaptive(adaptive[0], scorer, cfg, engine)
 
-    def orders_fn(b: list[Item]) -> Scored:
-        lp, _ = score_orders(scorer, b, cfg.orders, len(b))
+    encode = OrdersEncoding(scorer.encoder, cfg.orders)  # in DataLoader workers, ahead of the GPU
+
+    def orders_fn(exs: list[OrderedExample]) -> Scored:
+        lp = scorer.logprobs_orders(exs).double().cpu().numpy()
         return Scored(_normalise(lp.mean(axis=1)), np.exp(lp))
 
     def views_fn(b: list[Item]) -> Scored:
@@ -627,7 +640,7 @@ def run_tta(scorer: Scorer, items: Sequence[Item], cfg: TTAConfig, engine: Engin
         est = sorted(random.Random(0).sample(range(n), m))
         in_est = set(est)
         rest = [i for i in every if i not in in_est]
-        scored = engine.map("pride-estimate", est, orders_fn, "PriDe prior")
+        scored = engine.map("pride-estimate", est, orders_fn, "PriDe prior", prepare=encode)
         orders = np.array([item_orders(items[i], cfg.orders) for i in est], dtype=np.int64).reshape(m, cfg.orders, 4)
         prior = estimate_prior(np.log(np.clip(scored.per_order, 1e-300, 1.0)), orders)
         probs = np.zeros((n, 4))
@@ -636,7 +649,7 @@ def run_tta(scorer: Scorer, items: Sequence[Item], cfg: TTAConfig, engine: Engin
             probs[rest] = _normalise(np.log(engine.score(scorer, rest, sort_by_length=False, phase="plain", desc="PriDe").probs) - np.log(prior))
         res = TTAResult(probs, Cost(1.0 + (cfg.orders - 1) * m / n, 0.0), notes={"prior": prior.tolist(), "estimation_questions": m})
     elif "orders" in methods:
-        out = engine.map("orders", every, orders_fn, "orders")
+        out = engine.map("orders", every, orders_fn, "orders", prepare=encode)
         res = TTAResult(out.probs, Cost(float(cfg.orders), 0.0), per_order=out.per_order)
     elif views is not None:
         res, views = TTAResult(views.probs, view_cost), None  # the views include the original image: no plain pass

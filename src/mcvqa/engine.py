@@ -159,6 +159,33 @@ def _halves(work: Any) -> list[Any]:
     return [work[:half], work[half:]]
 
 
+class _Prepared(torch.utils.data.Dataset):
+    """Items through a picklable ``prepare`` (e.g. tokenise and decode), run in DataLoader workers."""
+
+    def __init__(self, items: Sequence[Item], prepare: Callable[[Item], Any]) -> None:
+        self.items, self.prepare = items, prepare
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.prepare(self.items[i])
+
+
+def _as_list(xs: list[Any]) -> list[Any]:
+    return xs
+
+
+def iterate_prepared(items: Sequence[Item], batches: Sequence[Sequence[int]], prepare: Callable[[Item], Any], num_workers: int = 0) -> Iterator[list[Any]]:
+    """Lists of ``prepare(item)`` in the given batch order, made in ``num_workers`` processes ahead of use."""
+    loader = torch.utils.data.DataLoader(
+        _Prepared(items, prepare), batch_sampler=[list(b) for b in batches], collate_fn=_as_list,
+        num_workers=resolve_num_workers(num_workers), persistent_workers=False,
+        generator=torch.Generator().manual_seed(0),
+    )
+    yield from loader
+
+
 def iterate_batches(
     items: Sequence[Item],
     encoder: Encoder,
@@ -218,9 +245,10 @@ class Scored:
 class Engine:
     """Scores questions batch by batch with the guarantees every path shares.
 
-    ``map(phase, indices, fn)`` calls ``fn`` on consecutive batches of ``items[indices]``: a list of items, or with
+    ``map(phase, indices, fn)`` calls ``fn`` on consecutive batches of ``items[indices]``: a list of items; with
     ``encode=True`` a :class:`~mcvqa.features.Batch` whose images were decoded and tokenised in DataLoader workers
-    while the previous batch ran. For every batch it:
+    while the previous batch ran; with ``prepare`` (a picklable function of one item, e.g. encoding under every
+    option order) the list of its results, made the same way. For every batch it:
 
     * journals the result (phase, batch) before the next batch starts, so a killed run resumes where it stopped
       and, for a method that is a function of each batch alone, ends byte-identical; batches already in the
@@ -250,6 +278,7 @@ class Engine:
     def map(
         self, phase: str, indices: Sequence[int], fn: Callable[[Any], Scored], desc: str = "", batch_size: int | None = None,
         *, encode: bool = False, with_prefix: bool = False, sort_by_length: bool = False, leave: bool = False,
+        prepare: Callable[[Item], Any] | None = None,
     ) -> Scored:
         indices = list(indices)
         slices = self._slices(indices, batch_size or self.batch_size, sort_by_length)
@@ -261,10 +290,14 @@ class Engine:
                 results[b] = (slices[b], rec["probs"], rec.get("per_order"), rec.get("bad", []))
         todo = [b for b in mine if b not in results]
         total = sum(len(slices[b]) for b in mine)
-        works: Iterator[Any] = (
-            iterate_batches(self.items, self.encoder, [slices[b] for b in todo], with_prefix=with_prefix, num_workers=self.num_workers)
-            if encode else ([self.items[i] for i in slices[b]] for b in todo)
-        )
+        chosen = [slices[b] for b in todo]
+        works: Iterator[Any]
+        if encode:
+            works = iterate_batches(self.items, self.encoder, chosen, with_prefix=with_prefix, num_workers=self.num_workers)
+        elif prepare is not None:
+            works = iterate_prepared(self.items, chosen, prepare, self.num_workers)
+        else:
+            works = ([self.items[i] for i in s] for s in chosen)
         with tqdm(total=total, initial=total - sum(len(slices[b]) for b in todo), desc=desc or phase, unit="q",
                   disable=not self.progress or not self.dist.main, leave=leave, dynamic_ncols=True) as bar:
             for b, work in zip(todo, works):
@@ -317,7 +350,10 @@ class Engine:
         """``fn`` on one batch under the bad-image policy; returns its result and the images replaced."""
         enc = self.encoder
         enc.on_bad_image, enc.substituted = self.on_bad_image, []
-        loaded = [(i, why) for i, why in zip(work.ids, work.bad_images) if why] if isinstance(work, Batch) else []
+        if isinstance(work, Batch):
+            loaded = [(i, why) for i, why in zip(work.ids, work.bad_images) if why]
+        else:  # prepared examples say which image they replaced; plain items are loaded by fn, under the policy
+            loaded = [(x.id, x.bad_image) for x in work if getattr(x, "bad_image", None)]
         try:
             if loaded and self.on_bad_image == "fail":
                 raise self._bad_image(loaded[0][0], loaded[0][1])
