@@ -338,7 +338,9 @@ def shared_prefix_logprobs(
     (never the other orders), and every segment's positions continue from the end of the question as if it came
     right after it: each segment is scored exactly as its permuted question alone would be. The image and the
     question go through the model once, their keys and values are never copied per order, and there is no
-    padding inside a row (measured in BENCHMARKS.md: 4 orders cost ~1.4x one order instead of 2.8x).
+    padding inside a row (BENCHMARKS.md: 4 orders cost 1.56x one order through the CLI on an H100, was 2.5x).
+    Kept as one function on purpose (83 lines): rows, positions and mask describe one packed forward and are only
+    checkable together (``test_shared_question_prefix_for_option_orders_is_exact``).
     """
     core, _ = core_and_head(model)
     B, V = len(examples), len(examples[0].option_variants)
