@@ -38,18 +38,7 @@ class Timers:
         self.calls: dict[str, list[float]] = {}
 
     def wrap(self, module: torch.nn.Module, name: str) -> None:
-        forward = module.forward
-
-        def timed(*a: Any, **k: Any) -> Any:
-            sync()
-            t = time.perf_counter()
-            out = forward(*a, **k)
-            sync()
-            self.total[name] = self.total.get(name, 0.0) + time.perf_counter() - t
-            self.calls.setdefault(name, []).append(time.perf_counter() - t)
-            return out
-
-        module.forward = timed  # type: ignore[method-assign]
+        self.wrap_fn(module, "forward", name)
 
     def wrap_fn(self, owner: Any, attr: str, name: str) -> None:
         fn = getattr(owner, attr)
@@ -60,6 +49,7 @@ class Timers:
             out = fn(*a, **k)
             sync()
             self.total[name] = self.total.get(name, 0.0) + time.perf_counter() - t
+            self.calls.setdefault(name, []).append(time.perf_counter() - t)
             return out
 
         setattr(owner, attr, timed)
@@ -121,12 +111,7 @@ def main() -> None:
     for bs in [int(x) for x in args.batch_sizes.split(",")]:
         gpu_batches = [collate([exs[i] for i in lengths[s : s + bs]]).to(scorer.device) for s in range(0, len(exs), bs)]
         scorer.logprobs(gpu_batches[0])  # warm-up (prefix cache, kernels)
-        sync()
-        t = time.perf_counter()
-        for b in gpu_batches:
-            scorer.logprobs(b)
-        sync()
-        dt = time.perf_counter() - t
+        dt = _timed(scorer.logprobs, gpu_batches)
         rows.append({"what": f"model alone, batch {bs} (Scorer.logprobs, batches on the GPU)", "q_per_s": round(len(exs) / dt, 1),
                      "ms_per_batch": round(1000 * dt / len(gpu_batches), 1), "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1)})
         log(rows[-1])
@@ -142,12 +127,7 @@ def main() -> None:
     timers.wrap_fn(S, "mrope_positions", "mrope positions (get_rope_index)")
     bs = 16
     gpu_batches = [collate([exs[i] for i in lengths[s : s + bs]]).to(scorer.device) for s in range(0, len(exs), bs)]
-    sync()
-    t = time.perf_counter()
-    for b in gpu_batches:
-        scorer.logprobs(b)
-    sync()
-    total = time.perf_counter() - t
+    total = _timed(scorer.logprobs, gpu_batches, timers)
     row = {"what": "breakdown, batch 16 (synchronised timers)", "total_ms_per_batch": round(1000 * total / len(gpu_batches), 1)}
     row.update({k: round(1000 * v / len(gpu_batches), 1) for k, v in timers.total.items()})
     rows.append(row)
@@ -170,9 +150,22 @@ def main() -> None:
     (args.out / f"profile_{tag}.json").write_text(json.dumps({"versions": info, "date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=2))
 
 
+def _timed(fn: Any, batches: list, timers: Timers | None = None) -> float:
+    """Seconds for ``fn`` over every batch (synchronised), the stage timers restarted for this loop."""
+    if timers is not None:
+        timers.total.clear()
+        timers.calls.clear()
+    sync()
+    t = time.perf_counter()
+    for b in batches:
+        fn(b)
+    sync()
+    return time.perf_counter() - t
+
+
 def profile_orders(scorer: Any, items: list, args: argparse.Namespace, rows: list, timers: Timers) -> None:
     """``--tta orders``: all 4 cyclic orders per question against one order, same questions, same batch size;
-    stage 1 (image + question) and stage 2 (the option segments) timed apart."""
+    the vision tower and the language model timed apart."""
     from torch.profiler import ProfilerActivity, profile
 
     from mcvqa.adapt import item_orders
@@ -188,27 +181,11 @@ def profile_orders(scorer: Any, items: list, args: argparse.Namespace, rows: lis
     groups = [oexs[s : s + bs] for s in range(0, n, bs)]
     scorer.logprobs(single[0])
     scorer.logprobs_orders(groups[0])
-    timers.total.clear()
-    sync()
-    t = time.perf_counter()
-    for b in single:
-        scorer.logprobs(b)
-    sync()
-    one = time.perf_counter() - t
-    timers.total.clear()
-    timers.calls.clear()
-    sync()
-    t = time.perf_counter()
-    for g in groups:
-        scorer.logprobs_orders(g)
-    sync()
-    four = time.perf_counter() - t
+    one = _timed(scorer.logprobs, single, timers)
+    four = _timed(scorer.logprobs_orders, groups, timers)
     row = {"what": f"orders, batch {bs}: 4 orders vs 1 per question", "one_order_q_per_s": round(n / one, 1), "four_orders_q_per_s": round(n / four, 1),
            "ratio": round(four / one, 2)}
     row.update({f"4 orders: {k} ms/batch": round(1000 * v / len(groups), 1) for k, v in timers.total.items()})
-    lm = timers.calls.get("language model", [])
-    row["4 orders: LM stage 1 (image + question) ms/batch"] = round(1000 * sum(lm[0::2]) / len(groups), 1)
-    row["4 orders: LM stage 2 (option segments) ms/batch"] = round(1000 * sum(lm[1::2]) / len(groups), 1)
     rows.append(row)
     log(row)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
