@@ -70,9 +70,11 @@ def test_segments_tokenize_like_the_whole_string(processor, prompt: str) -> None
     n_image = 256
     for q, opts in questions:
         item = Item("x", Path("x.jpg"), q, opts)
-        image_ids = [enc.vision_start_id] + [enc.image_token_id] * n_image + [enc.vision_end_id]
+        image_text = "<|vision_start|>" + "<|image_pad|>" * n_image + "<|vision_end|>"
+        image_ids = tok.encode(image_text, add_special_tokens=False)
+        assert len(image_ids) == n_image + 2
         pieces = enc.prefix_ids + image_ids + enc.question_ids(q) + enc.option_ids(opts)
-        assert pieces == tok.encode(enc.full_text(item, n_image), add_special_tokens=False), q
+        assert pieces == tok.encode(enc.full_text(item, image_text), add_special_tokens=False), q
 
 
 def test_prompt_token_counts_under_the_real_tokenizer(processor) -> None:
@@ -90,7 +92,7 @@ def test_visual_tokens_of_a_competition_photo(processor, photo_data: Path) -> No
     photo = next((photo_data / "test").glob("*.jpg"))
     for cfg, expected in ((ImageConfig(mode="letterbox", size=512), 256), (ImageConfig(mode="native"), None)):
         enc = Encoder(processor, load_prompt("plain_ko"), cfg)
-        _, grid, ids = enc.pixels(load_prepared(photo, cfg))
+        ids, _, _ = enc.pixels(load_prepared(photo, cfg))
         n = len(ids) - 2
         if expected is not None:
             assert n == expected

@@ -36,7 +36,8 @@ def test_segments_tokenize_like_the_whole_string(tiny_loaded, cfg_factory, items
     for it in items:
         ex = enc.encode(it)
         n = len(ex.image_ids) - 2
-        whole = enc.tokenizer.encode(enc.full_text(it, n_image_tokens=n), add_special_tokens=False)
+        image_text = "<|vision_start|>" + "<|image_pad|>" * n + "<|vision_end|>"
+        whole = enc.tokenizer.encode(enc.full_text(it, image_text), add_special_tokens=False)
         assert enc.prefix_ids + ex.suffix_ids == whole
 
 

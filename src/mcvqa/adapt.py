@@ -29,7 +29,7 @@ from mcvqa.config import ADAPTIVE, TTAConfig
 from mcvqa.data import Item
 from mcvqa.engine import Engine, Scored, logits_step
 from mcvqa.errors import McvqaError
-from mcvqa.features import Batch, Example, OrderedExample, collate, cyclic_orders
+from mcvqa.features import Batch, Example, OrderedExample, cyclic_orders
 from mcvqa.images import prepare
 from mcvqa.model import core_and_head
 from mcvqa.scoring import MAX_ENTROPY, Scorer, entropy
@@ -88,7 +88,7 @@ def plain(scorer: Scorer, items: Sequence[Item], batch_size: int = 16, progress:
     enc = scorer.encoder
     out = np.zeros((len(items), 4))
     for r in _progress(_batches(len(items), batch_size), len(items), "plain", progress):
-        batch = collate([enc.encode(items[i]) for i in r], enc.pad_id, enc.image_token_id)
+        batch = enc.collate([enc.encode(items[i]) for i in r])
         out[list(r)] = scorer.logprobs(batch).exp().double().cpu().numpy()
     return TTAResult(out / out.sum(-1, keepdims=True), Cost(1.0, 0.0))
 
@@ -228,7 +228,7 @@ def view_logprobs(scorer: Scorer, items: Sequence[Item], views: Sequence[str], b
     v = 1 + len(views)
     for r in _progress(_batches(len(items), max(1, batch_size // v)), len(items), desc, progress):
         exs = [e for i in r for e in view_examples(scorer, items[i], views)]
-        yield r, scorer.logprobs(collate(exs, enc.pad_id, enc.image_token_id)).view(len(r), v, 4)
+        yield r, scorer.logprobs(enc.collate(exs)).view(len(r), v, 4)
 
 
 def image_views(scorer: Scorer, items: Sequence[Item], views: Sequence[str] = ("rescale", "crop", "colour", "jpeg"), batch_size: int = 16, progress: bool = False) -> TTAResult:
@@ -404,7 +404,7 @@ class Tent(_WeightAdapter):
     def score(self, items: Sequence[Item]) -> np.ndarray:
         """(B, 4) predictions for one batch (before its update), then the update: online TTA's unit of work."""
         enc = self.scorer.encoder
-        batch = collate([enc.encode(it) for it in items], enc.pad_id, enc.image_token_id)
+        batch = enc.collate([enc.encode(it) for it in items])
         return self.adapt_batch(batch).exp().double().cpu().numpy()
 
     def run(self, items: Sequence[Item], batch_size: int = 16, progress: bool = False) -> TTAResult:
@@ -485,8 +485,8 @@ class SAR(Tent):
             return super().score(items)
         enc = self.scorer.encoder
         pairs = [view_examples(self.scorer, it, [self.view]) for it in items]
-        batch = collate([p[0] for p in pairs], enc.pad_id, enc.image_token_id)
-        self._view_batch = collate([p[1] for p in pairs], enc.pad_id, enc.image_token_id)
+        batch = enc.collate([p[0] for p in pairs])
+        self._view_batch = enc.collate([p[1] for p in pairs])
         try:
             return self.adapt_batch(batch).exp().double().cpu().numpy()
         finally:
@@ -571,7 +571,7 @@ def tpt(
     try:
         for i, it in enumerate(tqdm(items, desc="TPT", unit="q", disable=not progress, leave=False, dynamic_ncols=True)):
             exs = [sp.attach(e) for e in view_examples(scorer, it, views)]
-            batch = collate(exs, enc.pad_id, enc.image_token_id)
+            batch = enc.collate(exs)
             lp = scorer.logprobs(batch, grad=True, prefix_grad=False)  # the prompt sits after the cached prefix
             keep = _select_confident(lp.detach(), select)
             avg = torch.logsumexp(lp[keep], dim=0) - math.log(len(keep))
@@ -580,7 +580,7 @@ def tpt(
             loss.backward()
             opt.step()
             with torch.no_grad():
-                final = scorer.logprobs(collate(exs[:1], enc.pad_id, enc.image_token_id))
+                final = scorer.logprobs(enc.collate(exs[:1]))
             out[i] = final[0].exp().double().cpu().numpy()
             sp.reset()
             opt = torch.optim.AdamW([sp.vectors], lr=lr)

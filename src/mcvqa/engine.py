@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from mcvqa.data import Item
 from mcvqa.errors import DataError, ImageError, McvqaError
-from mcvqa.features import Batch, Collator, Encoder, ItemDataset, collate, resolve_num_workers, token_lengths
+from mcvqa.features import Batch, Collator, Encoder, ItemDataset, resolve_num_workers, token_lengths
 from mcvqa.io import disk_error, disk_problem
 from mcvqa.runtime import Dist
 from mcvqa.scoring import Scorer, score_generate
@@ -133,29 +133,11 @@ def _is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
 
 
-def _slice(batch: Batch, a: int, b: int) -> Batch:
-    patches = (batch.image_grid_thw.prod(-1)).tolist()
-    start = int(sum(patches[:a]))
-    stop = int(sum(patches[:b]))
-    width = int(batch.lengths[a:b].max())
-    return Batch(
-        ids=batch.ids[a:b],
-        input_ids=batch.input_ids[a:b, :width],
-        mm_token_type_ids=batch.mm_token_type_ids[a:b, :width],
-        lengths=batch.lengths[a:b],
-        pixel_values=batch.pixel_values[start:stop],
-        image_grid_thw=batch.image_grid_thw[a:b],
-        labels=None if batch.labels is None else batch.labels[a:b],
-        prefix_len=batch.prefix_len,
-        bad_images=batch.bad_images[a:b],
-    )
-
-
 def _halves(work: Any) -> list[Any]:
     """A batch of questions (a list of items, or an encoded :class:`Batch`) cut in two."""
     half = len(work) // 2
     if isinstance(work, Batch):
-        return [_slice(work, 0, half), _slice(work, half, len(work))]
+        return [work.rows(0, half), work.rows(half, len(work))]
     return [work[:half], work[half:]]
 
 
@@ -214,7 +196,7 @@ def score_items_generate(model: Any, encoder: Encoder, items: Sequence[Item], *,
     probs = np.zeros((len(items), 4))
     for i, it in enumerate(items):
         ex = encoder.encode(it)
-        batch = collate([ex], encoder.pad_id, encoder.image_token_id, encoder.prefix_ids)
+        batch = encoder.collate([ex], with_prefix=True)
         res = score_generate(model, encoder, batch, max_new_tokens)[0]
         p = res.logprobs.exp().double().numpy()
         if res.parsed is None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -20,6 +20,9 @@ from mcvqa.config import ImageConfig, environment
 from mcvqa.data import Item
 from mcvqa.errors import ImageError
 from mcvqa.images import load_prepared, prepare
+from mcvqa import families
+from mcvqa.families import Family
+from mcvqa.families.qwen_vl import QWEN_PLACEHOLDER
 from mcvqa.prompts import Frame, Prompt
 
 
@@ -31,8 +34,10 @@ class Example:
     image_ids: list[int]
     question_ids: list[int]
     option_ids: list[int]
-    pixel_values: torch.Tensor
-    image_grid_thw: torch.Tensor
+    vision: dict[str, torch.Tensor]
+    """The image's tensors as the family's processor makes them (Qwen: pixel_values, image_grid_thw)."""
+    image_types: list[int]
+    """Per image token, its multimodal type (1 image content, 0 markers around it): the model's mm_token_type_ids."""
     label: int | None = None
     bad_image: str | None = None
     """Why the real image could not be used (a blank stood in for it), or None."""
@@ -40,6 +45,14 @@ class Example:
     @property
     def suffix_ids(self) -> list[int]:
         return self.image_ids + self.question_ids + self.option_ids
+
+    @property
+    def pixel_values(self) -> torch.Tensor:
+        return self.vision["pixel_values"]
+
+    @property
+    def image_grid_thw(self) -> torch.Tensor:
+        return self.vision["image_grid_thw"][0]
 
 
 @dataclass
@@ -53,10 +66,14 @@ class OrderedExample:
     """Token ids of the options segment for each order in ``orders``."""
     orders: list[tuple[int, ...]]
     """``orders[v][j]`` = original index of the option shown at letter ``j`` in variant ``v``."""
-    pixel_values: torch.Tensor
-    image_grid_thw: torch.Tensor
+    vision: dict[str, torch.Tensor]
+    image_types: list[int]
     label: int | None = None
     bad_image: str | None = None
+
+    def variant(self, v: int) -> Example:
+        """Order ``v`` as a plain example (for families whose rows cannot hold several segments)."""
+        return Example(self.id, self.image_ids, self.question_ids, self.option_variants[v], self.vision, self.image_types, self.label, self.bad_image)
 
 
 def cyclic_orders(k: int = 4) -> list[tuple[int, ...]]:
@@ -70,35 +87,77 @@ class Batch:
     input_ids: torch.Tensor
     """(B, S) right-padded token ids: the suffix, or prefix + suffix when ``prefix_len`` > 0."""
     mm_token_type_ids: torch.Tensor
-    """(B, S) 1 at image tokens, 0 elsewhere (what Qwen-VL's M-RoPE index needs)."""
+    """(B, S) 1 at image content tokens, 0 elsewhere (Qwen's M-RoPE index and Gemma's image blocks need it)."""
     lengths: torch.Tensor
     """(B,) real tokens per row; the answer is predicted at ``lengths - 1``."""
-    pixel_values: torch.Tensor
-    image_grid_thw: torch.Tensor
+    vision: dict[str, torch.Tensor]
+    """Every row's image tensors, concatenated along dim 0 (see :func:`cat_vision`)."""
+    vision_rows: dict[str, list[int]] = field(default_factory=dict)
+    """Per vision tensor, how many of its dim-0 rows each question owns (to cut a batch in two)."""
     labels: torch.Tensor | None = None
     """(B,) option index 0-3 of the right answer, when known."""
     prefix_len: int = 0
     """Tokens of the shared prefix included at the start of every row (0: the prefix comes from a cache)."""
     bad_images: list[str | None] = field(default_factory=list)
 
+    @property
+    def pixel_values(self) -> torch.Tensor:
+        return self.vision["pixel_values"]
+
+    @property
+    def image_grid_thw(self) -> torch.Tensor:
+        return self.vision["image_grid_thw"]
+
     def to(self, device: torch.device | str) -> Batch:
         def mv(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(device, non_blocking=True)
 
-        return Batch(
-            ids=self.ids,
-            input_ids=mv(self.input_ids),  # type: ignore[arg-type]
-            mm_token_type_ids=mv(self.mm_token_type_ids),  # type: ignore[arg-type]
-            lengths=mv(self.lengths),  # type: ignore[arg-type]
-            pixel_values=mv(self.pixel_values),  # type: ignore[arg-type]
-            image_grid_thw=mv(self.image_grid_thw),  # type: ignore[arg-type]
+        return replace(
+            self,
+            input_ids=mv(self.input_ids),
+            mm_token_type_ids=mv(self.mm_token_type_ids),
+            lengths=mv(self.lengths),
+            vision={k: v.to(device, non_blocking=True) for k, v in self.vision.items()},
             labels=mv(self.labels),
-            prefix_len=self.prefix_len,
-            bad_images=self.bad_images,
+        )
+
+    def rows(self, a: int, b: int) -> Batch:
+        """Questions ``a:b`` as a batch of their own, trimmed to their longest row."""
+        width = int(self.lengths[a:b].max())
+        vision = {}
+        for k, v in self.vision.items():
+            counts = self.vision_rows.get(k) or [v.shape[0] // len(self)] * len(self)
+            vision[k] = v[sum(counts[:a]) : sum(counts[:b])]
+        return replace(
+            self,
+            ids=self.ids[a:b],
+            input_ids=self.input_ids[a:b, :width],
+            mm_token_type_ids=self.mm_token_type_ids[a:b, :width],
+            lengths=self.lengths[a:b],
+            vision=vision,
+            vision_rows={k: c[a:b] for k, c in self.vision_rows.items()},
+            labels=None if self.labels is None else self.labels[a:b],
+            bad_images=self.bad_images[a:b],
         )
 
     def __len__(self) -> int:
         return len(self.ids)
+
+
+def cat_vision(parts: Sequence[dict[str, torch.Tensor]], pad: dict[str, float] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, list[int]]]:
+    """Concatenate per-image tensors along dim 0; where images differ in size (AnyRes tiles, Gemma's patch
+    lists), dim 1 is right-padded to the longest with the family's pad value (0, or -1 for position ids)."""
+    out: dict[str, torch.Tensor] = {}
+    rows: dict[str, list[int]] = {}
+    for k in parts[0] if parts else {}:
+        ts = [p[k] for p in parts]
+        if ts[0].dim() >= 2 and len({t.shape[1:] for t in ts}) > 1:
+            width = max(t.shape[1] for t in ts)
+            value = (pad or {}).get(k, 0)
+            ts = [torch.nn.functional.pad(t, (0, 0) * (t.dim() - 2) + (0, width - t.shape[1]), value=value) for t in ts]
+        out[k] = torch.cat(ts, dim=0)
+        rows[k] = [t.shape[0] for t in ts]
+    return out, rows
 
 
 class Encoder:
@@ -107,20 +166,19 @@ class Encoder:
     Picklable (tokenizer and image processor are), so it can run inside DataLoader workers.
     """
 
-    def __init__(self, processor: Any, prompt: Prompt, image_cfg: ImageConfig) -> None:
+    def __init__(self, processor: Any, prompt: Prompt, image_cfg: ImageConfig, family: Family | None = None) -> None:
         self.prompt = prompt
         self.image_cfg = image_cfg
+        self.processor = processor
+        self.family = family or families.for_processor(processor)
         self.tokenizer = processor.tokenizer
-        self.image_processor = processor.image_processor
-        self.frame = Frame.from_processor(processor, prompt.system)
+        self.frame = Frame.from_processor(processor, prompt.system, self.family.image_placeholder, self.family.template_kwargs)
         tok = self.tokenizer
-        self.image_token_id = tok.convert_tokens_to_ids("<|image_pad|>")
-        self.vision_start_id = tok.convert_tokens_to_ids("<|vision_start|>")
-        self.vision_end_id = tok.convert_tokens_to_ids("<|vision_end|>")
+        self.image_token_id = self.family.image_token_id(tok, getattr(self.family, "config", None))
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.convert_tokens_to_ids("<|endoftext|>")
-        self.merge = int(getattr(self.image_processor, "merge_size", 2))
         self.prefix_ids: list[int] = self._tok(self.frame.head)
         self._blank: Image.Image | None = None
+        self._image_len: int | None = None
         self.on_bad_image = "fail"
         """Policy when an item's image cannot be read and the caller names none (the engine sets it per batch)."""
         self.substituted: list[tuple[str, str]] = []
@@ -137,13 +195,18 @@ class Encoder:
     def option_ids(self, options: Sequence[str]) -> list[int]:
         return self._tok(self.prompt.options_text(list(options)) + self.frame.tail)
 
-    def pixels(self, image: Image.Image) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-        """Pixel patches, grid (t, h, w) and the image segment's token ids for an already prepared image."""
-        out = self.image_processor(images=[image], return_tensors="pt")
-        grid = out["image_grid_thw"][0]
-        n = int(grid.prod().item()) // (self.merge**2)
-        ids = [self.vision_start_id] + [self.image_token_id] * n + [self.vision_end_id]
-        return out["pixel_values"], grid, ids
+    def pixels(self, image: Image.Image) -> tuple[list[int], list[int], dict[str, torch.Tensor]]:
+        """The image segment's token ids, their multimodal types and the image tensors, for a prepared image."""
+        return self.family.encode_image(self.processor, image)
+
+    def collate(self, examples: Sequence[Example], with_prefix: bool = False) -> Batch:
+        return collate(examples, self.pad_id, None, self.prefix_ids if with_prefix else None, self.family.vision_pad)
+
+    def image_len(self) -> int:
+        """Tokens of one letterboxed image (every letterboxed image has the same count)."""
+        if self._image_len is None:
+            self._image_len = len(self.pixels(self.blank_image())[0])
+        return self._image_len
 
     def blank_image(self) -> Image.Image:
         """Stand-in for an unreadable image (``--on-bad-image skip``): mid grey, the configured shape."""
@@ -178,10 +241,10 @@ class Encoder:
         bad = None
         if image is None:
             image, bad = self.load_image(item, on_bad_image)
-        pixel_values, grid, image_ids = self.pixels(image)
+        image_ids, image_types, vision = self.pixels(image)
         return dict(
             id=item.id, image_ids=image_ids, question_ids=self.question_ids(item.question),
-            pixel_values=pixel_values, image_grid_thw=grid, label=item.answer, bad_image=bad,
+            vision=vision, image_types=image_types, label=item.answer, bad_image=bad,
         )
 
     def encode(self, item: Item, image: Image.Image | None = None, on_bad_image: str | None = None) -> Example:
@@ -196,13 +259,10 @@ class Encoder:
             orders=[tuple(o) for o in orders],
         )
 
-    def full_text(self, item: Item, n_image_tokens: int | None = None) -> str:
-        """The whole conversation as one string (image placeholder expanded when ``n_image_tokens`` is given)."""
-        placeholder = None
-        if n_image_tokens is not None:
-            placeholder = "<|vision_start|>" + "<|image_pad|>" * n_image_tokens + "<|vision_end|>"
+    def full_text(self, item: Item, image_text: str | None = None) -> str:
+        """The whole conversation as one string; ``image_text`` replaces the template's image placeholder."""
         user = self.prompt.user_text(item.question, item.options)
-        return self.frame.render(user, placeholder) if placeholder else self.frame.render(user)
+        return self.frame.render(user, image_text)
 
 
 def token_lengths(items: Sequence[Item], encoder: Encoder) -> list[int]:
@@ -210,39 +270,42 @@ def token_lengths(items: Sequence[Item], encoder: Encoder) -> list[int]:
     from mcvqa.images import FACTOR, native_size, open_image
 
     cfg = encoder.image_cfg
+    qwen = encoder.family.image_placeholder == QWEN_PLACEHOLDER
     out = []
     for it in items:
-        if cfg.mode == "letterbox":
-            side = max(FACTOR, round(cfg.size / FACTOR) * FACTOR) // FACTOR
-            n_img = side * side
+        if cfg.mode == "letterbox" or not qwen:
+            n_img = encoder.image_len()  # native sizes of other families: the letterbox count stands in (sorting only)
         else:
             with open_image(it.image, cfg.max_image_pixels) as im:
                 w, h = native_size(*im.size, max_pixels=cfg.max_pixels, min_pixels=cfg.min_pixels)
-            n_img = (w // FACTOR) * (h // FACTOR)
-        out.append(n_img + 2 + len(encoder.question_ids(it.question)) + len(encoder.option_ids(it.options)))
+            n_img = (w // FACTOR) * (h // FACTOR) + 2
+        out.append(n_img + len(encoder.question_ids(it.question)) + len(encoder.option_ids(it.options)))
     return out
 
 
-def collate(examples: Sequence[Example], pad_id: int, image_token_id: int, prefix_ids: Sequence[int] | None = None) -> Batch:
-    """Right-pad examples into a batch. With ``prefix_ids`` every row starts with the prefix (the uncached path)."""
+def collate(examples: Sequence[Example], pad_id: int, image_token_id: int | None = None, prefix_ids: Sequence[int] | None = None, vision_pad: dict[str, float] | None = None) -> Batch:
+    """Right-pad examples into a batch. With ``prefix_ids`` every row starts with the prefix (the uncached path).
+    (``image_token_id`` is unused: each example carries its image tokens' types; kept for callers' signatures.)"""
     prefix = list(prefix_ids or [])
     rows = [prefix + ex.suffix_ids for ex in examples]
     width = max(len(r) for r in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    for i, r in enumerate(rows):
+    mm = torch.zeros((len(rows), width), dtype=torch.int32)
+    for i, (r, ex) in enumerate(zip(rows, examples)):
         input_ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        mm[i, len(prefix) : len(prefix) + len(ex.image_types)] = torch.tensor(ex.image_types, dtype=torch.int32)
     lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
-    mm = (input_ids == image_token_id).to(torch.int32)
     labels = None
     if all(ex.label is not None for ex in examples):
         labels = torch.tensor([ex.label for ex in examples], dtype=torch.long)
+    vision, vision_rows = cat_vision([ex.vision for ex in examples], vision_pad)
     return Batch(
         ids=[ex.id for ex in examples],
         input_ids=input_ids,
         mm_token_type_ids=mm,
         lengths=lengths,
-        pixel_values=torch.cat([ex.pixel_values for ex in examples], dim=0),
-        image_grid_thw=torch.stack([ex.image_grid_thw for ex in examples], dim=0),
+        vision=vision,
+        vision_rows=vision_rows,
         labels=labels,
         prefix_len=len(prefix),
         bad_images=[ex.bad_image for ex in examples],
@@ -271,9 +334,10 @@ class Collator:
         self.pad_id = encoder.pad_id
         self.image_token_id = encoder.image_token_id
         self.prefix_ids = encoder.prefix_ids if with_prefix else None
+        self.vision_pad = encoder.family.vision_pad
 
     def __call__(self, examples: Sequence[Example]) -> Batch:
-        return collate(examples, self.pad_id, self.image_token_id, self.prefix_ids)
+        return collate(examples, self.pad_id, self.image_token_id, self.prefix_ids, self.vision_pad)
 
 
 def resolve_num_workers(requested: int) -> int:

@@ -18,15 +18,16 @@ from typing import Any
 
 import torch
 
-from mcvqa import kernels
+from mcvqa import families, kernels
 from mcvqa.config import LoraConfig, ModelConfig, environment
 from mcvqa.errors import ModelError
+from mcvqa.families import Family
+from mcvqa.families.qwen_vl import QwenVL
 
 log = logging.getLogger(__name__)
 
-VISION_LORA_TARGETS = ["qkv", "proj", "linear_fc1", "linear_fc2"]
-# transformers matches these from the start of a module's full name (or as a suffix): "model.visual", not "visual".
-SKIP_QUANT = ["model.visual", "visual", "lm_head"]
+VISION_LORA_TARGETS = list(QwenVL.vision_lora_targets)
+SKIP_QUANT = list(QwenVL.skip_quant)
 
 
 def resolve_device(cfg: ModelConfig) -> torch.device:
@@ -122,7 +123,7 @@ def _check_remote_code(cfg: ModelConfig, path: Path | None) -> None:
         log.warning("%s ships Python files; they are ignored (trust_remote_code is off)", path)
 
 
-def quantization_config(cfg: ModelConfig, compute_dtype: torch.dtype) -> Any | None:
+def quantization_config(cfg: ModelConfig, compute_dtype: torch.dtype, family: Family | None = None) -> Any | None:
     if cfg.quant == "none":
         return None
     if importlib.util.find_spec("bitsandbytes") is None:
@@ -132,6 +133,7 @@ def quantization_config(cfg: ModelConfig, compute_dtype: torch.dtype) -> Any | N
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     from transformers import BitsAndBytesConfig
 
+    skip = list((family or QwenVL()).skip_quant)
     if cfg.quant == "nf4":
         return BitsAndBytesConfig(
             load_in_4bit=True,
@@ -139,9 +141,9 @@ def quantization_config(cfg: ModelConfig, compute_dtype: torch.dtype) -> Any | N
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=compute_dtype,
             # Keep the vision tower and the head in full precision: small, and quantising them costs accuracy.
-            llm_int8_skip_modules=SKIP_QUANT,
+            llm_int8_skip_modules=skip,
         )
-    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=SKIP_QUANT)
+    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -209,7 +211,10 @@ def load_model(cfg: ModelConfig, adapter: str | Path | None = None) -> tuple[Any
         check_files(Path(name))
     device = resolve_device(cfg)
     dtype = resolve_dtype(cfg, device)
-    qconf = quantization_config(cfg, dtype)
+    family = _family_of(name, cfg, local_only)
+    if not family.first_class:
+        log.warning("%s: no fast path for this model family; %s", name, family.describe())
+    qconf = quantization_config(cfg, dtype, family)
     if qconf is not None and device.type != "cuda":
         # bitsandbytes can quantise on CPU, but it is only sensible for tests; say so rather than crawl.
         log.warning("4-bit/8-bit weights on CPU are very slow; meant for GPUs")
@@ -232,11 +237,20 @@ def load_model(cfg: ModelConfig, adapter: str | Path | None = None) -> tuple[Any
             raise ModelError(f"{name}: needs custom code; set model.trust_remote_code=true only if you trust it") from None
         raise
     model.eval()
-    if cfg.attn_implementation == "sdpa":
+    if cfg.attn_implementation == "sdpa" and family.first_class:
         kernels.use_causal_attention(core_and_head(model)[0])  # same results, fused kernels with a cached prefix
     if adapter is not None:
         model = load_adapter(model, adapter)
     return model, processor
+
+
+def _family_of(name: str, cfg: ModelConfig, local_only: bool) -> Family:
+    from transformers import AutoConfig
+
+    try:
+        return families.for_config(AutoConfig.from_pretrained(name, trust_remote_code=cfg.trust_remote_code, local_files_only=local_only))
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{name}: cannot read config.json ({str(e).splitlines()[0]})") from None
 
 
 def check_adapter_folder(adapter: str | Path) -> None:
@@ -267,8 +281,10 @@ def load_adapter(model: Any, adapter: str | Path, trainable: bool = False) -> An
     return peft_model
 
 
-def lora_targets(cfg: LoraConfig) -> list[str]:
-    return list(cfg.target_modules) + (VISION_LORA_TARGETS if cfg.vision else [])
+def lora_targets(cfg: LoraConfig, family: Family | None = None) -> list[str]:
+    family = family or QwenVL()
+    text = list(cfg.target_modules) + [t for t in family.extra_lora_targets if t not in cfg.target_modules]
+    return text + (list(family.vision_lora_targets) if cfg.vision else [])
 
 
 def attach_lora(model: Any, cfg: LoraConfig) -> Any:
@@ -278,11 +294,12 @@ def attach_lora(model: Any, cfg: LoraConfig) -> Any:
 
     # No prepare_model_for_kbit_training: it upcasts every frozen non-quantised weight (embeddings, head,
     # norms: ~5 GB for an 8B model) to fp32, which bf16 training does not need. get_peft_model freezes the base.
-    targets = lora_targets(cfg)
-    if cfg.vision:
+    family = families.for_model(model)
+    targets = lora_targets(cfg, family)
+    if cfg.vision and family.vision_lora_targets:
         target: Any = targets
     else:
-        # Regex on the language model only: robust even if a vision block ever reuses a q_proj-like name.
+        # Regex on the language model only: vision towers reuse q_proj-like names (Gemma 4, InternViT, SigLIP).
         target = r".*language_model.*\.(" + "|".join(targets) + r")$"
     peft_cfg = PeftLoraConfig(
         r=cfg.r,
@@ -315,14 +332,10 @@ def unwrap(model: Any) -> Any:
 
 
 def core_and_head(model: Any) -> tuple[Any, torch.nn.Module]:
-    base = unwrap(model)
-    core = getattr(base, "model", None)
-    head = getattr(base, "lm_head", None)
-    if core is None or head is None or not hasattr(core, "get_rope_index"):
-        raise ModelError(f"{type(base).__name__} is not a Qwen-VL conditional-generation model")
-    return core, head
+    """(the model inside ``...ForConditionalGeneration``, its output head), as its family reaches them."""
+    return families.for_model(model).core_and_head(model)
 
 
 def decoder_layers(model: Any) -> list[torch.nn.Module]:
-    core, _ = core_and_head(model)
-    return list(core.language_model.layers)
+    family = families.for_model(model)
+    return family.decoder_layers(family.core_and_head(model)[0])

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from mcvqa import families
 from mcvqa.config import LETTERS, Config
 from mcvqa.data import Dataset, read_csv
 from mcvqa.engine import JOURNAL, Engine, Journal, Scored, ScoreStats, _file_identity, fingerprint, score_items_generate
@@ -112,7 +113,7 @@ def build_scorer(cfg: Config, adapter: str | Path | None = None, model: Any = No
 
     if model is None:
         model, processor = load_model(cfg.model, adapter)
-    encoder = Encoder(processor, load_prompt(cfg.prompt.name), cfg.image)
+    encoder = Encoder(processor, load_prompt(cfg.prompt.name), cfg.image, families.for_model(model))
     if cfg.predict.compile != "off":
         from mcvqa.kernels import compile_blocks
         from mcvqa.model import core_and_head

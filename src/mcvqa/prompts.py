@@ -98,24 +98,42 @@ class Frame:
     tail: str
     """After the user text up to where the assistant's answer starts."""
 
+    placeholder: str = IMAGE_PLACEHOLDER
+    """What the template renders for one image (the processor expands it into the image's tokens)."""
+
     @classmethod
-    def from_processor(cls, processor: Any, system: str) -> Frame:
-        messages: list[dict[str, Any]] = []
-        if system:
-            messages.append({"role": "system", "content": [{"type": "text", "text": _SYS}]})
-        messages.append({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": _USR}]})
-        text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        if isinstance(text, list):
-            text = text[0]
-        if text.count(_USR) != 1 or text.count(IMAGE_PLACEHOLDER) != 1:
+    def from_processor(cls, processor: Any, system: str, placeholder: str | None = IMAGE_PLACEHOLDER, template_kwargs: dict[str, Any] | None = None) -> Frame:
+        """Split the checkpoint's template around sentinels. ``placeholder`` None: found as what an image item adds."""
+        kwargs = dict(template_kwargs or {})
+
+        def render(with_image: bool) -> str:
+            messages: list[dict[str, Any]] = []
+            if system:
+                messages.append({"role": "system", "content": [{"type": "text", "text": _SYS}]})
+            content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": _USR}]
+            messages.append({"role": "user", "content": content})
+            text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **kwargs)
+            return text[0] if isinstance(text, list) else text
+
+        text = render(True)
+        if placeholder is None:
+            plain = render(False)
+            cut = plain.index(_USR) if _USR in plain else -1
+            head = plain[:cut]
+            if cut < 0 or not text.startswith(head) or _USR not in text:
+                raise ConfigError("the checkpoint's chat template does not render one image and one user text as expected")
+            placeholder = text[len(head) : text.index(_USR)]
+            if not placeholder:
+                raise ConfigError("the checkpoint's chat template renders nothing for an image")
+        if text.count(_USR) != 1 or text.count(placeholder) != 1:
             raise ConfigError("the checkpoint's chat template does not render one image and one user text as expected")
         if system:
             if text.count(_SYS) != 1:
                 raise ConfigError("the checkpoint's chat template does not render the system message")
             text = text.replace(_SYS, system)
         before_user, tail = text.split(_USR)
-        head, between = before_user.split(IMAGE_PLACEHOLDER)
-        return cls(head=head, between=between, tail=tail)
+        head, between = before_user.split(placeholder)
+        return cls(head=head, between=between, tail=tail, placeholder=placeholder)
 
-    def render(self, user_text: str, image_placeholder: str = IMAGE_PLACEHOLDER) -> str:
-        return self.head + image_placeholder + self.between + user_text + self.tail
+    def render(self, user_text: str, image_text: str | None = None) -> str:
+        return self.head + (self.placeholder if image_text is None else image_text) + self.between + user_text + self.tail

@@ -20,12 +20,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicLayer, LinearAttentionLayer
 
 from mcvqa.config import LETTERS
 from mcvqa.errors import ModelError
-from mcvqa.features import Batch, Encoder, OrderedExample
-from mcvqa.model import core_and_head, decoder_layers
+from mcvqa.features import Batch, Encoder, OrderedExample, cat_vision
+from mcvqa import families
+from mcvqa.families import Family
+from mcvqa.model import decoder_layers
 
 # ------------------------------------------------------------------------------------------ letter tokens
 
@@ -127,88 +129,127 @@ class PrefixLayer(DynamicLayer):
         return self.get_seq_length() + query_length, 0
 
 
+class PrefixLinearLayer(LinearAttentionLayer):
+    """Read-only state of a linear-attention layer (Qwen3.5's gated DeltaNet) after the prefix: its last ``kernel``
+    convolution inputs and its recurrent state. New tokens start from them and nothing is stored back, so one
+    prefix serves every batch size and a recomputed (checkpointed) layer reads the same state. With ``record``,
+    keeps the states the new tokens end with: that is how the prefix's own states are captured."""
+
+    def __init__(self, conv: torch.Tensor | None = None, recurrent: torch.Tensor | None = None, record: bool = False):
+        super().__init__()
+        self.record = record
+        self.record_past = True  # keeps the layer off the one-token decode kernel, which updates state in place
+        self.recorded: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._conv: torch.Tensor | None = None
+        if conv is not None and recurrent is not None:
+            self.conv_states[0], self.recurrent_states[0] = conv, recurrent
+            self.has_previous_state[0] = True
+
+    def update_conv_state(self, conv_states: torch.Tensor, state_idx: int = 0, conv_kernel_size: int | None = None, **kwargs: Any) -> torch.Tensor:
+        prev = self.conv_states[0] if self.has_previous_state[0] else None
+        full = conv_states if prev is None else torch.cat([prev.expand(conv_states.shape[0], -1, -1), conv_states], dim=-1)
+        if self.record:  # the last k inputs, left-padded with zeros when there are fewer (as transformers pads)
+            k = conv_kernel_size or self.conv_kernel_size.get(0) or 4
+            tail = full[..., -k:]
+            self._conv = F.pad(tail, (k - tail.shape[-1], 0)) if tail.shape[-1] < k else tail
+        return full
+
+    def update_recurrent_state(self, recurrent_states: torch.Tensor, state_idx: int = 0, **kwargs: Any) -> torch.Tensor:
+        if self.record:
+            assert self._conv is not None
+            self.recorded = (self._conv, recurrent_states)
+        return recurrent_states
+
+
 class PrefixCache(Cache):
-    def __init__(self, layers: list[PrefixLayer]):
+    """One read-only layer per decoder layer, of the kind the family says the layer needs."""
+
+    def __init__(self, layers: list[Any]):
         super().__init__(layers=layers)  # type: ignore[arg-type]
 
+    @staticmethod
+    def _layer(kind: str, state: Any, record: bool) -> Any:
+        if kind == "linear":
+            return PrefixLinearLayer(*(state or (None, None)), record=record)
+        # "none": the layer reuses another layer's keys (Gemma 4's shared layers) and never calls the cache.
+        return PrefixLayer(*(state or (None, None)), record=record and kind == "kv")
+
     @classmethod
-    def recorder(cls, num_layers: int, prefix: PrefixKV | None = None) -> PrefixCache:
-        if prefix is None:
-            return cls([PrefixLayer(record=True) for _ in range(num_layers)])
-        return cls([PrefixLayer(k, v, record=True) for k, v in zip(prefix.keys, prefix.values)])
+    def recorder(cls, kinds: list[str], prefix: PrefixKV | None = None) -> PrefixCache:
+        states: list[Any] = prefix.states if prefix is not None else [None] * len(kinds)
+        return cls([cls._layer(k, st, True) for k, st in zip(kinds, states)])
 
     @classmethod
     def reading(cls, prefix: PrefixKV) -> PrefixCache:
-        return cls([PrefixLayer(k, v) for k, v in zip(prefix.keys, prefix.values)])
+        return cls([cls._layer(k, st, False) for k, st in zip(prefix.kinds, prefix.states)])
 
-    def recorded(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        keys, values = [], []
-        for layer in self.layers:
-            assert isinstance(layer, PrefixLayer) and layer.recorded is not None
-            keys.append(layer.recorded[0])
-            values.append(layer.recorded[1])
-        return keys, values
+    def recorded(self) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+        return [getattr(layer, "recorded", None) for layer in self.layers]
 
 
 @dataclass
 class PrefixKV:
-    """Keys/values of a shared token prefix, batch dimension 1 (or B for per-row prefixes)."""
+    """State of a shared token prefix per decoder layer, batch dimension 1: (keys, values) for attention layers,
+    (convolution window, recurrent state) for linear-attention layers, None for layers that keep nothing."""
 
-    keys: list[torch.Tensor]
-    values: list[torch.Tensor]
+    states: list[tuple[torch.Tensor, torch.Tensor] | None]
+    kinds: list[str]
     length: int
 
 
 def mrope_positions(core: Any, input_ids: torch.Tensor, mm_token_type_ids: torch.Tensor, image_grid_thw: torch.Tensor | None, offset: int) -> torch.Tensor:
-    """(4, B, S) position ids: row 0 sequence positions (for masks), rows 1-3 Qwen-VL's M-RoPE (t, h, w).
+    """Qwen-VL's (4, B, S) positions (see :meth:`mcvqa.families.qwen_vl.QwenVL.positions`)."""
+    from mcvqa.families.qwen_vl import QwenVL
 
-    Computed on the suffix alone and shifted by the prefix length: the prefix is plain text, whose M-RoPE
-    positions are ``0..P-1`` on all three axes, so this equals the index of the whole sequence.
-    """
-    b, s = input_ids.shape
-    if image_grid_thw is not None and bool(mm_token_type_ids.any()):
-        vis, _ = core.get_rope_index(input_ids, mm_token_type_ids=mm_token_type_ids, image_grid_thw=image_grid_thw, attention_mask=None)
-    else:
-        vis = torch.arange(s, device=input_ids.device).view(1, 1, s).expand(3, b, s)
-    text = torch.arange(s, device=input_ids.device).view(1, 1, s).expand(1, b, s)
-    return torch.cat([text, vis], dim=0) + offset
+    return QwenVL().positions(core, input_ids, mm_token_type_ids, {} if image_grid_thw is None else {"image_grid_thw": image_grid_thw}, offset)
 
 
 def compute_prefix(model: Any, prefix_ids: Sequence[int], device: torch.device | str | None = None) -> PrefixKV:
     """Run the shared prefix once (batch 1). Differentiable when grad is enabled (training)."""
-    core, _ = core_and_head(model)
+    family = families.for_model(model)
+    core, _ = family.core_and_head(model)
     device = device or next(core.parameters()).device
     ids = torch.tensor([list(prefix_ids)], dtype=torch.long, device=device)
     mm = torch.zeros_like(ids, dtype=torch.int32)
-    cache = PrefixCache.recorder(len(core.language_model.layers))
-    core(input_ids=ids, position_ids=mrope_positions(core, ids, mm, None, 0), cache=cache, use_cache=False)
-    keys, values = cache.recorded()
-    return PrefixKV(keys, values, len(prefix_ids))
+    kinds = family.layer_kinds(core)
+    cache = PrefixCache.recorder(kinds)
+    positions = family.positions(core, ids, mm, {}, 0)
+    mask = family.attention_mask(core, None, positions, mm, 0)
+    core(input_ids=ids, position_ids=positions, attention_mask=mask, cache=cache, use_cache=False)
+    return PrefixKV(cache.recorded(), kinds, len(prefix_ids))
+
+
+def _forward(family: Family, core: Any, input_ids: torch.Tensor, mm: torch.Tensor, vision: dict[str, torch.Tensor],
+             positions: torch.Tensor | None, prefix: PrefixKV | None, allowed: torch.Tensor | None) -> torch.Tensor:
+    """The family's core forward over ``input_ids`` after ``prefix``: last hidden states (B, S, H)."""
+    p = prefix.length if prefix is not None else 0
+    mask = family.attention_mask(core, allowed, positions, mm, p) if positions is not None else None
+    out = core(
+        input_ids=input_ids,
+        attention_mask=mask,
+        position_ids=positions,
+        cache=PrefixCache.reading(prefix) if prefix is not None else None,
+        use_cache=False,
+        **family.vision_kwargs(vision, mm),
+    )
+    return out.last_hidden_state
 
 
 def answer_hidden(model: Any, batch: Batch, prefix: PrefixKV | None = None) -> torch.Tensor:
     """Final hidden state (after the last norm) at each row's answer position: (B, hidden).
 
     ``batch`` holds the suffix only when ``prefix`` is given, or the whole sequence (``batch.prefix_len`` > 0).
-    No attention mask is passed: with right padding, causal attention already keeps every real token
-    from seeing a pad, and leaving the mask out lets SDPA take its fused causal kernels.
+    No attention mask beyond causality: with right padding, causal attention already keeps every real token
+    from seeing a pad, and leaving the mask out lets SDPA take its fused causal kernels (families that need
+    their own masks, Gemma 4's, build them from the positions).
     """
-    core, _ = core_and_head(model)
+    family = families.for_model(model)
+    core, _ = family.core_and_head(model)
     if prefix is not None and batch.prefix_len:
         raise ValueError("batch already contains the prefix")
     offset = prefix.length if prefix is not None else 0
-    positions = mrope_positions(core, batch.input_ids, batch.mm_token_type_ids, batch.image_grid_thw, offset)
-    cache = PrefixCache.reading(prefix) if prefix is not None else None
-    out = core(
-        input_ids=batch.input_ids,
-        pixel_values=batch.pixel_values,
-        image_grid_thw=batch.image_grid_thw,
-        mm_token_type_ids=batch.mm_token_type_ids,
-        position_ids=positions,
-        cache=cache,
-        use_cache=False,
-    )
-    hidden = out.last_hidden_state
+    positions = family.positions(core, batch.input_ids, batch.mm_token_type_ids, batch.vision, offset)
+    hidden = _forward(family, core, batch.input_ids, batch.mm_token_type_ids, batch.vision, positions, prefix, None)
     rows = torch.arange(hidden.shape[0], device=hidden.device)
     return hidden[rows, batch.lengths.to(hidden.device) - 1]
 
@@ -220,43 +261,38 @@ def packed_answer_hidden(model: Any, batch: Batch, prefix_ids: Sequence[int]) ->
     mask that lets each row see the prefix and its own earlier tokens only. Each layer then runs one matrix
     product over ``P + sum(len)`` tokens instead of one for the prefix and one for the rows - which matters
     for 4-bit weights, dequantised once per matrix product. Exact: same keys, queries and positions.
+    Families whose layers ignore masks (``Family.packed`` False) run the cached-prefix forward instead.
     """
-    core, _ = core_and_head(model)
+    family = families.for_model(model)
+    if not family.packed:
+        return answer_hidden(model, batch, compute_prefix(model, prefix_ids, batch.input_ids.device))
+    core, _ = family.core_and_head(model)
     device = batch.input_ids.device
     p = len(prefix_ids)
     b = batch.input_ids.shape[0]
     lengths = batch.lengths.tolist()
-    pos = mrope_positions(core, batch.input_ids, batch.mm_token_type_ids, batch.image_grid_thw, p)
+    pos = family.positions(core, batch.input_ids, batch.mm_token_type_ids, batch.vision, p)
     prefix_t = torch.tensor(list(prefix_ids), dtype=torch.long, device=device)
     ids = torch.cat([prefix_t] + [batch.input_ids[i, : lengths[i]] for i in range(b)])[None]
     mm = torch.cat([torch.zeros(p, dtype=batch.mm_token_type_ids.dtype, device=device)] + [batch.mm_token_type_ids[i, : lengths[i]] for i in range(b)])[None]
-    prefix_pos = torch.arange(p, device=device).view(1, p).expand(4, p)
-    positions = torch.cat([prefix_pos] + [pos[:, i, : lengths[i]] for i in range(b)], dim=1)[:, None, :]
+    if pos.dim() == 3:  # M-RoPE (4, B, S)
+        prefix_pos = torch.arange(p, device=device).view(1, p).expand(pos.shape[0], p)
+        positions = torch.cat([prefix_pos] + [pos[:, i, : lengths[i]] for i in range(b)], dim=1)[:, None, :]
+    else:
+        positions = torch.cat([torch.arange(p, device=device)] + [pos[i, : lengths[i]] for i in range(b)])[None]
     segment = torch.cat([torch.zeros(p, dtype=torch.long, device=device)] + [torch.full((n,), i + 1, dtype=torch.long, device=device) for i, n in enumerate(lengths)])
     t = segment.shape[0]
     idx = torch.arange(t, device=device)
     allowed = (idx[None, :] <= idx[:, None]) & ((segment[None, :] == 0) | (segment[None, :] == segment[:, None]))
-    out = core(
-        input_ids=ids,
-        attention_mask=allowed[None, None],  # 4D boolean mask: transformers passes it through as is
-        pixel_values=batch.pixel_values,
-        image_grid_thw=batch.image_grid_thw,
-        mm_token_type_ids=mm,
-        position_ids=positions,
-        use_cache=False,
-    )
+    hidden = _forward(family, core, ids, mm, batch.vision, positions, None, allowed[None])
     ends = p + torch.cumsum(batch.lengths.to(device), 0) - 1
-    return out.last_hidden_state[0, ends]
+    return hidden[0, ends]
 
 
-def head_rows(head: torch.nn.Module, hidden: torch.Tensor, token_ids: Sequence[int]) -> torch.Tensor:
-    """Logits of selected vocabulary rows only: 4-16 dot products instead of the whole vocabulary."""
-    weight = getattr(head, "weight", None)
-    if isinstance(head, torch.nn.Linear) and weight is not None and weight.dtype.is_floating_point and weight.dim() == 2:
-        idx = torch.tensor(list(token_ids), device=weight.device)
-        bias = head.bias[idx] if head.bias is not None else None
-        return F.linear(hidden.to(weight.dtype), weight[idx], bias)
-    return head(hidden)[:, list(token_ids)]
+def head_rows(head: torch.nn.Module, hidden: torch.Tensor, token_ids: Sequence[int], family: Family | None = None) -> torch.Tensor:
+    """Logits of selected vocabulary rows only (4-16 dot products instead of the whole vocabulary), with the
+    family's final transform (Gemma's soft cap)."""
+    return (family or Family()).head_logits(head, hidden, token_ids)
 
 
 # ------------------------------------------------------------------------------------------ scorer
@@ -272,9 +308,11 @@ class Scorer:
         self.model = model
         self.encoder = encoder
         self.letters = letter_tokens(encoder.tokenizer)
-        self.use_prefix_cache = prefix_cache
+        self.family = families.for_model(model)
+        # Families without a cacheable prefix (the plain path for unlisted checkpoints) run whole sequences.
+        self.use_prefix_cache = prefix_cache and self.family.prefix_cache
         self._prefix: PrefixKV | None = None
-        core, self.head = core_and_head(model)
+        core, self.head = self.family.core_and_head(model)
         self.device = next(core.parameters()).device
 
     def invalidate(self) -> None:
@@ -299,7 +337,7 @@ class Scorer:
                 hidden = answer_hidden(self.model, batch, prefix)
             else:
                 hidden = answer_hidden(self.model, batch, None)
-            return letter_logprobs(head_rows(self.head, hidden, self.letters.all_ids), self.letters)
+            return letter_logprobs(head_rows(self.head, hidden, self.letters.all_ids, self.family), self.letters)
 
     def logprobs_orders(self, examples: Sequence[OrderedExample], grad: bool = False) -> torch.Tensor:
         """(B, V, 4) log-probabilities of each question under each option order, indexed by ORIGINAL option.
@@ -307,9 +345,15 @@ class Scorer:
         The image and question are run once per question and shared by its V orderings (two-level prefix:
         system prompt -> image + question -> options). Exact: equal to scoring each permuted question alone.
         """
-        with torch.set_grad_enabled(grad):
-            prefix = self.prefix() if not grad else compute_prefix(self.model, self.encoder.prefix_ids, self.device)
-            lp = shared_prefix_logprobs(self.model, self.encoder, examples, prefix, self.letters, self.head, self.device)
+        if not (self.family.packed and self.use_prefix_cache):
+            # One row per order (the question repeated): exact for every family, without the sharing.
+            v = len(examples[0].option_variants)
+            flat = [ex.variant(k) for ex in examples for k in range(v)]
+            lp = self.logprobs(self.encoder.collate(flat, with_prefix=self.with_prefix_in_batch), grad=grad).view(len(examples), v, 4)
+        else:
+            with torch.set_grad_enabled(grad):
+                prefix = self.prefix() if not grad else compute_prefix(self.model, self.encoder.prefix_ids, self.device)
+                lp = shared_prefix_logprobs(self.model, self.encoder, examples, prefix, self.letters, self.head, self.device)
         out = torch.empty_like(lp)
         for b, ex in enumerate(examples):
             for v, order in enumerate(ex.orders):
@@ -342,22 +386,26 @@ def shared_prefix_logprobs(
     Kept as one function on purpose (83 lines): rows, positions and mask describe one packed forward and are only
     checkable together (``test_shared_question_prefix_for_option_orders_is_exact``).
     """
-    core, _ = core_and_head(model)
+    family = families.for_model(model)
+    core, _ = family.core_and_head(model)
     B, V = len(examples), len(examples[0].option_variants)
     if any(len(ex.option_variants) != V for ex in examples):
         raise ValueError("every question needs the same number of option orders")
     P = prefix.length
-    # M-RoPE of image + question (real lengths) as the single-order path computes it.
+    vision, _ = cat_vision([ex.vision for ex in examples], family.vision_pad)
+    vision = {k: v.to(device) for k, v in vision.items()}
+    # Positions of image + question (real lengths) as the single-order path computes them.
     stage1 = [ex.image_ids + ex.question_ids for ex in examples]
     len1 = [len(r) for r in stage1]
     l1 = max(len1)
     ids1 = torch.full((B, l1), encoder.pad_id, dtype=torch.long)
-    for i, r in enumerate(stage1):
+    mm1 = torch.zeros((B, l1), dtype=torch.int32)
+    for i, (r, ex) in enumerate(zip(stage1, examples)):
         ids1[i, : len(r)] = torch.tensor(r)
-    ids1 = ids1.to(device)
-    mm1 = (ids1 == encoder.image_token_id).to(torch.int32)
-    grid = torch.stack([ex.image_grid_thw for ex in examples]).to(device)
-    pos1 = mrope_positions(core, ids1, mm1, grid, P)  # (4, B, l1)
+        mm1[i, : len(ex.image_types)] = torch.tensor(ex.image_types, dtype=torch.int32)
+    ids1, mm1 = ids1.to(device), mm1.to(device)
+    pos1 = family.positions(core, ids1, mm1, vision, P)  # (4, B, l1) M-RoPE or (B, l1)
+    pos1 = pos1 if pos1.dim() == 3 else pos1[None]
     rows_ids: list[list[int]] = []
     segs: list[list[int]] = []  # 0: image + question; v + 1: options under order v; -1: padding
     steps: list[list[int]] = []  # position step after the question (segments); unused for segment 0
@@ -374,38 +422,37 @@ def shared_prefix_logprobs(
     ids = torch.full((B, L), encoder.pad_id, dtype=torch.long)
     seg = torch.full((B, L), -1, dtype=torch.long)
     step = torch.zeros((B, L), dtype=torch.long)
+    mm = torch.zeros((B, L), dtype=torch.int32)
     for i in range(B):
         n = len(rows_ids[i])
         ids[i, :n], seg[i, :n], step[i, :n] = torch.tensor(rows_ids[i]), torch.tensor(segs[i]), torch.tensor(steps[i])
-    ids, seg, step = ids.to(device), seg.to(device), step.to(device)
+        mm[i, : len(examples[i].image_types)] = torch.tensor(examples[i].image_types, dtype=torch.int32)
+    ids, seg, step, mm = ids.to(device), seg.to(device), step.to(device), mm.to(device)
     n1_t = torch.tensor(len1, device=device)
     rows = torch.arange(B, device=device)
-    # Segments continue where the question ends: text position P + len1 + i, M-RoPE (max so far) + 1 + i.
-    next_pos = pos1[1:, rows, n1_t - 1].max(dim=0).values + 1  # (B,)
-    positions = torch.stack([(P + n1_t)[:, None] + step] + [next_pos[:, None] + step] * 3)  # (4, B, L)
+    # Segments continue where the question ends: text position P + len1 + i; M-RoPE axes (max so far) + 1 + i.
+    text_next = (P + n1_t)[:, None] + step
+    if pos1.shape[0] > 1:
+        next_pos = pos1[1:, rows, n1_t - 1].max(dim=0).values + 1  # (B,)
+        positions = torch.stack([text_next] + [next_pos[:, None] + step] * (pos1.shape[0] - 1))  # (4, B, L)
+    else:
+        positions = text_next[None]
     positions[:, :, :l1] = torch.where((seg[:, :l1] == 0)[None], pos1, positions[:, :, :l1])
+    if positions.shape[0] == 1:
+        positions = positions[0]
     # Who sees whom among the row's tokens: causal, and a segment sees the question and itself only.
     t = torch.arange(L, device=device)
     causal = t[None, :] <= t[:, None]
     same = (seg[:, None, :] == 0) | (seg[:, None, :] == seg[:, :, None])
     allowed = causal[None] & same
     allowed |= torch.eye(L, dtype=torch.bool, device=device)[None]  # padding rows see themselves (no empty softmax)
-    mask = torch.cat([torch.ones((B, L, P), dtype=torch.bool, device=device), allowed], dim=-1)[:, None]
-    out = core(
-        input_ids=ids,
-        attention_mask=mask,  # 4D boolean mask over (system prompt + row): transformers passes it through as is
-        pixel_values=torch.cat([ex.pixel_values for ex in examples]).to(device),
-        image_grid_thw=grid,
-        mm_token_type_ids=(ids == encoder.image_token_id).to(torch.int32),
-        position_ids=positions,
-        cache=PrefixCache.reading(prefix),
-        use_cache=False,
-    )
+    allowed = torch.cat([torch.ones((B, L, P), dtype=torch.bool, device=device), allowed], dim=-1)
+    hidden_all = _forward(family, core, ids, mm, vision, positions, prefix, allowed)
     # The answer of order v is read at the last token of its segment.
     lengths = torch.tensor([[len(o) for o in ex.option_variants] for ex in examples], device=device)  # (B, V)
     ends = n1_t[:, None] + torch.cumsum(lengths, dim=1) - 1
-    hidden = out.last_hidden_state[rows[:, None], ends].reshape(B * V, -1)
-    lp = letter_logprobs(head_rows(head, hidden, letters.all_ids), letters)
+    hidden = hidden_all[rows[:, None], ends].reshape(B * V, -1)
+    lp = letter_logprobs(head_rows(head, hidden, letters.all_ids, family), letters)
     return lp.view(B, V, 4)
 
 
@@ -437,7 +484,8 @@ def score_generate(model: Any, encoder: Encoder, batch: Batch, max_new_tokens: i
     """
     if len(batch) != 1 or not batch.prefix_len:
         raise ValueError("generate scoring takes one question at a time, prefix included")
-    core, _ = core_and_head(model)
+    family = families.for_model(model)
+    core, _ = family.core_and_head(model)
     device = next(core.parameters()).device
     batch = batch.to(device)
     letters = letter_tokens(encoder.tokenizer)
@@ -445,9 +493,7 @@ def score_generate(model: Any, encoder: Encoder, batch: Batch, max_new_tokens: i
         out = model.generate(
             input_ids=batch.input_ids,
             attention_mask=torch.ones_like(batch.input_ids),
-            pixel_values=batch.pixel_values,
-            image_grid_thw=batch.image_grid_thw,
-            mm_token_type_ids=batch.mm_token_type_ids,
+            **family.vision_kwargs(batch.vision, batch.mm_token_type_ids),
             max_new_tokens=max_new_tokens,
             do_sample=False,
             output_scores=True,

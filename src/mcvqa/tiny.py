@@ -233,30 +233,12 @@ class LikeSpec:
 
 
 def shrink_config(config: Any, spec: LikeSpec) -> Any:
-    """The real config at toy sizes: vocabulary, token ids, head_dim and rope/M-RoPE, patch and merge sizes,
-    DeepStack (its taps mapped onto the shorter tower) and every other field stay as they are."""
-    text = getattr(config, "text_config", config)
-    text.hidden_size = spec.hidden_size
-    text.intermediate_size = spec.intermediate_size
-    text.num_hidden_layers = spec.num_hidden_layers
-    text.num_attention_heads = spec.num_attention_heads
-    text.num_key_value_heads = spec.num_key_value_heads
-    if getattr(text, "layer_types", None):
-        text.layer_types = list(text.layer_types)[: spec.num_hidden_layers]
-    vision = getattr(config, "vision_config", None)
-    if vision is not None:
-        depth = int(getattr(vision, "depth", spec.vision_depth))
-        for name, value in (("depth", spec.vision_depth), ("hidden_size", spec.vision_hidden_size),
-                            ("intermediate_size", spec.vision_intermediate_size), ("num_heads", spec.vision_heads)):
-            if hasattr(vision, name):
-                setattr(vision, name, value)
-        if hasattr(vision, "out_hidden_size"):
-            vision.out_hidden_size = spec.hidden_size
-        for name in ("deepstack_visual_indexes", "fullatt_block_indexes"):
-            taps = getattr(vision, name, None)
-            if taps:
-                setattr(vision, name, sorted({min(spec.vision_depth - 1, int(i) * spec.vision_depth // depth) for i in taps}))
-    return config
+    """The real config at toy sizes, the family's way (:meth:`mcvqa.families.base.Family.shrink`): vocabulary,
+    token ids, head_dim and RoPE/M-RoPE, patch and merge sizes stay as they are; DeepStack taps map onto the
+    shorter tower; hybrid and sliding/global layer patterns keep both kinds of layer."""
+    from mcvqa import families
+
+    return families.for_config(config).shrink(config, spec)
 
 
 def build_tiny_like(like: str | Path, out: str | Path, spec: LikeSpec | None = None) -> Path:

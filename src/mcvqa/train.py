@@ -35,13 +35,14 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from mcvqa.checkpoint import checkpoint, latest_checkpoint, load_checkpoint, publish, save_model
+from mcvqa import families
 from mcvqa.config import Config, environment
 from mcvqa.data import Dataset, Item, kfold_splits, read_csv, stratified_split
 from mcvqa.errors import McvqaError
 from mcvqa.evaluate import metrics
 from mcvqa.features import Batch, Collator, Encoder, Example, resolve_num_workers, token_lengths
 from mcvqa.io import atomic_write_json, atomic_write_text, recover_dir
-from mcvqa.model import core_and_head, unwrap
+from mcvqa.model import unwrap
 from mcvqa.prompts import load_prompt
 from mcvqa.scoring import (
     Scorer,
@@ -123,7 +124,8 @@ class AnswerLoss(torch.nn.Module):
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean loss, (B, V) logits at the answer position)."""
-        _, head = core_and_head(self.model)
+        family = families.for_model(self.model)
+        _, head = family.core_and_head(self.model)
         device = batch.input_ids.device
         if batch.prefix_len or self.shared_prefix == "off":
             hidden = answer_hidden(self.model, batch, None)
@@ -131,7 +133,7 @@ class AnswerLoss(torch.nn.Module):
             hidden = packed_answer_hidden(self.model, batch, self.prefix_ids)
         else:
             hidden = answer_hidden(self.model, batch, compute_prefix(self.model, self.prefix_ids, device))
-        logits = head(hidden).float()
+        logits = family.head_logits(head, hidden).float()
         assert batch.labels is not None
         loss = F.cross_entropy(logits, self.target_ids.to(device)[batch.labels.to(device)])
         return loss, logits
@@ -429,7 +431,7 @@ def setup(
     cpu = accelerator.device.type == "cpu"
     set_seed(tc.seed)
     model, processor = build_model(cfg, log_fn)
-    encoder = Encoder(processor, load_prompt(cfg.prompt.name), cfg.image)
+    encoder = Encoder(processor, load_prompt(cfg.prompt.name), cfg.image, families.for_model(model))
     shared = tc.shared_prefix
     if shared == "auto":
         # Measured on an H100 (BENCHMARKS.md): packed wins with 4-bit weights (one dequantisation per layer

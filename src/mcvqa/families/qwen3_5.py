@@ -1,0 +1,40 @@
+"""Qwen3.5: Qwen3-VL's vision side and M-RoPE, a hybrid decoder of gated-DeltaNet (linear attention) and full layers.
+
+A cached prefix carries each linear layer's recurrent state and its convolution window, not keys and values
+(:class:`mcvqa.scoring.PrefixLinearLayer`). Linear layers read every earlier token of a row whatever the mask
+says, so segments cannot share a row: option orders and training use the cached prefix, one row per sequence.
+The template opens a ``<think>`` block at the generation prompt; thinking is switched off the template's way
+(``enable_thinking=False``), which closes the block, and the answer is read after it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mcvqa.families.qwen_vl import QwenVL
+
+
+class Qwen35(QwenVL):
+    name = "qwen3_5"
+    model_types = ("qwen3_5", "qwen3_5_moe")
+    processor_classes = ()  # Qwen3VLProcessor, told apart from Qwen3-VL by its tokenizer (see families.for_processor)
+    template_kwargs = {"enable_thinking": False}
+    packed = False
+    extra_lora_targets = ("in_proj_qkv", "in_proj_z", "out_proj")
+    # The gate projections in_proj_a/in_proj_b are 4096 x 32: too small to gain from 4 bits, and they set the decay.
+    skip_quant = ("model.visual", "visual", "lm_head", "in_proj_a", "in_proj_b")
+
+    def layer_kinds(self, core: Any) -> list[str]:
+        types = self.text_model(core).config.layer_types
+        return ["linear" if t == "linear_attention" else "kv" for t in types]
+
+    def shrink_text(self, text: Any, spec: Any) -> None:
+        super().shrink_text(text, spec)
+        n = max(2, spec.num_hidden_layers)
+        text.num_hidden_layers = n
+        text.layer_types = ["linear_attention"] * (n - 1) + ["full_attention"]  # keep the hybrid: both kinds present
+        text.full_attention_interval = n
+        text.linear_num_key_heads = spec.num_attention_heads
+        text.linear_num_value_heads = spec.num_attention_heads * 2
+        text.linear_key_head_dim = 16
+        text.linear_value_head_dim = 16
