@@ -276,8 +276,9 @@ def ensemble(members: Sequence[np.ndarray], weights: Sequence[float] | None = No
     return _normalise(logp)
 
 
-def ensemble_files(paths: Sequence[str], weights: Sequence[float] | None = None) -> tuple[list[str], np.ndarray]:
-    """Members scored anywhere, one probs.csv each; ids must match (order may differ)."""
+def ensemble_files(paths: Sequence[str], weights: Sequence[float] | None = None, each: bool = False) -> tuple[list[str], Any]:
+    """Members scored anywhere, one probs.csv each; ids must match (order may differ). The weighted ensemble,
+    or with ``each`` the members' (N, 4) arrays in the first file's id order."""
     from mcvqa.errors import DataError
     from mcvqa.evaluate import PROB_COLUMNS, read_probs
 
@@ -289,7 +290,7 @@ def ensemble_files(paths: Sequence[str], weights: Sequence[float] | None = None)
             missing = sorted(set(ids) ^ set(f["id"]))[0]
             raise DataError(p, f"ids differ from {paths[0]} (e.g. {missing!r})", fix="score every member on the same test CSV")
         members.append(f.set_index("id").loc[ids, PROB_COLUMNS].to_numpy(dtype=np.float64))
-    return ids, ensemble(members, weights)
+    return ids, members if each else ensemble(members, weights)
 
 
 def blend_with_base(scorer: Scorer, items: Sequence[Item], fraction: float = 0.1, weight: float = 0.5, batch_size: int = 16, base: TTAResult | None = None, progress: bool = False) -> TTAResult:

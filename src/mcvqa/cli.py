@@ -143,17 +143,26 @@ def tiny(
     vocab: Annotated[int, typer.Option(help="BPE vocabulary size trained locally (not with --like: the real tokenizer is used).")] = 1024,
     seed: Annotated[int, typer.Option(help="Weight initialisation seed.")] = 0,
     like: Annotated[Optional[Path], typer.Option("--like", help="A real checkpoint folder (config.json, tokenizer, chat template and processor files; no weights needed): its architecture at toy sizes, with its real tokenizer and processor.")] = None,
+    arch: Annotated[Optional[str], typer.Option("--arch", help="qwen3_vl (default) | qwen2_5_vl | qwen3_5 | gemma4 | internvl | llava_onevision; with --like, checked against its config.")] = None,
 ) -> None:
-    """Build a tiny Qwen3-VL locally (real architecture, random weights) and save it in Hugging Face format."""
+    """Build a tiny model locally (real architecture classes, random weights) and save it in Hugging Face format."""
     from dataclasses import replace
 
-    from mcvqa.tiny import LikeSpec, TinySpec, build_tiny, build_tiny_like
+    from mcvqa import families
+    from mcvqa.tiny import LikeSpec, TinySpec, build_tiny_like
 
     sizes = {k: v for k, v in {"hidden_size": hidden, "num_hidden_layers": layers, "vision_depth": vision_depth}.items() if v is not None}
+    family = families.for_arch(arch or "qwen3_vl")
     if like is not None:
+        if arch is not None:
+            import json as _json
+
+            model_type = _json.loads((like / "config.json").read_text(encoding="utf-8")).get("model_type") if (like / "config.json").is_file() else None
+            if model_type != arch:
+                raise McvqaError(f"--like {like} is a {model_type} checkpoint, not --arch {arch}")
         path = build_tiny_like(like, out, replace(LikeSpec(seed=seed), **sizes))
     else:
-        path = build_tiny(out, replace(TinySpec(vocab_size=vocab, seed=seed), **sizes))
+        path = family.build_tiny(out, replace(TinySpec(vocab_size=vocab, seed=seed), **sizes), arch or "qwen3_vl")
     typer.echo(str(path))
 
 
@@ -301,29 +310,70 @@ def tune(
 
 @app.command()
 def ensemble(
-    probs: Annotated[list[Path], typer.Option("--probs", "-p", help="probs.csv of one member; repeat for each (scored anywhere, same test ids).")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the ensemble's submission.csv and probs.csv.")],
-    weights: Annotated[Optional[str], typer.Option(help="Comma-separated weights, one per member (default equal).")] = None,
-    data: Annotated[Optional[Path], typer.Option("--data", "-d", help="Test CSV: fixes the submission's row order (default: the first member's).")] = None,
+    probs: Annotated[list[Path], typer.Option("--probs", "-p", help="probs.csv of one member; repeat for each (scored anywhere, same ids).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for submission.csv and probs.csv (and weights.json, disagreements.csv).")],
+    weights: Annotated[Optional[str], typer.Option(help="Comma-separated weights, one per member, or a weights.json from --fit-weights (default equal).")] = None,
+    data: Annotated[Optional[Path], typer.Option("--data", "-d", help="CSV of the scored questions: fixes the row order; with --fit-weights it must hold the answers (val.csv).")] = None,
+    fit_weights: Annotated[bool, typer.Option("--fit-weights", help="Fit the weights on --data's answers (cross-validated), report members, ensemble and disagreements, write weights.json.")] = False,
+    folds: Annotated[int, typer.Option(help="Cross-validation folds for --fit-weights.")] = 5,
 ) -> None:
-    """Average members' log-probabilities (weighted) into one submission."""
-    from mcvqa.adapt import ensemble_files, parse_weights
+    """Average members' log-probabilities (weighted) into one submission; optionally fit the weights first."""
+    from mcvqa.adapt import ensemble as combine
+    from mcvqa.adapt import ensemble_files
     from mcvqa.data import read_csv
+    from mcvqa.ensemble import disagreements, fit_report, format_report, load_weights
+    from mcvqa.evaluate import read_labels
+    from mcvqa.io import atomic_write_csv, atomic_write_json
     from mcvqa.predict import write_outputs
 
-    w = parse_weights(weights, len(probs))
-    ids, p = ensemble_files([str(x) for x in probs], w)
+    if fit_weights and (data is None or weights is not None):
+        raise McvqaError("--fit-weights needs --data with the answers (e.g. val.csv) and no --weights")
+    names = _member_names(probs)
+    ids, members = ensemble_files([str(x) for x in probs], None, each=True)
     if data is not None:
         order = [it.id for it in read_csv(data)]
         missing = sorted(set(order) - set(ids))
         if missing:
             raise McvqaError(f"{data}: id {missing[0]!r} has no prediction in the members")
         index = {i: k for k, i in enumerate(ids)}
-        p = p[[index[i] for i in order]]
+        members = [m[[index[i] for i in order]] for m in members]
         ids = order
-    sub, pr = write_outputs(out, ids, p)
+    labels = None
+    w = load_weights(weights, len(probs)) if weights is not None else None
+    if fit_weights:
+        answers = read_labels(data)  # type: ignore[arg-type]
+        import numpy as np
+
+        labels = np.array([answers[i] for i in ids])
+        report = fit_report(names, members, labels, folds)
+        w = report.weights
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / "weights.json", report.to_json())
+        typer.echo(format_report(report))
+    combined = combine(members, w)
+    rows = disagreements(ids, names, members, combined, labels)
+    if rows:
+        out.mkdir(parents=True, exist_ok=True)
+        import pandas as pd
+
+        atomic_write_csv(out / "disagreements.csv", pd.DataFrame(rows))
+    sub, pr = write_outputs(out, ids, combined)
     typer.echo(f"submission {sub}")
     typer.echo(f"probs      {pr}")
+    if rows:
+        typer.echo(f"disagree   {out / 'disagreements.csv'} ({len(rows)} questions)")
+
+
+def _member_names(paths: list[Path]) -> list[str]:
+    """A short name per member: its folder (``runs/qwen3vl/probs.csv`` -> qwen3vl), made unique."""
+    names: list[str] = []
+    for p in paths:
+        base = p.parent.name or p.stem
+        name, k = base, 2
+        while name in names:
+            name, k = f"{base}_{k}", k + 1
+        names.append(name)
+    return names
 
 
 @app.command()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -53,6 +54,28 @@ CHAT_TEMPLATE = (
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
+
+
+def chatml_template(image: str, thinking: bool = False) -> str:
+    """Qwen-style ChatML with ``image`` rendered for an image item; with ``thinking`` the generation prompt opens
+    a ``<think>`` block, closed at once when ``enable_thinking=False`` (Qwen3.5's template does the same)."""
+    gen = "{{- '<|im_start|>assistant\\n' }}"
+    if thinking:
+        gen += ("{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}"
+                "{%- else %}{{- '<think>\\n' }}{%- endif %}")
+    return (CHAT_TEMPLATE.replace("'<|vision_start|><|image_pad|><|vision_end|>'", repr(image))
+            .replace("{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}", "{%- if add_generation_prompt %}" + gen + "{%- endif %}"))
+
+
+def save_tiny(model: Any, processor: Any, out: Path, spec: Any, image_size: int) -> Path:
+    """Save a tiny model like any checkpoint, with its spec and the image size it is meant for."""
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    processor.save_pretrained(out)
+    (out / "mcvqa_tiny.json").write_text(json.dumps(asdict(spec), indent=2) + "\n", encoding="utf-8")
+    (out / "mcvqa.yaml").write_text(f"image:\n  mode: letterbox\n  size: {image_size}\n", encoding="utf-8")
+    share_files(out)
+    return out
 
 
 @dataclass
@@ -114,6 +137,22 @@ def tokenizer_corpus(include_system_prompts: bool = True) -> list[str]:
     lines += corpus_lines() * 20
     lines += ["a. b. c. d. a b c d A B C D", "0123456789", "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ"] * 5
     return lines
+
+
+def local_tokenizer(vocab_size: int, extra_tokens: Sequence[str] = (), chat_template: str = CHAT_TEMPLATE,
+                    named: dict[str, str] | None = None, include_system_prompts: bool = True) -> Any:
+    """A ``Qwen2Tokenizer`` around a BPE trained here, with Qwen's special tokens plus ``extra_tokens`` (a family's
+    image markers); ``named`` gives tokens the attribute names a processor reads (``tokenizer.image_token``)."""
+    from transformers import Qwen2Tokenizer
+
+    bpe = train_tokenizer(tokenizer_corpus(include_system_prompts), vocab_size)
+    model_json = json.loads(bpe.to_str())["model"]
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model_json["merges"]]
+    kwargs: dict[str, Any] = {"extra_special_tokens": dict(named)} if named else {}
+    tokenizer = Qwen2Tokenizer(vocab=model_json["vocab"], merges=merges, model_max_length=32768, **kwargs)
+    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in (*SPECIAL_TOKENS, *extra_tokens)])
+    tokenizer.chat_template = chat_template
+    return tokenizer
 
 
 def build_processor(vocab_size: int, min_pixels: int, include_system_prompts: bool = True) -> tuple[Any, dict[str, int]]:

@@ -31,6 +31,15 @@ def for_config(config: Any) -> Family:
     return Family(config)
 
 
+def for_arch(arch: str) -> Family:
+    """The family of a ``config.model_type`` named on the command line (``mcvqa tiny --arch``)."""
+    from mcvqa.errors import ConfigError
+
+    if arch not in ARCHS:
+        raise ConfigError(f"--arch {arch!r}: choose one of {', '.join(ARCHS)}")
+    return next(cls() for cls in FAMILIES if arch in cls.model_types)
+
+
 def for_model(model: Any) -> Family:
     from mcvqa.model import unwrap
 
@@ -48,4 +57,4 @@ def for_processor(processor: Any) -> Family:
     return Family()
 
 
-__all__ = ["ARCHS", "FAMILIES", "Family", "for_config", "for_model", "for_processor"]
+__all__ = ["ARCHS", "FAMILIES", "Family", "for_arch", "for_config", "for_model", "for_processor"]

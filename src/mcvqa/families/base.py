@@ -148,6 +148,10 @@ class Family:
 
     # -- tiny models --------------------------------------------------------------------------------------
 
+    def build_tiny(self, out: Any, spec: Any, arch: str) -> Any:
+        """A tiny model of ``arch`` built here (tokenizer trained locally, the family's real processor classes)."""
+        raise ModelError(f"no local tiny builder for {arch}; pass --like DIR (a checkpoint folder's non-weight files)")
+
     def shrink_text(self, text: Any, spec: Any) -> None:
         text.hidden_size = spec.hidden_size
         text.intermediate_size = spec.intermediate_size

@@ -1,0 +1,251 @@
+"""Every first-class family, built tiny from its real checkpoint files (tokenizer, chat template, processor, config):
+the fast paths equal the model's own full-sequence forward, the shared-prefix training step equals the plain step,
+and the CLI runs tiny -> train -> predict --adapter -> evaluate.
+
+The real files come from ``../shared/fixtures/families.tar.xz`` (or ``MCVQA_FIXTURES``); without them these tests
+skip with one line saying so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_cli
+
+FIXTURES = Path(os.environ.get("MCVQA_FIXTURES", Path(__file__).resolve().parents[2] / "shared" / "fixtures"))
+FAMILIES = {
+    # id: (checkpoint folder in families.tar.xz, or "arch:X" for `mcvqa tiny --arch X` built with no files; family name)
+    "qwen3_5": ("Qwen3.5-9B", "qwen3_5"),
+    "gemma4_31b": ("gemma-4-31B-it", "gemma4"),
+    "gemma4_e4b": ("gemma-4-E4B-it", "gemma4"),
+    "internvl": ("InternVL3_5-8B-HF", "internvl"),
+    "llava_onevision": ("llava-onevision-qwen2-7b-ov-hf", "llava_onevision"),
+    "local_qwen2_5_vl": ("arch:qwen2_5_vl", "qwen_vl"),
+    "local_qwen3_5": ("arch:qwen3_5", "qwen3_5"),
+    "local_internvl": ("arch:internvl", "internvl"),
+    "local_llava_onevision": ("arch:llava_onevision", "llava_onevision"),
+    "local_gemma4": ("arch:gemma4", "gemma4"),
+}
+PROMPT = """\
+name: test_system
+system: |
+  당신은 사진을 보고 객관식 질문에 답하는 도우미입니다. 먼저 사진을 관찰하고, 선택지를 비교한 뒤, 정답 글자 하나만 답하세요.
+question_template: "질문: {question}\\n"
+options_header: "선택지:\\n"
+option_template: "{letter}. {text}\\n"
+instruction: "정답 글자 하나로 답하세요."
+"""
+
+
+@pytest.fixture(scope="session")
+def family_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    archive = FIXTURES / "families.tar.xz"
+    if not archive.is_file():
+        pytest.skip(f"{archive} not found: the family checkpoints' non-weight files are needed (set MCVQA_FIXTURES)")
+    out = tmp_path_factory.mktemp("families")
+    with tarfile.open(archive) as tar:
+        tar.extractall(out, filter="data")
+    return out / "families"
+
+
+@pytest.fixture(scope="session")
+def family_models(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """Tiny models built through the CLI once per session, on demand: ``mcvqa tiny --like`` the real files, or
+    ``mcvqa tiny --arch`` with nothing but this repository."""
+    root = tmp_path_factory.mktemp("family_models")
+    built: dict[str, Path] = {}
+
+    def get(key: str) -> Path:
+        if key not in built:
+            from mcvqa.cli import main
+
+            source = FAMILIES[key][0]
+            if source.startswith("arch:"):
+                argv = ["--arch", source[5:]]
+            else:
+                argv = ["--like", str(request.getfixturevalue("family_files") / source)]
+            with pytest.raises(SystemExit) as e:
+                main(["tiny", *argv, "--out", str(root / key)])
+            assert e.value.code == 0
+            built[key] = root / key
+        return built[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def prompt_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("prompt") / "test_system.yaml"
+    path.write_text(PROMPT, encoding="utf-8")
+    return path
+
+
+def _load(path: Path):
+    from mcvqa.config import ModelConfig
+    from mcvqa.model import load_model
+
+    return load_model(ModelConfig(name_or_path=str(path), device="cpu", dtype="fp32"))
+
+
+def _items_and_images(n: int = 3):
+    from PIL import Image
+
+    from mcvqa.data import Item
+
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (256, 256 - 32 * i, 3), dtype=np.uint8)).convert("RGB") for i in range(n)]
+    items = [Item(f"q{i}", Path("x.jpg"), "사진 속 물건은 무엇인가요? " * (i + 1), ("사과", "배 두 개", "포도 한 송이", "감")) for i in range(n)]
+    return items, images
+
+
+@pytest.mark.parametrize("key", list(FAMILIES))
+def test_fast_paths_equal_the_models_own_forward(family_models, prompt_file, key) -> None:
+    """Cached prefix, whole sequence, packed rows and option orders in one pass all give the probabilities the
+    model's own forward gives on the processor's tokenization of the whole conversation (fp32, 1e-5)."""
+    from mcvqa import families
+    from mcvqa.config import ImageConfig
+    from mcvqa.features import Encoder, cyclic_orders
+    from mcvqa.images import letterbox
+    from mcvqa.prompts import load_prompt
+    from mcvqa.scoring import Scorer, answer_hidden, compute_prefix, letter_logprobs, packed_answer_hidden
+
+    model, processor = _load(family_models(key))
+    family = families.for_model(model)
+    assert family.name == FAMILIES[key][1] and family.first_class
+    enc = Encoder(processor, load_prompt(str(prompt_file)), ImageConfig(mode="letterbox", size=256), family)
+    assert len(enc.prefix_ids) > 40  # the system prompt is really cached
+    items, raw = _items_and_images()
+    images = [letterbox(im, 256) for im in raw]
+    scorer = Scorer(model, enc)
+    letters = scorer.letters
+    reference = []
+    for it, im in zip(items, images):
+        inputs = processor(text=[enc.full_text(it)], images=[im], return_tensors="pt", add_special_tokens=False)
+        # Segments tokenized apart == the processor on the whole rendered conversation.
+        assert inputs["input_ids"][0].tolist() == enc.prefix_ids + enc.encode(it, image=im).suffix_ids
+        with torch.no_grad():
+            logits = model(**inputs, logits_to_keep=1).logits[:, -1]
+        reference.append(letter_logprobs(logits[:, letters.all_ids], letters)[0])
+    reference = torch.stack(reference).exp()
+    exs = [enc.encode(it, image=im) for it, im in zip(items, images)]
+    with torch.no_grad():
+        cached = scorer.logprobs(enc.collate(exs)).exp()
+        plain = Scorer(model, enc, prefix_cache=False).logprobs(enc.collate(exs, with_prefix=True)).exp()
+        hidden = packed_answer_hidden(model, enc.collate(exs), enc.prefix_ids)
+        packed = letter_logprobs(family.head_logits(scorer.head, hidden, letters.all_ids), letters).exp()
+        prefix = compute_prefix(model, enc.prefix_ids)
+        again = letter_logprobs(family.head_logits(scorer.head, answer_hidden(model, enc.collate(exs), prefix), letters.all_ids), letters).exp()
+        orders = scorer.logprobs_orders([enc.encode_orders(it, cyclic_orders(4), image=im) for it, im in zip(items, images)]).exp()
+    for name, got in (("cached", cached), ("whole sequence", plain), ("packed", packed), ("prefix recomputed", again)):
+        torch.testing.assert_close(got, reference, atol=1e-5, rtol=0, msg=f"{key} {name}")
+    torch.testing.assert_close(orders[:, 0], reference, atol=1e-5, rtol=0, msg=f"{key} orders, identity order")
+    for v, order in enumerate(cyclic_orders(4)):  # order v: each permuted question scored alone
+        for b, (it, im) in enumerate(zip(items, images)):
+            from mcvqa.data import Item
+
+            shown = Item(it.id, it.image, it.question, tuple(it.options[k] for k in order))
+            with torch.no_grad():
+                alone = scorer.logprobs(enc.collate([enc.encode(shown, image=im)]))[0].exp()
+            torch.testing.assert_close(orders[b, v, list(order)], alone, atol=1e-5, rtol=0, msg=f"{key} order {v}")
+
+
+@pytest.mark.parametrize("key", ["qwen3_5", "gemma4_31b", "internvl"])
+def test_shared_prefix_training_step_equals_plain_step(family_models, prompt_file, key) -> None:
+    """Loss and every LoRA gradient match between the prefix-once steps (cached, packed) and the whole-sequence step."""
+    from mcvqa import families
+    from mcvqa.config import ImageConfig, LoraConfig
+    from mcvqa.features import Encoder
+    from mcvqa.images import letterbox
+    from mcvqa.model import attach_lora
+    from mcvqa.prompts import load_prompt
+    from mcvqa.scoring import letter_tokens
+    from mcvqa.train import AnswerLoss
+
+    base, processor = _load(family_models(key))
+    model = attach_lora(base, LoraConfig(r=4, alpha=8, dropout=0.0))
+    family = families.for_model(model)
+    targets = {n.split(".")[-4] for n, p in model.named_parameters() if p.requires_grad}
+    assert targets >= {"q_proj", "v_proj", "down_proj"} | set(family.extra_lora_targets), targets
+    torch.manual_seed(1)
+    for n, p in model.named_parameters():  # LoRA B starts at zero: make every adapter matter
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.02)
+    model.train()
+    enc = Encoder(processor, load_prompt(str(prompt_file)), ImageConfig(mode="letterbox", size=256), family)
+    items, raw = _items_and_images()
+    exs = [enc.encode(it, image=letterbox(im, 256)) for it, im in zip(items, raw)]
+    for ex, label in zip(exs, (0, 2, 3)):
+        ex.label = label
+    target = letter_tokens(processor.tokenizer).target
+    results = {}
+    for shared in ("off", "cache", "packed"):
+        model.zero_grad(set_to_none=True)
+        loss, _ = AnswerLoss(model, enc.prefix_ids, target, shared_prefix=shared)(enc.collate(exs, with_prefix=shared == "off"))
+        loss.backward()
+        results[shared] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    loss0, grads0 = results["off"]
+    assert len(grads0) > 0 and any(g.abs().sum() > 0 for g in grads0.values())
+    for shared in ("cache", "packed"):
+        loss, grads = results[shared]
+        torch.testing.assert_close(loss, loss0, atol=1e-5, rtol=0, msg=f"{key} {shared} loss")
+        assert grads.keys() == grads0.keys()
+        for n in grads:
+            torch.testing.assert_close(grads[n], grads0[n], atol=1e-5, rtol=1e-4, msg=f"{key} {shared} {n}")
+
+
+@pytest.mark.parametrize("key", [k for k in FAMILIES if k != "gemma4_e4b"])  # one Gemma 4 here; E4B runs in the ensemble
+def test_cli_tiny_train_predict_evaluate(family_models, synth_data, tmp_path, capsys, key) -> None:
+    """The user's path for each family, through the CLI: train a LoRA adapter, predict with it, evaluate."""
+    model = family_models(key)
+    csvs = {}
+    for name, source, n in (("train", "train.csv", 12), ("test", "test_labels.csv", 6)):
+        lines = (synth_data / source).read_text(encoding="utf-8").splitlines()
+        csvs[name] = synth_data / f"family_{key}_{name}.csv"  # beside the images: paths are relative to the CSV
+        csvs[name].write_text("\n".join(lines[: n + 1]) + "\n", encoding="utf-8")
+    common = ["--device", "cpu", "-q"]
+    code, _, err = run_cli(["train", "--data", str(csvs["train"]), "--out", str(tmp_path / "run"), "--model", str(model),
+                            "--set", "train.epochs=1", "--set", "train.batch_size=4", "--set", "lora.r=4", "--set", "data.val_fraction=0.25",
+                            "--set", "model.dtype=fp32", "--set", "prompt.name=plain_ko", *common], capsys)  # the cached system prompt is proven exact above
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["steps"] >= 2 and np.isfinite(metrics["losses"][-1][1])
+    code, _, err = run_cli(["predict", "--adapter", str(tmp_path / "run" / "best"), "--data", str(csvs["test"]),
+                            "--out", str(tmp_path / "pred"), *common], capsys)
+    assert code == 0, err
+    probs = np.loadtxt(tmp_path / "pred" / "probs.csv", delimiter=",", skiprows=1, usecols=(1, 2, 3, 4))
+    assert probs.shape == (6, 4) and np.allclose(probs.sum(1), 1, atol=1e-4)
+    code, out, err = run_cli(["evaluate", "--pred", str(tmp_path / "pred" / "probs.csv"), "--data", str(csvs["test"])], capsys)
+    assert code == 0 and "accuracy" in out.lower(), err
+
+
+def test_three_family_ensemble_with_fitted_weights(family_models, synth_data, tmp_path, capsys) -> None:
+    """Qwen3.5 + Gemma 4 + InternVL, each predicted through the CLI, combined with cross-validated fitted weights."""
+    lines = (synth_data / "test_labels.csv").read_text(encoding="utf-8").splitlines()
+    val = synth_data / "family_ensemble_val.csv"
+    val.write_text("\n".join(lines[:13]) + "\n", encoding="utf-8")
+    probs = []
+    for key in ("qwen3_5", "gemma4_e4b", "internvl"):
+        out = tmp_path / key
+        code, _, err = run_cli(["predict", "--model", str(family_models(key)), "--data", str(val), "--out", str(out), "--device", "cpu", "-q",
+                                "--prompt", "plain_ko", "--set", "model.dtype=fp32"], capsys)
+        assert code == 0, err
+        probs += ["--probs", str(out / "probs.csv")]
+    code, out, err = run_cli(["ensemble", *probs, "--fit-weights", "--data", str(val), "--folds", "3", "--out", str(tmp_path / "ens")], capsys)
+    assert code == 0, err
+    report = json.loads((tmp_path / "ens" / "weights.json").read_text())
+    assert report["names"] == ["qwen3_5", "gemma4_e4b", "internvl"] and report["n"] == 12
+    assert abs(sum(report["weights"]) - 1) < 1e-6 and len(report["fold_weights"]) == 3
+    for name in report["names"]:
+        assert name in out and 0 <= report["members"][name]["accuracy"] <= 1
+    assert "3-fold CV" in out and f"disagree on {report['disagreements']} of 12" in out
+    # The fitted weights apply to another set through --weights weights.json: the same combination, recomputed.
+    code, _, err = run_cli(["ensemble", *probs, "--weights", str(tmp_path / "ens" / "weights.json"), "--out", str(tmp_path / "apply")], capsys)
+    assert code == 0, err
+    assert (tmp_path / "apply" / "probs.csv").read_text() == (tmp_path / "ens" / "probs.csv").read_text()
