@@ -119,8 +119,12 @@ def test_fast_paths_equal_the_models_own_forward(family_models, prompt_file, key
     model, processor = _load(family_models(key))
     family = families.for_model(model)
     assert family.name == FAMILIES[key][1] and family.first_class
+    if not key.startswith("local_"):  # the processor alone tells the family too (an Encoder built without the model)
+        assert families.for_processor(processor).name == family.name
     enc = Encoder(processor, load_prompt(str(prompt_file)), ImageConfig(mode="letterbox", size=256), family)
     assert len(enc.prefix_ids) > 40  # the system prompt is really cached
+    if family.name == "qwen3_5":  # thinking switched off the template's way: the answer comes after a closed block
+        assert enc.frame.tail.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
     items, raw = _items_and_images(2)
     images = [letterbox(im, 256) for im in raw]
     scorer = Scorer(model, enc)
@@ -146,14 +150,14 @@ def test_fast_paths_equal_the_models_own_forward(family_models, prompt_file, key
     for name, got in (("cached", cached), ("whole sequence", plain), ("packed", packed), ("prefix recomputed", again)):
         torch.testing.assert_close(got, reference, atol=1e-5, rtol=0, msg=f"{key} {name}")
     torch.testing.assert_close(orders[:, 0], reference, atol=1e-5, rtol=0, msg=f"{key} orders, identity order")
-    for v, order in enumerate(cyclic_orders(4)):  # order v: each permuted question scored alone
-        for b, (it, im) in enumerate(zip(items, images)):
-            from mcvqa.data import Item
+    from mcvqa.data import Item
 
-            shown = Item(it.id, it.image, it.question, tuple(it.options[k] for k in order))
-            with torch.no_grad():
-                alone = scorer.logprobs(enc.collate([enc.encode(shown, image=im)]))[0].exp()
-            torch.testing.assert_close(orders[b, v, list(order)], alone, atol=1e-5, rtol=0, msg=f"{key} order {v}")
+    it, im = items[1], images[1]  # the longer question (the other row of the batch is padded)
+    for v, order in enumerate(cyclic_orders(4)):  # order v: the permuted question scored alone
+        shown = Item(it.id, it.image, it.question, tuple(it.options[k] for k in order))
+        with torch.no_grad():
+            alone = scorer.logprobs(enc.collate([enc.encode(shown, image=im)]))[0].exp()
+        torch.testing.assert_close(orders[1, v, list(order)], alone, atol=1e-5, rtol=0, msg=f"{key} order {v}")
 
 
 @pytest.mark.parametrize("key", ["qwen3_5", "internvl", "local_gemma4", "local_llava_onevision"])
@@ -273,3 +277,22 @@ def test_gemma4_31b_answers_after_the_thought_channel(family_files) -> None:
     assert list(whole) == enc.prefix_ids + ex.suffix_ids
     # The answer position (the last option token) is the channel's close, not the model turn's newline.
     assert processor.tokenizer.convert_ids_to_tokens(ex.option_ids[-4:]) == ["<|channel>", "thought", "\n", "<channel|>"]
+
+
+def test_images_of_different_sizes_batch_and_split_back() -> None:
+    """AnyRes tiles and Gemma's patch lists differ per image: dim 1 is padded (position ids with -1), and cutting a
+    batch in two (out-of-memory halving) gives each half exactly its own images' rows."""
+    from mcvqa.features import Example, cat_vision, collate
+
+    def ex(i: int, patches: int) -> Example:
+        vision = {"pixel_values": torch.full((1, patches, 3), float(i + 1)), "image_position_ids": torch.full((1, patches, 2), i)}
+        return Example(f"q{i}", [7, 8, 9], [1], [2, 3], vision, [0, 1, 0])
+
+    vision, rows = cat_vision([ex(0, 4).vision, ex(1, 6).vision], {"image_position_ids": -1})
+    assert vision["pixel_values"].shape == (2, 6, 3) and rows == {"pixel_values": [1, 1], "image_position_ids": [1, 1]}
+    assert (vision["pixel_values"][0, 4:] == 0).all() and (vision["image_position_ids"][0, 4:] == -1).all()
+    assert (vision["image_position_ids"][1] == 1).all()
+    batch = collate([ex(0, 4), ex(1, 6), ex(2, 5)], pad_id=0, vision_pad={"image_position_ids": -1})
+    assert batch.mm_token_type_ids[:, :3].tolist() == [[0, 1, 0]] * 3
+    second = batch.rows(1, 3)
+    assert second.ids == ["q1", "q2"] and second.vision["pixel_values"][:, 0, 0].tolist() == [2.0, 3.0]

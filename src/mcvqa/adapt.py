@@ -511,19 +511,18 @@ class SoftPrompt:
     rest of the pipeline (prefix cache, images, positions) is untouched and everything else stays frozen.
     """
 
-    PLACEHOLDER = "<|box_start|>"
-
     def __init__(self, scorer: Scorer, k: int = 4, init_text: str = "사진을 잘 보고") -> None:
         self.scorer = scorer
         tok = scorer.encoder.tokenizer
-        self.placeholder = tok.convert_tokens_to_ids(self.PLACEHOLDER)
+        self.placeholder = soft_prompt_token(tok)
         core, _ = core_and_head(scorer.model)
         self.embed = core.language_model.get_input_embeddings()
         init_ids = tok.encode(init_text, add_special_tokens=False)[:k] or [self.placeholder]
         while len(init_ids) < k:
             init_ids.append(init_ids[-1])
         with torch.no_grad():
-            init = self.embed.weight[torch.tensor(init_ids, device=self.embed.weight.device)].detach().clone().float()
+            # The embedding module's output, not its weight rows: Gemma scales embeddings by sqrt(hidden).
+            init = self.embed(torch.tensor([init_ids], device=self.embed.weight.device))[0].detach().clone().float()
         self.init = init
         self.vectors = torch.nn.Parameter(init.clone())
         self.k = k
@@ -549,6 +548,20 @@ class SoftPrompt:
 
     def close(self) -> None:
         self.handle.remove()
+
+
+SOFT_PROMPT_TOKENS = ("<|box_start|>", "<unused0>", "<|reserved_special_token_0|>", "<quad>")
+"""Tokens that never occur in a question, one of which every supported tokenizer has (Qwen's box marker; Gemma's
+unused pieces; InternVL's quad marker)."""
+
+
+def soft_prompt_token(tokenizer: Any) -> int:
+    unk = getattr(tokenizer, "unk_token_id", None)
+    for token in SOFT_PROMPT_TOKENS:
+        tid = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(tid, int) and tid != unk and tokenizer.convert_ids_to_tokens(tid) == token:
+            return tid
+    raise McvqaError(f"test-time prompt tuning needs a reserved token the questions never contain; this tokenizer has none of {', '.join(SOFT_PROMPT_TOKENS)}")
 
 
 def _select_confident(lp: torch.Tensor, fraction: float) -> torch.Tensor:

@@ -365,15 +365,14 @@ def ensemble(
 
 
 def _member_names(paths: list[Path]) -> list[str]:
-    """A short name per member: its folder (``runs/qwen3vl/probs.csv`` -> qwen3vl), made unique."""
-    names: list[str] = []
-    for p in paths:
-        base = p.parent.name or p.stem
-        name, k = base, 2
-        while name in names:
-            name, k = f"{base}_{k}", k + 1
-        names.append(name)
-    return names
+    """A short name per member: the nearest folder that tells them apart (``runs/qwen3vl/val/probs.csv`` and
+    ``runs/gemma4/val/probs.csv`` -> qwen3vl, gemma4), numbered if nothing does."""
+    parents = [p.resolve().parent.parts for p in paths]
+    for k in range(1, max(len(x) for x in parents) + 1):
+        tails = [x[-k:] for x in parents]
+        if len(set(tails)) == len(tails):
+            return [t[0] for t in tails]
+    return [f"{p.parent.name or p.stem}_{i + 1}" for i, p in enumerate(paths)]
 
 
 @app.command()
