@@ -260,9 +260,7 @@ def test_three_family_ensemble_with_fitted_weights(family_models, synth_data, tm
 def test_gemma4_31b_answers_after_the_thought_channel(family_files) -> None:
     """gemma-4-31B-it's template opens an empty thought channel at the generation prompt: the answer is read after it,
     and the prefix/image/question/options segments still tokenize like the whole conversation."""
-    from mcvqa import families
     from mcvqa.config import ImageConfig
-    from mcvqa.data import Item
     from mcvqa.features import Encoder
     from mcvqa.model import load_processor
     from mcvqa.prompts import load_prompt
