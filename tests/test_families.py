@@ -94,6 +94,18 @@ def _load(path: Path):
     return load_model(ModelConfig(name_or_path=str(path), device="cpu", dtype="fp32"))
 
 
+def _make_sensitive(model) -> None:
+    """Random tiny weights hide two things a test must see: a linear-attention layer forgets the prefix within a few
+    tokens (its decay), and letter logits near 0 make Gemma's soft cap (tanh(x / 30) * 30) the identity. Slow the
+    decay and tighten the cap, in the model itself, so both matter to the probabilities compared."""
+    for module in model.modules():
+        if hasattr(module, "A_log"):  # gated DeltaNet: decay exp(-exp(A_log) * softplus(.)) close to 1
+            module.A_log.data.fill_(-6.0)
+    text = model.config.get_text_config()
+    if getattr(text, "final_logit_softcapping", None):
+        text.final_logit_softcapping = 0.05
+
+
 def _items_and_images(n: int = 3):
     from PIL import Image
 
@@ -117,6 +129,7 @@ def test_fast_paths_equal_the_models_own_forward(family_models, prompt_file, key
     from mcvqa.scoring import Scorer, answer_hidden, compute_prefix, letter_logprobs, packed_answer_hidden
 
     model, processor = _load(family_models(key))
+    _make_sensitive(model)
     family = families.for_model(model)
     assert family.name == FAMILIES[key][1] and family.first_class
     if not key.startswith("local_"):  # the processor alone tells the family too (an Encoder built without the model)
@@ -176,7 +189,8 @@ def test_shared_prefix_training_step_equals_plain_step(family_models, prompt_fil
     model = attach_lora(base, LoraConfig(r=4, alpha=8, dropout=0.0))
     family = families.for_model(model)
     targets = {n.split(".")[-4] for n, p in model.named_parameters() if p.requires_grad}
-    assert targets >= {"q_proj", "v_proj", "down_proj"} | set(family.extra_lora_targets), targets
+    linear = {"in_proj_qkv", "in_proj_z", "out_proj"} if family.name == "qwen3_5" else set()  # gated DeltaNet's projections
+    assert targets >= {"q_proj", "v_proj", "down_proj"} | linear, targets
     assert all(".language_model." in n for n, p in model.named_parameters() if p.requires_grad)  # never the vision tower
     torch.manual_seed(1)
     for n, p in model.named_parameters():  # LoRA B starts at zero: make every adapter matter
