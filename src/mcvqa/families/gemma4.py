@@ -111,11 +111,12 @@ class Gemma4(Family):
         ids = {t: tok.convert_tokens_to_ids(t) for t in marks}
         config = Gemma4Config(
             text_config=dict(vocab_size=len(tok), vocab_size_per_layer_input=len(tok), hidden_size=spec.hidden_size,
-                             intermediate_size=spec.intermediate_size, num_hidden_layers=2, layer_types=["sliding_attention", "full_attention"],
+                             intermediate_size=spec.intermediate_size, num_hidden_layers=4, layer_types=["sliding_attention", "full_attention"] * 2,
                              num_attention_heads=spec.num_attention_heads, num_key_value_heads=spec.num_key_value_heads,
                              num_global_key_value_heads=spec.num_key_value_heads, head_dim=spec.head_dim, global_head_dim=2 * spec.head_dim,
                              sliding_window=48, use_bidirectional_attention="vision", final_logit_softcapping=30.0,
-                             hidden_size_per_layer_input=0, num_kv_shared_layers=0, max_position_embeddings=8192,
+                             # E4B's features too: per-layer token inputs, and the last layers reusing earlier layers' keys and values
+                             hidden_size_per_layer_input=8, num_kv_shared_layers=2, max_position_embeddings=8192,
                              pad_token_id=ids["<pad>"], bos_token_id=ids["<bos>"], eos_token_id=ids["<turn|>"]),
             vision_config=dict(hidden_size=spec.vision_hidden_size, intermediate_size=spec.vision_intermediate_size,
                                num_hidden_layers=spec.vision_depth, num_attention_heads=spec.vision_heads, num_key_value_heads=spec.vision_heads,
