@@ -22,7 +22,6 @@ from mcvqa.errors import ImageError
 from mcvqa.images import load_prepared, prepare
 from mcvqa import families
 from mcvqa.families import Family
-from mcvqa.families.qwen_vl import QWEN_PLACEHOLDER
 from mcvqa.prompts import Frame, Prompt
 
 
@@ -270,15 +269,15 @@ def token_lengths(items: Sequence[Item], encoder: Encoder) -> list[int]:
     from mcvqa.images import FACTOR, native_size, open_image
 
     cfg = encoder.image_cfg
-    qwen = encoder.family.image_placeholder == QWEN_PLACEHOLDER
     out = []
     for it in items:
-        if cfg.mode == "letterbox" or not qwen:
-            n_img = encoder.image_len()  # native sizes of other families: the letterbox count stands in (sorting only)
-        else:
+        n_img = None
+        if cfg.mode != "letterbox":
             with open_image(it.image, cfg.max_image_pixels) as im:
                 w, h = native_size(*im.size, max_pixels=cfg.max_pixels, min_pixels=cfg.min_pixels)
-            n_img = (w // FACTOR) * (h // FACTOR) + 2
+            n_img = encoder.family.native_image_tokens(w, h, FACTOR)
+        if n_img is None:
+            n_img = encoder.image_len()  # letterboxed: every image the same; else the family cannot tell cheaply (sorting only)
         out.append(n_img + len(encoder.question_ids(it.question)) + len(encoder.option_ids(it.options)))
     return out
 

@@ -110,6 +110,11 @@ class Family:
         tensors = {k: v for k, v in out.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids") and isinstance(v, torch.Tensor)}
         return ids, types, tensors
 
+    def native_image_tokens(self, width: int, height: int, factor: int) -> int | None:
+        """Tokens of an image at native resolution ``width`` x ``height`` (already fitted to the pixel budget), without
+        running the processor; None when the family cannot tell that cheaply (used to sort batches by length)."""
+        return None
+
     # -- the forward --------------------------------------------------------------------------------------
 
     def positions(self, core: Any, input_ids: torch.Tensor, mm: torch.Tensor, vision: dict[str, torch.Tensor], offset: int) -> torch.Tensor | None:

@@ -37,6 +37,9 @@ class QwenVL(Family):
         ids = [tok.convert_tokens_to_ids("<|vision_start|>")] + [self.image_token_id(tok)] * n + [tok.convert_tokens_to_ids("<|vision_end|>")]
         return ids, [0] + [1] * n + [0], {"pixel_values": out["pixel_values"], "image_grid_thw": grid}
 
+    def native_image_tokens(self, width: int, height: int, factor: int) -> int | None:
+        return (width // factor) * (height // factor) + 2  # merged patches between <|vision_start|> and <|vision_end|>
+
     def positions(self, core: Any, input_ids: torch.Tensor, mm: torch.Tensor, vision: dict[str, torch.Tensor], offset: int) -> torch.Tensor:
         """(4, B, S): row 0 sequence positions (for masks), rows 1-3 M-RoPE (t, h, w).
 
