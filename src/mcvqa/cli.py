@@ -260,6 +260,26 @@ def train(
 
 
 @app.command()
+def quantize(
+    out: Annotated[Path, typer.Option("--out", "-o", help="New folder for the quantised checkpoint.")],
+    model: ModelOpt = None,
+    quant: Annotated[str, typer.Option("--quant", help="nf4 (4-bit, double quantisation) | int8.")] = "nf4",
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+) -> None:
+    """Save a model already quantised (as predict/train quantise it at load), so later runs load it as it is."""
+    from mcvqa.model import save_quantized
+
+    cfg = _config(config, sets, [model], model__name_or_path=model, model__quant=quant, model__device=device, model__dtype=dtype)
+    t0 = time.perf_counter()
+    path = save_quantized(cfg.model, out)
+    typer.echo(str(path))
+    _echo(f"{cfg.model.name_or_path} -> {path} ({cfg.model.quant}) in {time.perf_counter() - t0:.1f}s; use it as --model {path}")
+
+
+@app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Where data/, models/ and runs/ of the demo go.")] = Path("."),
     train_rows: Annotated[int, typer.Option("--train", help="Synthetic training rows.")] = 3000,

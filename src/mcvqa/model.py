@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from mcvqa import families, kernels
+from mcvqa.compat import require_family
 from mcvqa.config import LoraConfig, ModelConfig, environment
 from mcvqa.errors import ModelError
 from mcvqa.families import Family
@@ -211,24 +212,33 @@ def load_model(cfg: ModelConfig, adapter: str | Path | None = None) -> tuple[Any
         check_files(Path(name))
     device = resolve_device(cfg)
     dtype = resolve_dtype(cfg, device)
-    family = _family_of(name, cfg, local_only)
+    hf_config = _read_config(name, cfg, local_only)
+    family = families.for_config(hf_config)
+    require_family(getattr(hf_config, "model_type", None))
     if not family.first_class:
         log.warning("%s: no fast path for this model family; %s", name, family.describe())
-    qconf = quantization_config(cfg, dtype, family)
-    if qconf is not None and device.type != "cuda":
+    pre = prequantised(hf_config)
+    quant_kwargs: dict[str, Any] = {}
+    if pre is not None:
+        _say_prequantised(name, cfg, pre)
+    else:
+        quant_kwargs["quantization_config"] = quantization_config(cfg, dtype, family)
+    if cfg.quant != "none" and device.type != "cuda":
         # bitsandbytes can quantise on CPU, but it is only sensible for tests; say so rather than crawl.
         log.warning("4-bit/8-bit weights on CPU are very slow; meant for GPUs")
     processor = load_processor(name, cfg.trust_remote_code, local_only)
     try:
+        # A checkpoint saved already quantised carries its own quantization_config: passing one (even None)
+        # would override it and load the packed 4-bit tensors into full-size layers.
         model = AutoModelForImageTextToText.from_pretrained(
             name,
             dtype=dtype,
             attn_implementation=cfg.attn_implementation,
-            quantization_config=qconf,
             device_map={"": str(device)},
             use_safetensors=True,
             trust_remote_code=cfg.trust_remote_code,
             local_files_only=local_only,
+            **quant_kwargs,
         )
     except OSError as e:
         raise ModelError(f"{name}: cannot load the model ({str(e).splitlines()[0]})") from None
@@ -236,6 +246,8 @@ def load_model(cfg: ModelConfig, adapter: str | Path | None = None) -> tuple[Any
         if "trust_remote_code" in str(e):
             raise ModelError(f"{name}: needs custom code; set model.trust_remote_code=true only if you trust it") from None
         raise
+    if pre is not None:
+        settle_dtypes(model, dtype)
     model.eval()
     if cfg.attn_implementation == "sdpa" and family.first_class:
         kernels.use_causal_attention(core_and_head(model)[0])  # same results, fused kernels with a cached prefix
@@ -244,13 +256,102 @@ def load_model(cfg: ModelConfig, adapter: str | Path | None = None) -> tuple[Any
     return model, processor
 
 
-def _family_of(name: str, cfg: ModelConfig, local_only: bool) -> Family:
+def _read_config(name: str, cfg: ModelConfig, local_only: bool) -> Any:
     from transformers import AutoConfig
 
     try:
-        return families.for_config(AutoConfig.from_pretrained(name, trust_remote_code=cfg.trust_remote_code, local_files_only=local_only))
+        return AutoConfig.from_pretrained(name, trust_remote_code=cfg.trust_remote_code, local_files_only=local_only)
     except (OSError, ValueError) as e:
         raise ModelError(f"{name}: cannot read config.json ({str(e).splitlines()[0]})") from None
+
+
+def prequantised(hf_config: Any) -> str | None:
+    """How a checkpoint saved already quantised stores its weights: ``nf4`` / ``fp4`` / ``int8`` for bitsandbytes,
+    else the ``quant_method`` its config names; None for a checkpoint of plain weights."""
+    q = getattr(hf_config, "quantization_config", None)
+    if q is None:
+        return None
+    q = q if isinstance(q, dict) else q.to_dict()
+    if q.get("quant_method") == "bitsandbytes":
+        if q.get("load_in_4bit") or q.get("_load_in_4bit"):
+            return str(q.get("bnb_4bit_quant_type") or "fp4")
+        return "int8"
+    return str(q.get("quant_method") or "unknown")
+
+
+def _say_prequantised(name: str, cfg: ModelConfig, pre: str) -> None:
+    """The checkpoint's own quantisation wins, said in one line at load (naming what was asked for instead, if
+    anything); the config then records what ran (an adapter's mcvqa.yaml, the saved config.yaml)."""
+    asked = cfg.quant
+    if asked in ("none", pre):
+        log.warning("%s: saved already quantised (%s); loaded as it is", name, pre)
+    else:
+        log.warning("%s: saved already quantised (%s); its own quantisation is used, not --quant %s", name, pre, asked)
+    if pre in ("nf4", "int8"):
+        cfg.quant = pre
+
+
+def settle_dtypes(model: Any, dtype: torch.dtype) -> None:
+    """A pre-quantised checkpoint loaded in the run's dtype, as when quantising at load: transformers keeps such a
+    checkpoint's unquantised weights in the dtype they were saved in, except some (a conv bias) that it casts, so a
+    bf16 folder loaded in fp32 on CPU fails in its first convolution; and 4-bit layers compute in the dtype the
+    folder names (float32 when saved from a CPU run: every 4-bit matrix product in fp32 on a GPU)."""
+    keep_fp32 = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
+    for name, module in model.named_modules():
+        if type(module).__name__ == "Linear4bit":
+            module.compute_dtype = dtype
+        if keep_fp32 and any(k in name.split(".") for k in keep_fp32):
+            continue
+        for p in module.parameters(recurse=False):
+            if p.dtype.is_floating_point and p.dtype != dtype:
+                p.data = p.data.to(dtype)
+
+
+def save_quantized(cfg: ModelConfig, out: str | Path) -> Path:
+    """``mcvqa quantize``: the model quantised as ``load_model`` quantises it at load (nf4 with double quantisation,
+    vision tower and head kept unquantised), saved as a checkpoint that loads as it is: weights, processor,
+    tokenizer, chat template and a ``mcvqa.yaml`` with the source's image and prompt settings. Loading it skips the
+    quantisation of every run; written to ``out.tmp`` and renamed, so a failed run leaves nothing under ``out``."""
+    import shutil
+
+    import yaml
+
+    from mcvqa.config import inherited_settings
+    from mcvqa.io import replace_dir
+
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ModelError(f"{out}: already exists; pass a new folder to --out")
+    if cfg.quant == "none":
+        raise ModelError("mcvqa quantize needs --quant nf4 or --quant int8")
+    name, local_only = resolve_source(cfg.name_or_path)
+    pre = prequantised(_read_config(name, cfg, local_only))
+    if pre is not None:
+        raise ModelError(f"{name} is saved already quantised ({pre}); it loads as it is, nothing to do")
+    model, processor = load_model(cfg)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        processor.save_pretrained(str(tmp))
+        if Path(name).is_dir():  # files the processor does not write back (a separate chat_template.json, ...)
+            for f in Path(name).iterdir():
+                if f.is_file() and f.suffix in (".json", ".jinja", ".txt", ".model") and not (tmp / f.name).exists():
+                    shutil.copy2(f, tmp / f.name)
+        settings = inherited_settings(name if Path(name).is_dir() else None)
+        settings = {k: v for k, v in settings.items() if k != "model" and v}  # config.json says how it is quantised
+        (tmp / "mcvqa.yaml").write_text(yaml.safe_dump(settings, sort_keys=False), encoding="utf-8")
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        from mcvqa.io import disk_error, disk_problem
+
+        if isinstance(e, Exception) and disk_problem(e):
+            raise disk_error(e, out) from None
+        raise
+    if out.exists():
+        out.rmdir()
+    return replace_dir(tmp, out)
 
 
 def check_adapter_folder(adapter: str | Path) -> None:

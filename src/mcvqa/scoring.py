@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache, DynamicLayer, LinearAttentionLayer
 
+from mcvqa.compat import cache_kwarg
 from mcvqa.config import LETTERS
 from mcvqa.errors import ModelError
 from mcvqa.features import Batch, Encoder, OrderedExample, cat_vision
@@ -215,7 +216,7 @@ def compute_prefix(model: Any, prefix_ids: Sequence[int], device: torch.device |
     cache = PrefixCache.recorder(kinds)
     positions = family.positions(core, ids, mm, {}, 0)
     mask = family.attention_mask(core, None, positions, mm, 0)
-    core(input_ids=ids, position_ids=positions, attention_mask=mask, cache=cache, use_cache=False)
+    core(input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=False, **{cache_kwarg(core): cache})
     return PrefixKV(cache.recorded(), kinds, len(prefix_ids))
 
 
@@ -228,8 +229,8 @@ def _forward(family: Family, core: Any, input_ids: torch.Tensor, mm: torch.Tenso
         input_ids=input_ids,
         attention_mask=mask,
         position_ids=positions,
-        cache=PrefixCache.reading(prefix) if prefix is not None else None,
         use_cache=False,
+        **{cache_kwarg(core): PrefixCache.reading(prefix) if prefix is not None else None},
         **family.vision_kwargs(vision, mm),
     )
     return out.last_hidden_state

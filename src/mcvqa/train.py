@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from mcvqa.checkpoint import checkpoint, latest_checkpoint, load_checkpoint, publish, save_model
 from mcvqa import families
+from mcvqa.compat import enable_checkpointing
 from mcvqa.config import Config, environment
 from mcvqa.data import Dataset, Item, kfold_splits, read_csv, stratified_split
 from mcvqa.errors import McvqaError
@@ -166,9 +167,7 @@ def build_model(cfg: Config, log_fn: Callable[[str], None] | None = None) -> tup
         for p in model.parameters():
             p.requires_grad_(True)
     if cfg.train.gradient_checkpointing:
-        unwrap(model).activation_checkpointing_enable(
-            activation_checkpointing_kwargs={"use_reentrant": False}, every_n_layers=cfg.train.checkpoint_every_n_layers
-        )
+        enable_checkpointing(unwrap(model), cfg.train.checkpoint_every_n_layers)
         if cfg.train.method == "lora":
             # Non-reentrant checkpointing needs no grad on the inputs, but peft models expect it set up.
             unwrap(model).enable_input_require_grads()
@@ -183,15 +182,30 @@ def _unsloth_available() -> bool:
 
 
 def _build_unsloth(cfg: Config) -> tuple[Any, Any]:  # pragma: no cover - needs a GPU and unsloth
-    """The reference's backend: Unsloth's patched Qwen3-VL with its LoRA; same data, prompts and scoring."""
+    """The reference's backend: Unsloth's model (its 4-bit load, patched layers and offloaded checkpointing) and its
+    LoRA with the recipe's settings; mcvqa's data, prompt, answer-only loss, validation and checkpoints on top.
+
+    Unsloth asks to be imported before transformers so its patches apply everywhere; a command line has imported
+    transformers by now, which Unsloth says in a warning. The patches the model needs are applied when it loads.
+    """
+    import unsloth  # noqa: F401
     from unsloth import FastVisionModel
 
-    from mcvqa.model import load_processor
+    from mcvqa import kernels
+    from mcvqa.model import load_processor, resolve_device, resolve_dtype, resolve_source
 
+    name, local_only = resolve_source(cfg.model.name_or_path)
+    device = resolve_device(cfg.model)
+    checkpointing = "unsloth" if cfg.train.gradient_checkpointing else False
     model, _ = FastVisionModel.from_pretrained(
-        cfg.model.name_or_path,
+        name,
+        dtype=resolve_dtype(cfg.model, device),
         load_in_4bit=cfg.model.quant == "nf4",
-        use_gradient_checkpointing="unsloth" if cfg.train.gradient_checkpointing else False,
+        load_in_8bit=cfg.model.quant == "int8",
+        device_map={"": str(device)},
+        use_gradient_checkpointing=checkpointing,
+        trust_remote_code=cfg.model.trust_remote_code,
+        random_state=cfg.train.seed,
     )
     model = FastVisionModel.get_peft_model(
         model,
@@ -203,10 +217,30 @@ def _build_unsloth(cfg: Config) -> tuple[Any, Any]:  # pragma: no cover - needs 
         lora_alpha=cfg.lora.alpha,
         lora_dropout=cfg.lora.dropout,
         use_rslora=cfg.lora.use_rslora,
+        use_gradient_checkpointing=checkpointing,
         random_state=cfg.train.seed,
     )
+    FastVisionModel.for_training(model)
+    if cfg.model.attn_implementation == "sdpa":
+        kernels.use_causal_attention(families.for_model(model).core_and_head(model)[0])
     allow_prefix_cache_under_checkpointing(model)
-    return model, load_processor(cfg.model.name_or_path, cfg.model.trust_remote_code)
+    return model, load_processor(name, cfg.model.trust_remote_code, local_only)
+
+
+def fp16_scaler(module: torch.nn.Module, device_type: str, autocast_dtype: torch.dtype | None) -> Any:
+    """Loss scaling for fp16 training (GPUs without bf16: T4, V100): the loss is multiplied before the backward so
+    small gradients do not flush to zero in fp16 activations, unscaled before clipping, and a step whose gradients
+    overflowed is skipped. The trained weights must be fp32 for that (peft keeps LoRA weights in fp32 over a
+    half-precision base); fp16 trainable weights would lose small updates to rounding, so they are refused."""
+    fp16 = autocast_dtype == torch.float16
+    if fp16:
+        half = [n for n, p in module.named_parameters() if p.requires_grad and p.dtype == torch.float16]
+        if half:
+            raise McvqaError(
+                f"fp16 training needs fp32 trainable weights, but {half[0]} (and {len(half) - 1} more) are fp16; "
+                "train LoRA (train.method: lora), or load the weights in fp32 or bf16 (--set model.dtype=fp32)"
+            )
+    return torch.amp.GradScaler(device_type, enabled=fp16)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -328,6 +362,8 @@ class Run:
     scheduler: Any
     trackers: Trackers
     autocast_dtype: torch.dtype | None
+    scaler: Any
+    """``torch.amp.GradScaler``: loss scaling for fp16 (off, a pass-through, in bf16 and fp32)."""
     plan: Plan
     state: dict[str, Any]
     num_workers: int
@@ -451,9 +487,12 @@ def setup(
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.model.dtype)
     if not cpu and autocast_dtype is None:
         autocast_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    scaler = fp16_scaler(loss_module, accelerator.device.type, autocast_dtype)
     state: dict[str, Any] = {"global_step": 0, "epoch": 0, "micro_in_epoch": 0, "best": None, "history": [], "losses": []}
     if ckpt is not None:
         state = load_checkpoint(ckpt, accelerator.unwrap_model(loss_module), optimizer, scheduler)
+        if state.get("scaler") and scaler.is_enabled():
+            scaler.load_state_dict(state["scaler"])
         log_fn(f"resumed from {ckpt} (step {state['global_step']}, epoch {state['epoch']})")
     if accelerator.is_main_process:
         cfg.dump(out / "config.yaml")
@@ -462,7 +501,7 @@ def setup(
         dataset=TrainDataset(items, encoder, tc.option_shuffle, tc.seed), collator=Collator(encoder, with_prefix=shared == "off"),
         lengths=token_lengths(items, encoder), val_items=val_items, loss_module=loss_module, optimizer=optimizer,
         scheduler=scheduler, trackers=Trackers(tc.report_to, out, cfg, enabled=accelerator.is_main_process),
-        autocast_dtype=autocast_dtype, plan=plan, state=state,
+        autocast_dtype=autocast_dtype, scaler=scaler, plan=plan, state=state,
         # Decoding 8 photos and running the image processor takes ~0.1 s of one core per batch; in the main
         # process it would sit between launch-bound QLoRA steps of ~1.1 s on an H100 (BENCHMARKS.md).
         num_workers=resolve_num_workers(tc.num_workers), progress=progress, log_fn=log_fn,
@@ -525,7 +564,7 @@ def train_epoch(run: Run, bar: Any, stop_at: int | None) -> bool:
                 loss, _ = run.loss_module(batch.to(acc.device))
             # Mean over the micro-batches of one optimiser step (the last step of an epoch may have fewer).
             group = tc.grad_accum if micro // tc.grad_accum < len(batches) // tc.grad_accum else len(batches) % tc.grad_accum
-            acc.backward(loss / max(1, group))
+            acc.backward(run.scaler.scale(loss / max(1, group)))
         running.append(float(loss.detach()))
         run.samples_seen += len(batch)
         state["micro_in_epoch"] = micro + 1
@@ -543,12 +582,23 @@ def train_epoch(run: Run, bar: Any, stop_at: int | None) -> bool:
 
 
 def optimizer_step(run: Run, step_loss: float, bar: Any) -> None:
-    """Clip, step, schedule, zero; then record and log the step's loss."""
-    tc, state = run.cfg.train, run.state
+    """Unscale (fp16), clip, step, schedule, zero; then record and log the step's loss.
+
+    Under fp16 a step whose gradients overflowed is skipped by the scaler (which then lowers its scale); the
+    schedule does not advance for it, as in transformers' Trainer."""
+    tc, state, scaler = run.cfg.train, run.state, run.scaler
     if tc.max_grad_norm > 0:
+        scaler.unscale_(run.optimizer)
         run.accelerator.clip_grad_norm_(run.loss_module.parameters(), tc.max_grad_norm)
-    run.optimizer.step()
-    run.scheduler.step()
+    scale = scaler.get_scale()
+    scaler.step(run.optimizer)
+    scaler.update()
+    if scaler.is_enabled():
+        state["scaler"] = scaler.state_dict()
+        if scaler.get_scale() < scale:
+            state["skipped_steps"] = state.get("skipped_steps", 0) + 1
+    if not (scaler.is_enabled() and scaler.get_scale() < scale):
+        run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     state["global_step"] += 1
     run.marks.append((time.perf_counter(), run.samples_seen))

@@ -1,0 +1,188 @@
+"""The reference's own stack beside mcvqa (issue 25), through the CLI on one GPU, in one call.
+
+    python bench/stack.py --out "$OUT" --phases train,fp16          # Unsloth vs mcvqa vs plain peft; fp16 forced
+    python bench/stack.py --out "$OUT" --phases prequant,resume      # pre-quantised load; Unsloth resume + predict
+
+* ``train``: ``mcvqa train --config configs/seed.yaml`` on the same 480 competition-like rows (1 epoch, bs 8 x 2,
+  no validation) with ``model.backend`` peft (mcvqa's own loop) and unsloth (Unsloth's 4-bit model, patched
+  layers and LoRA under mcvqa's loop), then the plain transformers + peft QLoRA loop (``gpu_bench.bench_train``'s
+  ``plain``). Steady samples/s, peak memory and the loss per optimiser step (``metrics.json``).
+* ``fp16``: the same ``mcvqa train`` with ``model.dtype: fp16`` forced (loss scaling), beside the bf16 run.
+* ``prequant``: ``mcvqa quantize`` writes an nf4 checkpoint; ``mcvqa predict`` on 200 questions from it vs
+  ``--quant nf4`` on the bf16 checkpoint (load seconds from ``predict_summary.json``, wall from process start,
+  same probabilities expected); ``mcvqa train`` from it for a few steps.
+* ``resume``: the Unsloth backend stopped after 5 steps, ``--resume`` to the end, ``predict --adapter`` on it.
+
+The model is the real Qwen3-VL-8B-Instruct architecture with random weights from the real config, tokenizer and
+processor (``e2e.py``'s build); every phase records its error instead of stopping the call. Writes ``stack.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "src"))
+sys.path.insert(0, str(HERE))
+
+from e2e import cli, make_data  # noqa: E402
+from gpu_bench import log, versions  # noqa: E402
+
+SEED = str(HERE.parent / "configs" / "seed.yaml")
+ONE_EPOCH = ["--set", "train.epochs=1", "--set", "train.eval_every=never", "--set", "train.report_to=[]", "--set", "data.val_fraction=0.01"]
+
+
+def train_row(model: Path, data: Path, run: Path, label: str, extra: list[str]) -> dict[str, Any]:
+    try:
+        wall, _ = cli(["train", "--config", SEED, "--model", str(model), "--data", str(data / "train.csv"), "--out", str(run), "-q", *ONE_EPOCH, *extra])
+    except RuntimeError as e:
+        row = {"path": label, "error": str(e)[-2500:]}
+        log(row)
+        return row
+    m = json.loads((run / "metrics.json").read_text())
+    row = {"path": label, "seconds": round(wall, 1), "steps": m["steps"], "samples_per_s": m.get("samples_per_second"),
+           "steady_samples_per_s": m.get("steady_samples_per_second"), "peak_gib": m.get("peak_gpu_gib"),
+           "losses": [round(l, 4) for _, l in m.get("losses", [])]}
+    log({k: v for k, v in row.items() if k != "losses"}, "losses", row["losses"][:3], "...", row["losses"][-3:])
+    return row
+
+
+def plain_peft_row(model: Path, data: Path, steps: int) -> dict[str, Any]:
+    from gpu_bench import bench_prompt, bench_train
+
+    from mcvqa.config import load_config
+    from mcvqa.data import read_csv
+    from mcvqa.model import load_processor
+
+    cfg = load_config(None, [f"model.name_or_path={model}", "model.quant=nf4", "image.mode=letterbox", "image.size=512"], env=False)
+    prompt = bench_prompt(load_processor(str(model)).tokenizer, 883)
+    ns = argparse.Namespace(train_runs=[("plain", 8)], train_steps=steps, profile=0)
+    row = bench_train(cfg, prompt, read_csv(data / "train.csv").items, ns, "nf4")[0]
+    row["path"] = "plain transformers + peft QLoRA loop, bs 8, 883-token prompt"
+    log(row)
+    return row
+
+
+def predict_row(args: list[str], run: Path, label: str) -> dict[str, Any]:
+    try:
+        wall, tail = cli(["predict", *args, "--out", str(run), "-q"])
+    except RuntimeError as e:
+        return {"path": label, "error": str(e)[-2500:]}
+    s = json.loads((run / "predict_summary.json").read_text())
+    row = {"path": label, "seconds": round(wall, 1), "load_seconds": s.get("load_seconds"), "questions": s.get("questions"), "stderr_tail": tail[-300:]}
+    log(row)
+    return row
+
+
+def prequant_rows(model: Path, data: Path, runs: Path) -> list[dict[str, Any]]:
+    rows = []
+    q = runs / "q8b_nf4"
+    t = time.perf_counter()
+    try:
+        cli(["quantize", "--model", str(model), "--quant", "nf4", "--out", str(q)])
+        rows.append({"path": "mcvqa quantize --quant nf4 (load + quantise + save)", "seconds": round(time.perf_counter() - t, 1),
+                     "gib_on_disk": round(sum(f.stat().st_size for f in q.glob("*.safetensors")) / 2**30, 2)})
+    except RuntimeError as e:
+        rows.append({"path": "mcvqa quantize", "error": str(e)[-2500:]})
+        return rows
+    log(rows[-1])
+    test = str(data / "test_200.csv")
+    a = predict_row(["--model", str(q), "--data", test], runs / "p_prequant", "predict --model <pre-quantised nf4>, 200 q")
+    b = predict_row(["--model", str(model), "--quant", "nf4", "--data", test], runs / "p_atload", "predict --model <bf16> --quant nf4 (quantise at load), 200 q")
+    c = predict_row(["--model", str(q), "--quant", "nf4", "--data", test], runs / "p_prequant_flag", "predict --model <pre-quantised> --quant nf4, 200 q")
+    rows += [a, b, c]
+    if "error" not in a and "error" not in b:
+        import numpy as np
+        import pandas as pd
+
+        pa = pd.read_csv(runs / "p_prequant" / "probs.csv")[["p_a", "p_b", "p_c", "p_d"]].to_numpy()
+        pb = pd.read_csv(runs / "p_atload" / "probs.csv")[["p_a", "p_b", "p_c", "p_d"]].to_numpy()
+        rows.append({"path": "pre-quantised vs quantise-at-load probabilities", "max_abs_diff": float(np.abs(pa - pb).max()),
+                     "argmax_agreement": float((pa.argmax(1) == pb.argmax(1)).mean())})
+        log(rows[-1])
+    rows.append(train_row(q, data, runs / "t_prequant", "mcvqa train --model <pre-quantised nf4>, 6 steps", ["--set", "train.max_steps=6"]))
+    return rows
+
+
+def resume_rows(model: Path, data: Path, runs: Path) -> list[dict[str, Any]]:
+    run = runs / "t_unsloth_resume"
+    sets = ["--set", "model.backend=unsloth", "--set", "train.max_steps=10"]
+    rows: list[dict[str, Any]] = []
+    try:
+        cli(["train", "--config", SEED, "--model", str(model), "--data", str(data / "train.csv"), "--out", str(run), "-q", *ONE_EPOCH, *sets, "--set", "train.stop_after_steps=5"])
+        rows = [{"path": "unsloth backend: first invocation stopped after 5 of 10 steps", "checkpoints": sorted(p.name for p in (run / "checkpoints").iterdir())}]
+        wall, _ = cli(["train", "--config", SEED, "--model", str(model), "--data", str(data / "train.csv"), "--out", str(run), "-q", "--resume", *ONE_EPOCH, *sets])
+        m = json.loads((run / "metrics.json").read_text())
+        rows.append({"path": "unsloth backend: --resume to the end", "seconds": round(wall, 1), "steps": m["steps"], "losses": [round(l, 4) for _, l in m["losses"]]})
+    except RuntimeError as e:
+        rows.append({"path": "unsloth backend resume", "error": str(e)[-2500:]})
+        return rows
+    log(rows)
+    rows.append(predict_row(["--adapter", str(run / "best"), "--data", str(data / "test_200.csv")], runs / "p_unsloth_adapter", "predict --adapter <unsloth run>/best, 200 q"))
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--like", type=Path, default=HERE.parent / ".fixtures" / "qwen3-vl-8b-instruct")
+    ap.add_argument("--build", type=Path, default=Path("/tmp/q8b_real"))
+    ap.add_argument("--data", type=Path, default=Path("/tmp/e2e_data"))
+    ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench_out")))
+    ap.add_argument("--runs", type=Path, default=Path("/tmp/stack_runs"))
+    ap.add_argument("--phases", default="train,fp16")
+    ap.add_argument("--backends", default="peft,unsloth")
+    ap.add_argument("--n-test", type=int, default=400)
+    ap.add_argument("--n-train", type=int, default=480)
+    ap.add_argument("--plain-steps", type=int, default=8)
+    ap.add_argument("--json", default="stack.json")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    info = versions()
+    try:
+        import unsloth  # noqa: F401  (here only to record its version; the CLI runs import it themselves)
+
+        info["unsloth"] = unsloth.__version__
+    except Exception as e:  # noqa: BLE001 - recorded, the other phases still run
+        info["unsloth"] = f"import failed: {type(e).__name__}: {str(e)[:300]}"
+    log(info)
+    results: list[dict[str, Any]] = []
+    save = lambda: (args.out / args.json).write_text(json.dumps({"versions": info, "date": time.strftime("%Y-%m-%d"), "results": results}, indent=2))
+    if not (args.build / "config.json").exists():
+        from mcvqa.tiny import build_random_8b
+
+        t = time.perf_counter()
+        build_random_8b(args.build, like=args.like)
+        log(f"built random Qwen3-VL-8B from {args.like} in {time.perf_counter() - t:.0f}s")
+    t = time.perf_counter()
+    results.append({"path": "data", **make_data(args.data, args.n_test, args.n_train), "n_train": args.n_train, "seconds": round(time.perf_counter() - t, 1)})
+    phases = args.phases.split(",")
+    if "train" in phases:
+        for backend in args.backends.split(","):
+            results.append(train_row(args.build, args.data, args.runs / f"t_{backend}", f"mcvqa train --config configs/seed.yaml, model.backend={backend}", ["--set", f"model.backend={backend}"]))
+            save()
+    if "fp16" in phases:
+        results.append(train_row(args.build, args.data, args.runs / "t_fp16", "mcvqa train --config configs/seed.yaml, model.dtype=fp16 (loss scaling)", ["--set", "model.dtype=fp16"]))
+        save()
+    if "train" in phases:
+        try:
+            results.append(plain_peft_row(args.build, args.data, args.plain_steps))
+        except Exception as e:  # noqa: BLE001
+            results.append({"path": "plain peft loop", "error": f"{type(e).__name__}: {str(e)[-1500:]}"})
+        save()
+    if "prequant" in phases:
+        results += prequant_rows(args.build, args.data, args.runs)
+        save()
+    if "resume" in phases:
+        results += resume_rows(args.build, args.data, args.runs)
+        save()
+    save()
+
+
+if __name__ == "__main__":
+    main()
