@@ -337,7 +337,8 @@ def save_quantized(cfg: ModelConfig, out: str | Path) -> Path:
         processor.save_pretrained(str(tmp))
         if Path(name).is_dir():  # files the processor does not write back (a separate chat_template.json, ...)
             for f in Path(name).iterdir():
-                if f.is_file() and f.suffix in (".json", ".jinja", ".txt", ".model") and not (tmp / f.name).exists():
+                weights_index = f.name.endswith(".safetensors.index.json")  # the source's shards, not these
+                if f.is_file() and f.suffix in (".json", ".jinja", ".txt", ".model") and not weights_index and not (tmp / f.name).exists():
                     shutil.copy2(f, tmp / f.name)
         settings = inherited_settings(name if Path(name).is_dir() else None)
         settings = {k: v for k, v in settings.items() if k != "model" and v}  # config.json says how it is quantised
