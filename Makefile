@@ -15,8 +15,14 @@ TORCH_SPEC      ?= "torch>=2.4" torchvision
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 HAS_GPU         := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo yes)
 PYTEST_ARGS     ?=
+# The low end of the supported transformers range (src/mcvqa/compat.py, pyproject.toml), laid over .venv as a
+# --target folder with the huggingface-hub range it needs; the core suite then runs on it (make test-oldest).
+TRANSFORMERS_OLDEST ?= 5.17.0
+OLDEST          := .venv-oldest
+CORE_TESTS      := tests/test_data.py tests/test_scoring.py tests/test_predict.py tests/test_train.py tests/test_reliability.py \
+                   tests/test_real_files.py tests/test_families.py tests/test_quant.py tests/test_stack.py
 
-.PHONY: demo test install clean
+.PHONY: demo test test-oldest install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -42,5 +48,15 @@ demo: $(STAMP)  ## synthetic data -> tiny Qwen3-VL -> train -> predict -> evalua
 test: $(STAMP)  ## the test suite (CPU, tiny models, no network)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
+$(OLDEST)/.installed-$(TRANSFORMERS_OLDEST): $(STAMP)
+	rm -rf $(OLDEST)
+	$(BIN)/python -m pip install -q --target $(OLDEST) --no-deps "transformers==$(TRANSFORMERS_OLDEST)"
+	$(BIN)/python -m pip install -q --target $(OLDEST) "huggingface-hub>=1.5,<2"
+	touch $@
+
+test-oldest: $(OLDEST)/.installed-$(TRANSFORMERS_OLDEST)  ## the core suite on the oldest supported transformers
+	PYTHONPATH=$(OLDEST) $(BIN)/python -c "import transformers; print('transformers', transformers.__version__)"
+	PYTHONPATH=$(OLDEST) $(BIN)/python -m pytest -q $(CORE_TESTS) $(PYTEST_ARGS)
+
 clean:
-	rm -rf data/synth models/tiny runs/demo .pytest_cache
+	rm -rf data/synth models/tiny runs/demo .pytest_cache $(OLDEST)

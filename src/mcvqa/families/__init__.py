@@ -49,12 +49,21 @@ def for_model(model: Any) -> Family:
 def for_processor(processor: Any) -> Family:
     name = type(processor).__name__
     tokenizer = type(getattr(processor, "tokenizer", None)).__name__
-    if name == "Qwen3VLProcessor" and tokenizer.startswith("Qwen3_5"):
+    if name == "Qwen3VLProcessor" and (tokenizer.startswith("Qwen3_5") or _qwen3_5_vocabulary(processor)):
         return Qwen35()
     for cls in FAMILIES:
         if name in cls.processor_classes:
             return cls()
     return Family()
+
+
+def _qwen3_5_vocabulary(processor: Any) -> bool:
+    """Qwen3.5 shares Qwen3-VL's processor; older transformers also load its tokenizer as ``Qwen2Tokenizer``. Its
+    vocabulary tells it apart: 248k tokens against Qwen3-VL's 152k."""
+    try:
+        return len(processor.tokenizer) > 200_000
+    except TypeError:
+        return False
 
 
 __all__ = ["ARCHS", "FAMILIES", "Family", "for_arch", "for_config", "for_model", "for_processor"]
