@@ -190,3 +190,45 @@ def test_truncated_image_at_predict_time(root: Path, tiny_model: Path, policy: s
         bad = (root / "o" / "bad_images.csv").read_text().splitlines()
         assert bad[0] == "id,problem" and bad[1].startswith("q2,truncated or corrupt image data")
         assert len((root / "o" / "submission.csv").read_text().splitlines()) == 3
+
+
+UNREADABLE = {
+    # id: path in the CSV; every kind of image that cannot be read, each must follow --on-bad-image
+    "head": "img/head.jpg",   # a JPEG cut after its first 300 bytes (an interrupted copy): the header check fails
+    "cut": "img/cut.jpg",     # cut in the data: the header opens, decoding fails
+    "zero": "img/zero.jpg",   # 0 bytes
+    "text": "img/text.png",   # not an image at all
+    "bomb": "img/bomb.png",   # decompression bomb
+    "dir": "img/folder.jpg",  # a folder where a file should be
+    "gone": "img/gone.jpg",   # missing
+}
+
+
+@pytest.fixture()
+def unreadable_csv(root: Path) -> Path:
+    (root / "img" / "head.jpg").write_bytes((root / "img" / "full.jpg").read_bytes()[:300])
+    (root / "img" / "folder.jpg").mkdir()
+    rows = "".join(f"{rid},{path},무엇인가요?,가,나,다,라\n" for rid, path in UNREADABLE.items())
+    return (root / "t.csv").write_text(T + "ok,img/ok.jpg,무엇인가요?,가,나,다,라\n" + rows, encoding="utf-8") and root / "t.csv"
+
+
+@pytest.mark.parametrize("tta", [[], ["--tta", "orders"]], ids=["plain", "orders"])
+def test_every_unreadable_image_follows_the_skip_policy(root: Path, unreadable_csv: Path, tiny_model: Path, tta: list[str], capsys) -> None:
+    """--on-bad-image skip: every kind of unreadable image is answered from its text and listed, whatever stage
+    notices it (the CSV reader's header check or the decoder); plain scoring and option orders alike."""
+    out = root / "o"
+    code, _, err = run(["predict", "--model", str(tiny_model), "--data", str(unreadable_csv), "--out", str(out), "-q", "--on-bad-image", "skip", *tta], capsys)
+    assert code == 0, err
+    assert "Traceback" not in err
+    listed = {line.split(",", 1)[0] for line in (out / "bad_images.csv").read_text().splitlines()[1:]}
+    assert listed == set(UNREADABLE)
+    sub = (out / "submission.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in sub[1:]] == ["ok", *UNREADABLE] and all(line.split(",")[1] in "abcd" for line in sub[1:])
+    assert "t.csv row 2, column path" in err and "answered from its text" in err, "the reader names the first unreadable row"
+
+
+def test_an_unreadable_image_fails_by_default_naming_its_row(root: Path, unreadable_csv: Path, tiny_model: Path, capsys) -> None:
+    code, _, err = run(["predict", "--model", str(tiny_model), "--data", str(unreadable_csv), "--out", str(root / "o"), "-q"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(f"error: {unreadable_csv} row 2, column path: image head.jpg:"), err
+    assert not (root / "o").exists() or not (root / "o" / "submission.csv").exists()

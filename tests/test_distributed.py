@@ -59,3 +59,28 @@ def test_two_process_training_equals_one_process_with_double_accumulation(tiny_m
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4, msg=k)
         moved += int(a[k].abs().sum() > 0)
     assert moved > 0
+
+
+@pytest.mark.slow
+def test_sharded_skip_policy_equals_single_process(tiny_model: Path, synth_data: Path, tmp_path: Path) -> None:
+    """--on-bad-image skip under accelerate launch: unreadable images (cut in the header, empty, missing) answered
+    from their text on whichever process holds them, listed once, the submission equal to one process's."""
+    import pandas as pd
+
+    test = pd.read_csv(synth_data / "test.csv").iloc[:6]
+    good = (synth_data / test.iloc[0]["path"]).read_bytes()
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "head.jpg").write_bytes(good[:300])
+    (tmp_path / "img" / "zero.jpg").write_bytes(b"")
+    for i, rid in enumerate(test["id"]):
+        (tmp_path / "img" / f"{rid}.jpg").write_bytes((synth_data / test.iloc[i]["path"]).read_bytes())
+    test["path"] = [f"img/{rid}.jpg" for rid in test["id"]]
+    bad = pd.DataFrame([{**test.iloc[0].to_dict(), "id": f"bad_{k}", "path": f"img/{k}.jpg"} for k in ("head", "zero", "gone")])
+    csv = tmp_path / "t.csv"
+    pd.concat([test.iloc[:3], bad, test.iloc[3:]]).to_csv(csv, index=False)
+    common = ["predict", "--model", str(tiny_model), "--data", str(csv), "--device", "cpu", "-q", "--batch-size", "2", "--on-bad-image", "skip"]
+    run([sys.executable, "-m", "mcvqa", *common, "--out", str(tmp_path / "one")])
+    run(launch(2, *common, "--out", str(tmp_path / "two")))
+    assert (tmp_path / "two" / "submission.csv").read_bytes() == (tmp_path / "one" / "submission.csv").read_bytes()
+    listed = lambda d: sorted((tmp_path / d / "bad_images.csv").read_text().splitlines()[1:])
+    assert listed("two") == listed("one") and [l.split(",")[0] for l in listed("one")] == ["bad_gone", "bad_head", "bad_zero"]

@@ -32,7 +32,7 @@ LETTERS = ("a", "b", "c", "d")
 @dataclass
 class ModelConfig:
     name_or_path: str = "Qwen/Qwen3-VL-8B-Instruct"
-    """Local folder or Hub id of a Qwen3-VL or Qwen2.5-VL checkpoint (safetensors only). Env: MCVQA_MODEL."""
+    """Local folder or Hub id of a checkpoint (safetensors only; saved already quantised is fine). Env: MCVQA_MODEL."""
     quant: str = "none"
     """Weight quantisation: none | nf4 (bitsandbytes 4-bit, double quant) | int8. Quantised loading needs the gpu extra."""
     dtype: str = "auto"

@@ -169,8 +169,14 @@ def read_csv(
     root: str | Path | None = None,
     require_answer: bool = False,
     cfg: DataConfig | None = None,
+    on_bad_image: str = "fail",
 ) -> Dataset:
-    """Read and validate a competition CSV. Raises :class:`DataError` naming the file, row and column."""
+    """Read and validate a competition CSV. Raises :class:`DataError` naming the file, row and column.
+
+    ``on_bad_image``: ``fail`` refuses a row whose image is missing or unreadable (checked as ``data.check_images``
+    says); ``skip`` (predict's ``--on-bad-image skip``) keeps the row with a warning naming it, and the scorer then
+    answers it from its text with a blank image and lists it in ``bad_images.csv``. Paths that leave the data root
+    are refused either way."""
     cfg = cfg or DataConfig()
     csv_path = resolve_csv(path)
     if not csv_path.exists():
@@ -191,7 +197,7 @@ def read_csv(
     notes: list[str] = []
     seen: dict[str, int] = {}
     for idx, rec in enumerate(df.to_dict("records")):
-        items.append(_read_row(csv_path, root_path, idx + 1, rec, seen, notes, cfg, has_answer, require_answer))
+        items.append(_read_row(csv_path, root_path, idx + 1, rec, seen, notes, cfg, has_answer, require_answer, on_bad_image))
     if has_answer and not require_answer:
         n_labelled = sum(it.answer is not None for it in items)
         if 0 < n_labelled < len(items):
@@ -239,7 +245,7 @@ def _read_frame(csv_path: Path) -> pd.DataFrame:
 
 def _read_row(
     csv_path: Path, root_path: Path, row: int, rec: dict[str, Any], seen: dict[str, int], notes: list[str],
-    cfg: DataConfig, has_answer: bool, require_answer: bool,
+    cfg: DataConfig, has_answer: bool, require_answer: bool, on_bad_image: str = "fail",
 ) -> Item:
     """One validated question (1-based ``row``); too-long text truncated with a note."""
     rid = str(rec["id"]).strip()
@@ -274,7 +280,12 @@ def _read_row(
         else:
             answer = LETTERS.index(raw_answer)
     image = safe_image_path(csv_path, root_path, str(rec["path"]).strip(), row)
-    _check_image(csv_path, image, row, cfg)
+    try:
+        _check_image(csv_path, image, row, cfg)
+    except DataError as e:
+        if on_bad_image != "skip":
+            raise
+        notes.append(f"{e}; answered from its text with a blank image (--on-bad-image skip), listed in bad_images.csv")
     return Item(rid, image, question, tuple(options), answer, row)  # type: ignore[arg-type]
 
 

@@ -167,7 +167,7 @@ def predict(
         from mcvqa.model import check_adapter_folder
 
         check_adapter_folder(adapter)  # a full-model folder passed as --adapter is refused before anything loads
-    ds = dataset if dataset is not None else read_csv(data, cfg=cfg.data)
+    ds = dataset if dataset is not None else read_csv(data, cfg=cfg.data, on_bad_image=cfg.predict.on_bad_image)
     dist = distributed()
     out.mkdir(parents=True, exist_ok=True)
     journal = _journal(out, cfg, ds, adapter, dist)
