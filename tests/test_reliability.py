@@ -35,28 +35,42 @@ def _cmd(tiny_model: Path, data: Path, out: Path, *extra: str) -> list[str]:
             "--batch-size", "2", "--image-size", "128", "--device", "cpu", "-q", *extra]
 
 
-def test_sigkill_then_resume_is_byte_identical(tiny_model: Path, big_test: Path, tmp_path: Path) -> None:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    full = subprocess.run(_cmd(tiny_model, big_test, tmp_path / "full"), env=env, capture_output=True, text=True, timeout=600)
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_model: Path, big_test: Path, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("full") / "full"
+    full = subprocess.run(_cmd(tiny_model, big_test, out), env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True, timeout=600)
     assert full.returncode == 0, full.stderr
-    proc = subprocess.Popen(_cmd(tiny_model, big_test, tmp_path / "cut"), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return out
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM], ids=["SIGKILL", "SIGINT (Ctrl-C)", "SIGTERM"])
+def test_interrupted_then_resume_is_byte_identical(tiny_model: Path, big_test: Path, uninterrupted: Path, tmp_path: Path, sig: int) -> None:
+    """Killed, Ctrl-C'd or terminated mid-run: the journal stays, Ctrl-C and SIGTERM say in one line what was kept and
+    how to continue (no traceback), and --resume writes the submission an uninterrupted run writes, byte for byte."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(_cmd(tiny_model, big_test, tmp_path / "cut"), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     journal = tmp_path / "cut" / JOURNAL
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         if journal.exists() and journal.read_bytes().count(b"\n") >= 6:
-            proc.send_signal(signal.SIGKILL)
+            proc.send_signal(sig)
             break
         time.sleep(0.005)
-    proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed; make the test data bigger"
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == (-sig if sig == signal.SIGKILL else 128 + sig), "the run finished before it could be interrupted; make the test data bigger"
     assert not (tmp_path / "cut" / "submission.csv").exists()
+    if sig != signal.SIGKILL:
+        assert "Traceback" not in err
+        last = err.strip().splitlines()[-1]
+        name = "Ctrl-C" if sig == signal.SIGINT else "SIGTERM"
+        assert last.startswith(f"interrupted ({name}): every batch scored so far is kept") and "--resume" in last, err
     done_before = journal.read_bytes().count(b"\n") - 1
     resumed = subprocess.run(_cmd(tiny_model, big_test, tmp_path / "cut", "--resume"), env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming:" in resumed.stderr
     assert json.loads((tmp_path / "cut" / "predict_summary.json").read_text())["resumed_batches"] >= done_before - 1
-    assert (tmp_path / "cut" / "submission.csv").read_bytes() == (tmp_path / "full" / "submission.csv").read_bytes()
-    assert (tmp_path / "cut" / "probs.csv").read_bytes() == (tmp_path / "full" / "probs.csv").read_bytes()
+    assert (tmp_path / "cut" / "submission.csv").read_bytes() == (uninterrupted / "submission.csv").read_bytes()
+    assert (tmp_path / "cut" / "probs.csv").read_bytes() == (uninterrupted / "probs.csv").read_bytes()
 
 
 def test_torn_journal_line_is_ignored(cfg_factory, tiny_loaded, synth_data, tmp_path) -> None:
@@ -143,34 +157,46 @@ def test_source_has_no_unsafe_calls(pattern: str) -> None:
     assert not hits, f"{FORBIDDEN[pattern]}: {hits}"
 
 
-def test_sigkill_during_training_then_resume(tiny_model: Path, synth_data: Path, tmp_path: Path) -> None:
-    """Killed at an arbitrary moment (after a few checkpoints), `train --resume` ends with the same weights."""
+def _train_cmd(tiny_model: Path, synth_data: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "mcvqa", "train", "--model", str(tiny_model), "--data", str(synth_data / "train.csv"), "--out", str(out),
+            "--device", "cpu", "-q", "--set", "train.method=lora", "--set", "lora.r=4", "--set", "train.epochs=2", "--set", "train.batch_size=4",
+            "--set", "train.checkpoint_every_steps=1", "--set", "train.save_total_limit=2", "--set", "train.report_to=[]",
+            "--set", "prompt.name=plain_ko", "--set", "image.size=64", *extra]
+
+
+@pytest.fixture(scope="module")
+def straight_training(tiny_model: Path, synth_data: Path, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("straight") / "straight"
+    res = subprocess.run(_train_cmd(tiny_model, synth_data, out), env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    return out
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT (Ctrl-C)"])
+def test_interrupted_training_then_resume(tiny_model: Path, synth_data: Path, straight_training: Path, tmp_path: Path, sig: int) -> None:
+    """Killed or Ctrl-C'd at an arbitrary moment (after a few checkpoints): Ctrl-C names the checkpoint kept, no
+    traceback; `train --resume` ends with the same weights as an uninterrupted run."""
     from safetensors.torch import load_file
 
-    def cmd(out: Path, *extra: str) -> list[str]:
-        return [sys.executable, "-m", "mcvqa", "train", "--model", str(tiny_model), "--data", str(synth_data / "train.csv"), "--out", str(out),
-                "--device", "cpu", "-q", "--set", "train.method=lora", "--set", "lora.r=4", "--set", "train.epochs=2", "--set", "train.batch_size=4",
-                "--set", "train.checkpoint_every_steps=1", "--set", "train.save_total_limit=2", "--set", "train.report_to=[]",
-                "--set", "prompt.name=plain_ko", "--set", "image.size=64", *extra]
-
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    straight = subprocess.run(cmd(tmp_path / "straight"), env=env, capture_output=True, text=True, timeout=600)
-    assert straight.returncode == 0, straight.stderr
-    proc = subprocess.Popen(cmd(tmp_path / "cut"), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(_train_cmd(tiny_model, synth_data, tmp_path / "cut"), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     ckpts = tmp_path / "cut" / "checkpoints"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         steps = sorted(ckpts.glob("step_*[0-9]")) if ckpts.exists() else []
         if steps and int(steps[-1].name.split("_")[1]) >= 3:
-            proc.send_signal(signal.SIGKILL)
+            proc.send_signal(sig)
             break
         time.sleep(0.01)
-    proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL, "training finished before it could be killed"
-    resumed = subprocess.run(cmd(tmp_path / "cut", "--resume"), env=env, capture_output=True, text=True, timeout=600)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == (-sig if sig == signal.SIGKILL else 128 + sig), "training finished before it could be interrupted"
+    if sig != signal.SIGKILL:
+        last = err.strip().splitlines()[-1]
+        assert "Traceback" not in err and re.match(r"interrupted \(Ctrl-C\): .*checkpoints/step_\d+ is kept; the same command with --resume", last), err
+    resumed = subprocess.run(_train_cmd(tiny_model, synth_data, tmp_path / "cut", "--resume"), env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from" in resumed.stderr
-    a = load_file(str(tmp_path / "straight" / "last" / "adapter_model.safetensors"))
+    a = load_file(str(straight_training / "last" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "cut" / "last" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 

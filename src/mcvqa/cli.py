@@ -440,17 +440,58 @@ def show_config(
     typer.echo(describe(_config(config, sets)))
 
 
+class Interrupted(BaseException):
+    """Ctrl-C (SIGINT) or SIGTERM (a scheduler's time limit, ``kill``, a notebook's stop button), raised in the main
+    thread by :func:`main`'s handlers so that every ``finally`` runs and the work already journaled stays. Not a
+    KeyboardInterrupt, which typer swallows into a silent exit 130; and Python's default for SIGTERM ends the
+    process at once, without a word."""
+
+    def __init__(self, signum: int) -> None:
+        import signal
+
+        super().__init__(signum)
+        self.name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        self.code = 128 + signum
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    raise Interrupted(signum)
+
+
+def interrupted_message(argv: list[str], by: str) -> str:
+    """One line for Ctrl-C / SIGTERM: what was kept and how to continue, for the commands that can resume."""
+    command = next((a for a in argv if not a.startswith("-")), "")
+    out = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("--out", "-o")), None)
+    if command == "predict" and out:
+        kept = f"every batch scored so far is kept in {out}'s journal; the same command with --resume scores only the rest"
+    elif command == "train" and out:
+        steps = sorted(Path(out).glob("checkpoints/step_*[0-9]")) + sorted(Path(out).glob("fold_*/checkpoints/step_*[0-9]"))
+        kept = (f"{steps[-1]} is kept; the same command with --resume continues from it" if steps else
+                "no checkpoint was written yet (one comes after each epoch, or every train.checkpoint_every_steps); run it again")
+    elif command == "tune":
+        kept = "the study keeps every finished trial (the running one is retried); the same command continues it"
+    else:
+        kept = "nothing of this run was published"
+    return f"interrupted ({by}): {kept}"
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Entry point. User errors -> one ``error:`` line and exit code 2."""
+    """Entry point. User errors -> one ``error:`` line and exit code 2; Ctrl-C and SIGTERM -> one line saying what
+    was kept and how to continue (exit 130 / 143)."""
+    import signal
+
     _setup_logging()
+    args = list(sys.argv[1:] if argv is None else argv)
+    handled = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.signal(sig, _on_signal) for sig in handled} if _in_main_thread() else {}
     try:
         app(args=argv, prog_name="mcvqa")
     except McvqaError as e:
         typer.echo(f"error: {e}", err=True)
         raise SystemExit(2) from None
-    except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
-        raise SystemExit(130) from None
+    except Interrupted as e:
+        typer.echo(interrupted_message(args, e.name), err=True)
+        raise SystemExit(e.code) from None
     except Exception as e:
         # A full (or read-only) disk met somewhere no mcvqa code wraps it (a tracker's log, a library's cache):
         # still one line, never a traceback. Anything else is a bug and keeps its traceback.
@@ -463,6 +504,15 @@ def main(argv: list[str] | None = None) -> None:
         typer.echo(f"error: {why}{f' writing {where}' if where else ''}; free some space and run the same command again"
                    " (predict and train: with --resume, which keeps the work already done)", err=True)
         raise SystemExit(2) from None
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
 if __name__ == "__main__":
