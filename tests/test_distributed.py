@@ -31,16 +31,39 @@ def run(cmd: list[str]) -> subprocess.CompletedProcess:
     return res
 
 
+def with_unreadable_images(synth_data: Path, folder: Path) -> Path:
+    """The synthetic test set's first 6 rows with 3 unreadable images among them (cut in the header, empty, missing)."""
+    import pandas as pd
+
+    test = pd.read_csv(synth_data / "test.csv").iloc[:6]
+    (folder / "img").mkdir(parents=True)
+    for rid, path in zip(test["id"], test["path"]):
+        (folder / "img" / f"{rid}.jpg").write_bytes((synth_data / path).read_bytes())
+    (folder / "img" / "head.jpg").write_bytes((synth_data / test.iloc[0]["path"]).read_bytes()[:300])
+    (folder / "img" / "zero.jpg").write_bytes(b"")
+    test["path"] = [f"img/{rid}.jpg" for rid in test["id"]]
+    bad = pd.DataFrame([{**test.iloc[0].to_dict(), "id": f"bad_{k}", "path": f"img/{k}.jpg"} for k in ("head", "zero", "gone")])
+    pd.concat([test.iloc[:3], bad, test.iloc[3:]]).to_csv(folder / "t.csv", index=False)
+    return folder / "t.csv"
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("method", [[], ["--tta", "pride", "--set", "tta.pride_min=6"]],
-                         ids=["logits (score_items)", "pride (Engine.map: orders, then plain; the path of every other method)"])
+@pytest.mark.parametrize("method", [["--on-bad-image", "skip"], ["--tta", "pride", "--set", "tta.pride_min=6"]],
+                         ids=["logits (score_items), unreadable images skipped", "pride (Engine.map: orders, then plain; the path of every other method)"])
 def test_sharded_predict_equals_single_process(tiny_model: Path, synth_data: Path, tmp_path: Path, method: list[str]) -> None:
-    common = ["predict", "--model", str(tiny_model), "--data", str(synth_data / "test.csv"), "--device", "cpu", "-q", "--batch-size", "4", *method]
+    """Two gloo processes write one process's submission; with --on-bad-image skip, the unreadable images (found by the
+    CSV reader or the decoder, on whichever process holds them) are answered from their text and listed once."""
+    skip = "skip" in method
+    data = with_unreadable_images(synth_data, tmp_path / "d") if skip else synth_data / "test.csv"
+    common = ["predict", "--model", str(tiny_model), "--data", str(data), "--device", "cpu", "-q", "--batch-size", "4", *method]
     run([sys.executable, "-m", "mcvqa", *common, "--out", str(tmp_path / "one")])
     run(launch(2, *common, "--out", str(tmp_path / "two")))
     assert (tmp_path / "two" / "submission.csv").read_bytes() == (tmp_path / "one" / "submission.csv").read_bytes()
     assert (tmp_path / "two" / "probs.csv").read_bytes() == (tmp_path / "one" / "probs.csv").read_bytes()
     assert sorted(p.name for p in (tmp_path / "two").glob("journal.rank*.done")) == ["journal.rank0-of-2.jsonl.done", "journal.rank1-of-2.jsonl.done"]
+    if skip:
+        listed = lambda d: sorted((tmp_path / d / "bad_images.csv").read_text().splitlines()[1:])
+        assert listed("two") == listed("one") and [line.split(",")[0] for line in listed("one")] == ["bad_gone", "bad_head", "bad_zero"]
 
 
 @pytest.mark.slow
@@ -60,27 +83,3 @@ def test_two_process_training_equals_one_process_with_double_accumulation(tiny_m
         moved += int(a[k].abs().sum() > 0)
     assert moved > 0
 
-
-@pytest.mark.slow
-def test_sharded_skip_policy_equals_single_process(tiny_model: Path, synth_data: Path, tmp_path: Path) -> None:
-    """--on-bad-image skip under accelerate launch: unreadable images (cut in the header, empty, missing) answered
-    from their text on whichever process holds them, listed once, the submission equal to one process's."""
-    import pandas as pd
-
-    test = pd.read_csv(synth_data / "test.csv").iloc[:6]
-    good = (synth_data / test.iloc[0]["path"]).read_bytes()
-    (tmp_path / "img").mkdir()
-    (tmp_path / "img" / "head.jpg").write_bytes(good[:300])
-    (tmp_path / "img" / "zero.jpg").write_bytes(b"")
-    for i, rid in enumerate(test["id"]):
-        (tmp_path / "img" / f"{rid}.jpg").write_bytes((synth_data / test.iloc[i]["path"]).read_bytes())
-    test["path"] = [f"img/{rid}.jpg" for rid in test["id"]]
-    bad = pd.DataFrame([{**test.iloc[0].to_dict(), "id": f"bad_{k}", "path": f"img/{k}.jpg"} for k in ("head", "zero", "gone")])
-    csv = tmp_path / "t.csv"
-    pd.concat([test.iloc[:3], bad, test.iloc[3:]]).to_csv(csv, index=False)
-    common = ["predict", "--model", str(tiny_model), "--data", str(csv), "--device", "cpu", "-q", "--batch-size", "2", "--on-bad-image", "skip"]
-    run([sys.executable, "-m", "mcvqa", *common, "--out", str(tmp_path / "one")])
-    run(launch(2, *common, "--out", str(tmp_path / "two")))
-    assert (tmp_path / "two" / "submission.csv").read_bytes() == (tmp_path / "one" / "submission.csv").read_bytes()
-    listed = lambda d: sorted((tmp_path / d / "bad_images.csv").read_text().splitlines()[1:])
-    assert listed("two") == listed("one") and [l.split(",")[0] for l in listed("one")] == ["bad_gone", "bad_head", "bad_zero"]

@@ -148,3 +148,26 @@ def test_sigkill_during_orders_then_resume(tiny_model: Path, adapter: Path, tmp_
     assert resumed.returncode == 0 and "resuming:" in resumed.stderr, resumed.stderr
     for f in ("submission.csv", "probs.csv", "per_order.csv"):
         assert (tmp_path / "cut" / f).read_bytes() == (tmp_path / "full" / f).read_bytes(), f
+
+
+def test_blend_through_the_cli_weighs_the_base_model_as_told(tiny_model: Path, adapter: Path, synth_data: Path, tmp_path: Path, capsys) -> None:
+    """--tta blend on the path predict runs: weight 0 is the adapted model, weight 1 on every question is the base
+    model alone (no adapter), and a weight in between lies between the two in log space."""
+    import numpy as np
+    import pandas as pd
+
+    data = ["--data", str(synth_data / "test.csv"), "--device", "cpu", "-q"]
+
+    def probs(name: str, *argv: str) -> np.ndarray:
+        code, _, err = run(["predict", "--model", str(tiny_model), *data, "--out", str(tmp_path / name), *argv], capsys)
+        assert code == 0, err
+        return pd.read_csv(tmp_path / name / "probs.csv")[["p_a", "p_b", "p_c", "p_d"]].to_numpy()
+
+    adapted = probs("adapted", "--adapter", str(adapter))
+    base = probs("base")
+    blend = ["--adapter", str(adapter), "--tta", "blend", "--set", "tta.blend_fraction=1.0"]
+    np.testing.assert_allclose(probs("w0", *blend, "--set", "tta.blend_weight=0.0"), adapted, atol=1e-6)
+    np.testing.assert_allclose(probs("w1", *blend, "--set", "tta.blend_weight=1.0"), base, atol=1e-6)
+    half = probs("w03", *blend, "--set", "tta.blend_weight=0.3")
+    mixed = np.exp(0.7 * np.log(adapted) + 0.3 * np.log(base))
+    np.testing.assert_allclose(half, mixed / mixed.sum(1, keepdims=True), atol=1e-6)

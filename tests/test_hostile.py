@@ -165,3 +165,43 @@ def test_damaged_files_are_named_in_one_line(what: str, tiny_model: Path, adapte
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in out + err, err
     assert err.startswith(f"error: {damaged}: damaged") and "re-copy it" in err, err
     assert not (tmp_path / "o" / "journal.jsonl").exists()  # refused before anything started
+
+
+@pytest.fixture()
+def readonly(tmp_path: Path):
+    """A read-only filesystem of its own (a tmpfs mounted ro)."""
+    where = tmp_path / "ro"
+    where.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(where)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a read-only tmpfs here ({r.stderr.strip() or 'not root'})")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+def test_outputs_that_cannot_be_written_are_one_line_before_any_work(readonly: Path, tiny_model: Path, synth_data: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    """--out an existing file, a folder on a read-only filesystem, a file where a folder is: one line each, exit 2,
+    before the model loads (the loader is never called), and the existing file untouched."""
+    import mcvqa.model as model_module
+
+    monkeypatch.setattr(model_module, "load_model", lambda *a, **k: pytest.fail("the model was loaded before --out was checked"))
+    afile = tmp_path / "taken.txt"
+    afile.write_text("keep me")
+    test, train = str(synth_data / "test.csv"), str(synth_data / "train.csv")
+    cases = {
+        "predict, an existing file": (["predict", "--model", str(tiny_model), "--data", test, "--out", str(afile)], "is a file, not a folder"),
+        "train, an existing file": (["train", "--model", str(tiny_model), "--data", train, "--out", str(afile)], "is a file, not a folder"),
+        "ensemble, an existing file": (["ensemble", "-p", test, "--out", str(afile)], "is a file, not a folder"),
+        "predict, read-only filesystem": (["predict", "--model", str(tiny_model), "--data", test, "--out", str(readonly / "o")], "cannot write there (read-only file system)"),
+        "train, read-only filesystem": (["train", "--model", str(tiny_model), "--data", train, "--out", str(readonly / "o")], "cannot write there (read-only file system)"),
+        "evaluate, a folder": (["evaluate", "--pred", test, "--data", test, "--out", str(tmp_path)], "is a folder; pass a file name"),
+        "report, a folder": (["report", "--pred", test, "--data", test, "--out", str(tmp_path)], "is a folder; pass a file name"),
+        "report, read-only filesystem": (["report", "--pred", test, "--data", test, "--out", str(readonly / "r.html")], "cannot write there (read-only file system)"),
+    }
+    for name, (argv, message) in cases.items():
+        code, out, err = run(argv, capsys)
+        assert code == 2 and "Traceback" not in out + err, (name, err)
+        assert err.count("\n") == 1 and err.startswith("error: --out ") and message in err, (name, err)
+    assert afile.read_text() == "keep me"

@@ -26,7 +26,7 @@ SRC = Path(__file__).resolve().parent.parent / "src" / "mcvqa"
 @pytest.fixture(scope="module")
 def big_test(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("big")
-    synthesize(out, SynthConfig(train=0, test=160, seed=21))
+    synthesize(out, SynthConfig(train=0, test=64, seed=21))
     return out / "test.csv"
 
 
@@ -159,7 +159,7 @@ def test_source_has_no_unsafe_calls(pattern: str) -> None:
 
 def _train_cmd(tiny_model: Path, synth_data: Path, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "mcvqa", "train", "--model", str(tiny_model), "--data", str(synth_data / "train.csv"), "--out", str(out),
-            "--device", "cpu", "-q", "--set", "train.method=lora", "--set", "lora.r=4", "--set", "train.epochs=2", "--set", "train.batch_size=4",
+            "--device", "cpu", "-q", "--set", "train.method=lora", "--set", "lora.r=4", "--set", "train.epochs=1", "--set", "train.batch_size=4",
             "--set", "train.checkpoint_every_steps=1", "--set", "train.save_total_limit=2", "--set", "train.report_to=[]",
             "--set", "prompt.name=plain_ko", "--set", "image.size=64", *extra]
 

@@ -92,3 +92,24 @@ def test_killed_study_resumes(tiny_model, synth_data, tmp_path, space) -> None:
     assert _count(db, "RUNNING") == 0 and _count(db, "FAIL") == 1  # the killed trial is marked failed (and retried)
     summary = json.loads((tmp_path / "t" / "tune_summary.json").read_text())
     assert summary["trials"] >= done + 2
+
+
+def test_recipe_and_summary_say_what_was_measured(cfg_factory, synth_data, tmp_path, space) -> None:
+    """Issue 30, item 3: --max-epochs 1 cuts the sampled 2-3 epochs; best_recipe.yaml trains what was measured, and
+    the accuracy printed is the validation accuracy (a fraction of the validation rows), not the objective's
+    accuracy - 0.001 x NLL tie-break."""
+    from mcvqa.tune import TuneOptions, tune
+
+    lines: list[str] = []
+    opts = TuneOptions(trials=2, study=tmp_path / "study.db", space=space, max_epochs=1, pruner="none", seed=0)
+    summary = tune(cfg_factory(*BASE), synth_data / "train.csv", tmp_path / "tune", opts, log=lines.append)
+    text = (tmp_path / "tune" / "best_recipe.yaml").read_text()
+    assert yaml.safe_load(text)["train"]["epochs"] == 1
+    assert "# train.epochs is what the trial trained: 1 (it sampled" in text
+    from mcvqa.data import read_csv, stratified_split
+
+    n_val = len(stratified_split(read_csv(synth_data / "train.csv"), 0.2, 42)[1])
+    acc = summary["best_accuracy"]
+    assert abs(acc * n_val - round(acc * n_val)) < 1e-9, "an accuracy, not accuracy - 0.001 nll"
+    assert summary["best_value"] < acc
+    assert f"best trial {summary['best_trial']}: accuracy {acc:.4f}" in lines

@@ -194,3 +194,64 @@ def test_train_resume_says_fresh_or_finished(tmp_path: Path, tiny_model: Path, s
     assert code == 0 and "training already finished (step 2 of 2); nothing to resume" in err
     assert (tmp_path / "t" / "last" / "adapter_model.safetensors").read_bytes() == adapter
     assert json.loads((tmp_path / "t" / "metrics.json").read_text())["steps"] == 2
+
+
+# ---------------------------------------------------------------------------------------------- round 2 (issue 30)
+
+
+def test_adapter_base_path_resolves_from_any_folder_and_carries_its_dtype_and_settings(tiny_model: Path, synth_data: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    """Items 1, 2 and 6: trained with a relative --model (and train's own --dtype/--image-size/--prompt flags), the
+    adapter stores its base as an absolute path and says so; predict --adapter from another folder finds it and
+    runs with the dtype, image size and prompt it was trained with."""
+    import shutil
+
+    work = tmp_path / "work"
+    (work / "models").mkdir(parents=True)
+    shutil.copytree(tiny_model, work / "models" / "tiny")
+    monkeypatch.chdir(work)
+    code, _, err = run(["train", "--model", "models/tiny", "--data", str(synth_data / "train.csv"), "--out", str(tmp_path / "run"), "-q",
+                        "--dtype", "bf16", "--image-size", "96", "--prompt", "plain_en", "--set", "train.epochs=1", "--set", "train.batch_size=8",
+                        "--set", "train.report_to=[]", "--set", "lora.r=4", "--device", "cpu"], capsys)
+    assert code == 0, err
+    base = str((work / "models" / "tiny").resolve())
+    assert f"base model {base} (stored in the adapter as an absolute path)" in err
+    assert json.loads((tmp_path / "run" / "best" / "adapter_config.json").read_text())["base_model_name_or_path"] == base
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(["predict", "--adapter", str(tmp_path / "run" / "best"), "--data", str(synth_data / "test.csv"), "--out", str(tmp_path / "p"), "-q", "--device", "cpu"], capsys)
+    assert code == 0, err
+    import yaml
+
+    used = yaml.safe_load((tmp_path / "p" / "config.yaml").read_text())
+    assert used["model"]["dtype"] == "bf16" and used["image"]["size"] == 96 and used["prompt"]["name"] == "plain_en"
+
+
+def test_train_has_predicts_model_and_image_flags(capsys) -> None:
+    code, out, _ = run(["train", "--help"], capsys)
+    assert code == 0
+    for flag in ("--dtype", "--image-size", "--image-mode", "--prompt", "--quant", "--device"):
+        assert flag in out, flag
+
+
+def test_ensemble_keeps_equal_weights_when_the_fit_loses_out_of_fold(synth_data: Path, tmp_path: Path, capsys) -> None:
+    """Item 7: two members that each know a little, on 24 labelled questions: the fitted weights chase noise and lose
+    to equal weights out of fold. weights.json then keeps equal weights (and says what the fit would have been), the
+    output says so in one line, and the submission is the equal-weight one."""
+    labels = pd.read_csv(synth_data / "test_labels.csv")
+    ids, y = labels["id"].tolist(), labels["answer"].map("abcd".index).to_numpy()
+    rng = np.random.default_rng(0)
+    members = []
+    for k in range(2):
+        p = rng.dirichlet(np.ones(4), len(ids))
+        right = rng.random(len(ids)) < 0.5
+        p[right, y[right]] += 0.6
+        members.append(probs_csv(tmp_path / f"m{k}" / "probs.csv", ids, p / p.sum(1, keepdims=True)))
+    argv = ["ensemble", "-p", str(members[0]), "-p", str(members[1]), "--data", str(synth_data / "test_labels.csv"), "--folds", "3"]
+    code, out, err = run([*argv, "--fit-weights", "--out", str(tmp_path / "fit")], capsys)
+    assert code == 0, err
+    report = json.loads((tmp_path / "fit" / "weights.json").read_text())
+    assert report["kept"] == "equal" and report["weights"] == [0.5, 0.5] and report["fitted"] != [0.5, 0.5]
+    assert (report["cv"]["accuracy"], -report["cv"]["nll"]) <= (report["equal"]["accuracy"], -report["equal"]["nll"])
+    assert "the fitted weights lose to equal weights out of fold" in out and "weights.json keeps equal weights" in out
+    code, _, err = run([*argv, "--out", str(tmp_path / "equal")], capsys)
+    assert code == 0, err
+    assert (tmp_path / "fit" / "submission.csv").read_text() == (tmp_path / "equal" / "submission.csv").read_text()

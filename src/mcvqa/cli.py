@@ -191,7 +191,10 @@ def predict(
     quiet: QuietOpt = False,
 ) -> None:
     """Score a test CSV: letter probabilities from one forward pass per batch, then submission.csv + probs.csv."""
+    from mcvqa.io import check_out_dir
     from mcvqa.predict import predict as run_predict
+
+    check_out_dir(out)
 
     cfg = _config(
         config, sets, [model, adapter], model__name_or_path=model, model__quant=quant, model__device=device, model__dtype=dtype,
@@ -215,8 +218,10 @@ def evaluate(
 ) -> None:
     """Accuracy, accuracy per answer letter, predicted-letter distribution, confusion matrix, NLL and ECE."""
     from mcvqa.evaluate import evaluate_files, format_metrics
-    from mcvqa.io import atomic_write_json
+    from mcvqa.io import atomic_write_json, check_out_file
 
+    if out:
+        check_out_file(out)
     m = evaluate_files(pred, data)
     typer.echo(format_metrics(m, title=str(pred)))
     if out:
@@ -237,17 +242,25 @@ def train(
     kfold: Annotated[Optional[int], typer.Option(help="Train K models on K folds and report mean +- std.")] = None,
     quant: QuantOpt = None,
     device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    prompt: PromptOpt = None,
+    image_size: ImageSizeOpt = None,
+    image_mode: ImageModeOpt = None,
     data_root: DataRootOpt = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint in --out (says so when there is none, or when training is finished).")] = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Train LoRA/QLoRA adapters (or all weights) on the answer letter; validate each epoch; keep the best."""
+    from mcvqa.io import check_out_dir
     from mcvqa.train import train as run_train
+
+    check_out_dir(out)
 
     if val_data is not None and (kfold or 0) > 0:
         raise McvqaError("--val-data and --kfold exclude each other: k-fold validates on its own folds; drop one of them")
     cfg = _config(
-        config, sets, [model], model__name_or_path=model, model__quant=quant, model__device=device,
+        config, sets, [model], model__name_or_path=model, model__quant=quant, model__device=device, model__dtype=dtype,
+        prompt__name=prompt, image__size=image_size, image__mode=image_mode,
         train__epochs=epochs, train__lr=lr, train__batch_size=batch_size, train__kfold=kfold,
         data__root=str(data_root) if data_root else None,
     )
@@ -348,6 +361,9 @@ def ensemble(
 
     if fit_weights and (data is None or weights is not None):
         raise McvqaError("--fit-weights needs --data with the answers (e.g. val.csv) and no --weights")
+    from mcvqa.io import check_out_dir
+
+    check_out_dir(out)
     names = _member_names(probs)
     ids, members = ensemble_files([str(x) for x in probs], None, each=True)
     if data is not None:
@@ -405,7 +421,10 @@ def report(
     title: Annotated[Optional[str], typer.Option(help="Page title.")] = None,
 ) -> None:
     """A single self-contained HTML report: metrics, confusion, letter bias, calibration, question types, mistakes."""
+    from mcvqa.io import check_out_file
     from mcvqa.report import build_report
+
+    check_out_file(out)
 
     path = build_report(pred, data, out, compare=compare, top_mistakes=mistakes, title=title)
     typer.echo(str(path))

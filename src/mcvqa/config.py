@@ -461,7 +461,7 @@ def _merge(base: dict[str, dict[str, Any]], extra: dict[str, dict[str, Any]]) ->
     return merged
 
 
-INHERITED = {"image": None, "prompt": None, "model": ("name_or_path", "quant")}
+INHERITED = {"image": None, "prompt": None, "model": ("name_or_path", "quant", "dtype")}
 """What a model or adapter folder's ``mcvqa.yaml`` passes on: how it was trained to see and be asked."""
 
 

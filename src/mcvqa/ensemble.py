@@ -52,7 +52,7 @@ def _score(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
 class FitReport:
     names: list[str]
     weights: list[float]
-    """Fitted on every labelled question: what to apply to the test set."""
+    """What to apply to the test set: the fitted weights when they beat equal weights out of fold, else equal ones."""
     members: dict[str, dict[str, float]]
     """Each member's accuracy and NLL on the labelled set."""
     equal: dict[str, float]
@@ -63,6 +63,10 @@ class FitReport:
     n: int
     disagreements: int
     fold_weights: list[list[float]] = field(default_factory=list)
+    fitted: list[float] = field(default_factory=list)
+    """Fitted on every labelled question (kept in ``weights`` only when the fit wins out of fold)."""
+    kept: str = "fitted"
+    """``fitted`` or ``equal``: which weights ``weights`` holds, and so which the test set gets."""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -91,16 +95,23 @@ def fit_report(names: Sequence[str], members: Sequence[np.ndarray], labels: np.n
         raise McvqaError(f"--fit-weights: {len(labels)} labelled questions are too few for {folds}-fold cross-validation; give a larger --data")
     oof, fold_weights = cross_validate(members, labels, folds, seed)
     preds = np.stack([m.argmax(1) for m in members])
+    fitted = fit_weights(members, labels)
+    equal, cv = _score(ensemble(members), labels), _score(oof, labels)
+    # Equal weights fit nothing, so their in-sample score is already an out-of-fold one; the fit must beat it out of
+    # fold (accuracy, then NLL) to be applied, or a few hundred labels' noise would be shipped as weights.
+    wins = (cv["accuracy"], -cv["nll"]) > (equal["accuracy"], -equal["nll"])
     return FitReport(
         names=list(names),
-        weights=fit_weights(members, labels),
+        weights=fitted if wins else [1.0 / len(members)] * len(members),
         members={nm: _score(m, labels) for nm, m in zip(names, members)},
-        equal=_score(ensemble(members), labels),
-        cv=_score(oof, labels),
+        equal=equal,
+        cv=cv,
         folds=folds,
         n=int(len(labels)),
         disagreements=int((preds != preds[0]).any(0).sum()),
         fold_weights=fold_weights,
+        fitted=fitted,
+        kept="fitted" if wins else "equal",
     )
 
 
@@ -140,10 +151,15 @@ def load_weights(text: str, n_members: int) -> list[float]:
 def format_report(r: FitReport) -> str:
     width = max(len(n) for n in [*r.names, "ensemble (equal weights)"])
     lines = [f"{'member':<{width}}  weight  accuracy     nll"]
-    for nm, w in zip(r.names, r.weights):
+    for nm, w in zip(r.names, r.fitted or r.weights):
         m = r.members[nm]
         lines.append(f"{nm:<{width}}  {w:6.3f}  {m['accuracy']:8.4f}  {m['nll']:6.4f}")
     lines.append(f"{'ensemble (equal weights)':<{width}}          {r.equal['accuracy']:8.4f}  {r.equal['nll']:6.4f}")
     lines.append(f"{'ensemble (fitted, ' + str(r.folds) + '-fold CV)':<{width}}          {r.cv['accuracy']:8.4f}  {r.cv['nll']:6.4f}")
     lines.append(f"members disagree on {r.disagreements} of {r.n} questions")
+    if r.kept == "equal":
+        lines.append(f"the fitted weights lose to equal weights out of fold (accuracy {r.cv['accuracy']:.4f} vs {r.equal['accuracy']:.4f}, "
+                     f"nll {r.cv['nll']:.4f} vs {r.equal['nll']:.4f}): weights.json keeps equal weights")
+    else:
+        lines.append("the fitted weights beat equal weights out of fold: weights.json holds them")
     return "\n".join(lines)

@@ -198,3 +198,36 @@ def recover_dir(path: str | Path) -> None:
     old = path.with_name(path.name + ".old")
     if not path.exists() and old.exists():
         os.replace(old, path)
+
+
+def check_out_dir(path: str | Path, flag: str = "--out") -> Path:
+    """An output folder that can be written, checked before any work (minutes of model loading) starts: not an
+    existing file, creatable, and writable (a read-only filesystem or a folder without write permission is named
+    here in one line, not in a traceback after the model loaded)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise McvqaError(f"{flag} {path}: is a file, not a folder; pass a folder (it is created if missing)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".mcvqa-write-check.", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise McvqaError(f"{flag} {path}: cannot write there ({_why(e)}); choose another folder") from None
+    return path
+
+
+def check_out_file(path: str | Path, flag: str = "--out") -> Path:
+    """An output file that can be written: not a folder, its folder creatable and writable."""
+    path = Path(path)
+    if path.is_dir():
+        raise McvqaError(f"{flag} {path}: is a folder; pass a file name, e.g. {path / 'metrics.json'}")
+    check_out_dir(path.parent if str(path.parent) else Path("."), flag=f"{flag} {path}: its folder")
+    return path
+
+
+def _why(e: OSError) -> str:
+    if e.errno in DISK_ERRNOS:
+        return DISK_ERRNOS[e.errno]
+    return {errno.EACCES: "permission denied", errno.EPERM: "permission denied", errno.ENOTDIR: "a part of the path is a file"}.get(
+        e.errno or 0, e.strerror or type(e).__name__)

@@ -469,6 +469,12 @@ def setup(
     tc = cfg.train
     cpu = accelerator.device.type == "cpu"
     set_seed(tc.seed)
+    local = Path(cfg.model.name_or_path).expanduser()
+    if local.is_dir() and str(local.resolve()) != cfg.model.name_or_path:
+        # The adapter remembers its base model: a relative path would only resolve from today's working folder.
+        cfg.model.name_or_path = str(local.resolve())
+        if accelerator.is_main_process:
+            log_fn(f"base model {cfg.model.name_or_path} (stored in the adapter as an absolute path)")
     model, processor = build_model(cfg, log_fn)
     encoder = Encoder(processor, load_prompt(cfg.prompt.name), cfg.image, families.for_model(model))
     shared = tc.shared_prefix

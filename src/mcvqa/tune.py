@@ -232,7 +232,8 @@ def tune(
         trial_dir = out / f"trial_{trial.number:04d}"
         if trial_dir.exists():  # a retried trial starts clean
             shutil.rmtree(trial_dir)
-        scores = []
+        scores: list[float] = []
+        accuracies: list[float] = []
         try:
             for k, (train_items, val_items) in enumerate(splits):
 
@@ -243,9 +244,15 @@ def tune(
 
                 res = train_split(cfg, train_items, val_items, trial_dir / f"fold_{k}", progress=progress, log_fn=lambda s: None, on_epoch_end=report)
                 scores.append(score(res.best_metrics))
+                accuracies.append(float(res.best_metrics["accuracy"]))
             value = float(sum(scores) / len(scores))
-            trial.set_user_attr("fold_accuracies", scores)
-            log(f"trial {trial.number}: accuracy {value:.4f}  " + " ".join(f"{k}={v}" for k, v in params.items()))
+            accuracy = float(sum(accuracies) / len(accuracies))
+            # What was measured, for the summary and the recipe: the objective adds a tie-break on NLL to the accuracy,
+            # and --max-epochs may have cut the sampled epochs.
+            trial.set_user_attr("fold_accuracies", accuracies)
+            trial.set_user_attr("accuracy", accuracy)
+            trial.set_user_attr("epochs_trained", cfg.train.epochs)
+            log(f"trial {trial.number}: accuracy {accuracy:.4f}  " + " ".join(f"{k}={v}" for k, v in params.items()))
             return value
         except optuna.TrialPruned:
             log(f"trial {trial.number}: pruned  " + " ".join(f"{k}={v}" for k, v in params.items()))
@@ -280,22 +287,29 @@ def summarise(study: Any, base: Config, space: dict[str, Any], out: Path, recipe
         log("no trial completed yet")
         return summary
     best = study.best_trial
-    summary.update({"best_value": best.value, "best_trial": best.number, "best_params": best.params})
+    accuracy = float(best.user_attrs.get("accuracy", best.value))
+    summary.update({"best_accuracy": accuracy, "best_value": best.value, "best_trial": best.number, "best_params": best.params})
     try:
         summary["importances"] = optuna.importance.get_param_importances(study) if len(complete) >= 2 else {}
     except (RuntimeError, ValueError, ZeroDivisionError):
         summary["importances"] = {}
     best_cfg = apply(base, best.params)
+    trained = best.user_attrs.get("epochs_trained")
+    capped = ""
+    if trained is not None and trained != best_cfg.train.epochs:
+        capped = f"# train.epochs is what the trial trained: {trained:g} (it sampled {best_cfg.train.epochs:g}; --max-epochs capped it)\n"
+        best_cfg = apply(best_cfg, {"train.epochs": trained})
     recipe_text = (
-        f"# Best of {summary['trials']} trials in study '{study.study_name}' (validation accuracy {best.value:.4f}),\n"
+        f"# Best of {summary['trials']} trials in study '{study.study_name}' (validation accuracy {accuracy:.4f}),\n"
         f"# found by `mcvqa tune`{f' from {recipe}' if recipe else ''}. Train it:\n"
         f"#   mcvqa train --config {out / 'best_recipe.yaml'} --data train.csv --out runs/best\n"
+        + capped
         + yaml.safe_dump(best_cfg.to_dict(), sort_keys=False, allow_unicode=True)
     )
     atomic_write_text(out / "best_recipe.yaml", recipe_text)
     plot_history(study, out / "optimization_history.png")
     atomic_write_json(out / "tune_summary.json", summary)
-    log(f"best trial {best.number}: accuracy {best.value:.4f}")
+    log(f"best trial {best.number}: accuracy {accuracy:.4f}")
     for k, v in best.params.items():
         log(f"  {k} = {v}")
     if summary["importances"]:
