@@ -24,7 +24,7 @@ import torch
 from mcvqa.config import Config
 from mcvqa.errors import McvqaError
 from mcvqa.io import Staged, atomic_write_json, disk_error, disk_problem, replace_dir
-from mcvqa.model import unwrap
+from mcvqa.families import unwrap
 from mcvqa.plotting import plot_loss
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

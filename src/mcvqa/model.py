@@ -22,7 +22,7 @@ from mcvqa import families, kernels
 from mcvqa.compat import require_family
 from mcvqa.config import LoraConfig, ModelConfig, environment
 from mcvqa.errors import ModelError
-from mcvqa.families import Family
+from mcvqa.families import Family, unwrap  # noqa: F401  (re-exported: model access is the families')
 from mcvqa.families.qwen_vl import QwenVL
 
 log = logging.getLogger(__name__)
@@ -425,12 +425,6 @@ def _quiet_peft() -> Iterator[None]:
 
 
 # ------------------------------------------------------------------------------------------ model access
-
-
-def unwrap(model: Any) -> Any:
-    """The transformers model inside a peft wrapper (LoRA layers are injected in place, so they still run)."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
 
 
 def core_and_head(model: Any) -> tuple[Any, torch.nn.Module]:

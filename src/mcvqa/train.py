@@ -43,7 +43,7 @@ from mcvqa.errors import McvqaError
 from mcvqa.evaluate import metrics
 from mcvqa.features import Batch, Collator, Encoder, Example, resolve_num_workers, token_lengths
 from mcvqa.io import atomic_write_json, atomic_write_text, recover_dir
-from mcvqa.model import unwrap
+from mcvqa.families import unwrap
 from mcvqa.prompts import load_prompt
 from mcvqa.scoring import (
     Scorer,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mcvqa.families.base import Family
+from mcvqa.families.base import Family, unwrap
 from mcvqa.families.gemma4 import Gemma4
 from mcvqa.families.internvl import InternVL
 from mcvqa.families.llava_onevision import LlavaOneVision
@@ -41,8 +41,6 @@ def for_arch(arch: str) -> Family:
 
 
 def for_model(model: Any) -> Family:
-    from mcvqa.model import unwrap
-
     return for_config(getattr(unwrap(model), "config", None))
 
 
@@ -66,4 +64,4 @@ def _qwen3_5_vocabulary(processor: Any) -> bool:
         return False
 
 
-__all__ = ["ARCHS", "FAMILIES", "Family", "for_arch", "for_config", "for_model", "for_processor"]
+__all__ = ["ARCHS", "FAMILIES", "Family", "for_arch", "for_config", "for_model", "for_processor", "unwrap"]

@@ -26,6 +26,13 @@ from mcvqa.errors import ModelError
 TEXT_LORA = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+def unwrap(model: Any) -> Any:
+    """The transformers model inside a peft wrapper (LoRA layers are injected in place, so they still run). Model
+    access lives with the families, below the loader, so nothing here imports upwards."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
 class Family:
     """One model family. Subclasses override class attributes and the methods their fast path changes."""
 
@@ -67,8 +74,6 @@ class Family:
         return f"{self.name}: " + (", ".join(fast) if fast else "plain uncached path (every question runs its full prompt)")
 
     def core_and_head(self, model: Any) -> tuple[Any, torch.nn.Module]:
-        from mcvqa.model import unwrap
-
         base = unwrap(model)
         core = getattr(base, "model", None)
         head = getattr(base, "lm_head", None)
