@@ -81,6 +81,25 @@ def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
     return int(e.value.code or 0), out.out, out.err
 
 
+def cli_in_process(argv: list[str]) -> tuple[int, str]:
+    """``mcvqa ARGV`` in this process without pytest's capsys (module fixtures, reference runs): (exit code, stderr).
+    Saves a Python start with torch and transformers per call (seconds each on 2 cores) where the test needs no
+    separate process (only a process that is killed must be one)."""
+    import contextlib
+    import io
+
+    from mcvqa.cli import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            main(argv)
+            code = 0
+        except SystemExit as e:
+            code = int(e.code or 0)
+    return code, err.getvalue()
+
+
 # ---------------------------------------------------------------------------------------------- real files
 
 REPO = Path(__file__).resolve().parents[1]

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_image, run_cli as run
+from conftest import cli_in_process, make_image, run_cli as run
 
 METHODS = {
     "generate": ["--scoring", "generate", "--set", "predict.max_new_tokens=2"],
@@ -132,8 +132,8 @@ def test_sigkill_during_orders_then_resume(tiny_model: Path, adapter: Path, tmp_
     synthesize(tmp_path / "d", SynthConfig(train=0, test=64, seed=8))
     argv = [sys.executable, "-m", "mcvqa", *base(tiny_model, adapter, tmp_path / "d" / "test.csv"), "--tta", "orders", "--device", "cpu"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    full = subprocess.run(argv + ["--out", str(tmp_path / "full")], env=env, capture_output=True, text=True, timeout=600)
-    assert full.returncode == 0, full.stderr
+    code, err = cli_in_process([*argv[3:], "--out", str(tmp_path / "full")])
+    assert code == 0, err
     proc = subprocess.Popen(argv + ["--out", str(tmp_path / "cut")], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     journal = tmp_path / "cut" / "journal.jsonl"
     deadline = time.time() + 300
@@ -144,8 +144,8 @@ def test_sigkill_during_orders_then_resume(tiny_model: Path, adapter: Path, tmp_
         time.sleep(0.005)
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    resumed = subprocess.run(argv + ["--out", str(tmp_path / "cut"), "--resume"], env=env, capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0 and "resuming:" in resumed.stderr, resumed.stderr
+    code, err = cli_in_process([*argv[3:], "--out", str(tmp_path / "cut"), "--resume"])
+    assert code == 0 and "resuming:" in err, err
     for f in ("submission.csv", "probs.csv", "per_order.csv"):
         assert (tmp_path / "cut" / f).read_bytes() == (tmp_path / "full" / f).read_bytes(), f
 

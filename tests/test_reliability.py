@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import pandas as pd
 import pytest
 import torch
 
+from conftest import cli_in_process
 from mcvqa.errors import McvqaError
 from mcvqa.io import atomic_write_csv
 from mcvqa.predict import JOURNAL, build_scorer, predict
@@ -38,37 +40,81 @@ def _cmd(tiny_model: Path, data: Path, out: Path, *extra: str) -> list[str]:
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_model: Path, big_test: Path, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("full") / "full"
-    full = subprocess.run(_cmd(tiny_model, big_test, out), env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True, timeout=600)
-    assert full.returncode == 0, full.stderr
+    code, err = cli_in_process(_cmd(tiny_model, big_test, out)[3:])
+    assert code == 0, err
     return out
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM], ids=["SIGKILL", "SIGINT (Ctrl-C)", "SIGTERM"])
-def test_interrupted_then_resume_is_byte_identical(tiny_model: Path, big_test: Path, uninterrupted: Path, tmp_path: Path, sig: int) -> None:
-    """Killed, Ctrl-C'd or terminated mid-run: the journal stays, Ctrl-C and SIGTERM say in one line what was kept and
-    how to continue (no traceback), and --resume writes the submission an uninterrupted run writes, byte for byte."""
+def test_sigkill_then_resume_is_byte_identical(tiny_model: Path, big_test: Path, uninterrupted: Path, tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(_cmd(tiny_model, big_test, tmp_path / "cut"), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(_cmd(tiny_model, big_test, tmp_path / "cut"), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     journal = tmp_path / "cut" / JOURNAL
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         if journal.exists() and journal.read_bytes().count(b"\n") >= 6:
-            proc.send_signal(sig)
+            proc.send_signal(signal.SIGKILL)
             break
         time.sleep(0.005)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == (-sig if sig == signal.SIGKILL else 128 + sig), "the run finished before it could be interrupted; make the test data bigger"
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed; make the test data bigger"
     assert not (tmp_path / "cut" / "submission.csv").exists()
-    if sig != signal.SIGKILL:
-        assert "Traceback" not in err
-        last = err.strip().splitlines()[-1]
-        name = "Ctrl-C" if sig == signal.SIGINT else "SIGTERM"
-        assert last.startswith(f"interrupted ({name}): every batch scored so far is kept") and "--resume" in last, err
     done_before = journal.read_bytes().count(b"\n") - 1
-    resumed = subprocess.run(_cmd(tiny_model, big_test, tmp_path / "cut", "--resume"), env=env, capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr
-    assert "resuming:" in resumed.stderr
+    code, err = cli_in_process(_cmd(tiny_model, big_test, tmp_path / "cut", "--resume")[3:])
+    assert code == 0, err
+    assert "resuming:" in err
     assert json.loads((tmp_path / "cut" / "predict_summary.json").read_text())["resumed_batches"] >= done_before - 1
+    assert (tmp_path / "cut" / "submission.csv").read_bytes() == (uninterrupted / "submission.csv").read_bytes()
+    assert (tmp_path / "cut" / "probs.csv").read_bytes() == (uninterrupted / "probs.csv").read_bytes()
+
+
+@pytest.fixture()
+def signals_caught():
+    """The test's own SIGINT/SIGTERM handlers around each command (mcvqa's main installs its own while it runs), so a
+    signal that arrives after a command ended is recorded instead of ending the test session."""
+    stray: list[int] = []
+    previous = {sig: signal.signal(sig, lambda s, f: stray.append(s)) for sig in (signal.SIGINT, signal.SIGTERM)}
+    yield stray
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+
+
+def signal_when(ready, sig: int) -> threading.Thread:
+    """A real signal to this process (the command runs in its main thread) as soon as ``ready()``."""
+
+    def watch() -> None:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            if ready():
+                os.kill(os.getpid(), sig)
+                return
+            time.sleep(0.005)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_ctrl_c_then_sigterm_then_resume_is_byte_identical(tiny_model: Path, big_test: Path, uninterrupted: Path, tmp_path: Path, capsys, signals_caught) -> None:
+    """Ctrl-C mid-run, then SIGTERM in the middle of its --resume: each ends in one line saying what was kept and how to
+    continue (exit 130, 143; no traceback), the journal grows across them, and the last --resume writes the submission an
+    uninterrupted run writes, byte for byte. Real signals, to the process the command runs in."""
+    from conftest import run_cli
+
+    argv = _cmd(tiny_model, big_test, tmp_path / "cut")[3:]
+    journal = tmp_path / "cut" / JOURNAL
+    lines = lambda: journal.read_bytes().count(b"\n") if journal.exists() else 0
+    for sig, name, at, extra in ((signal.SIGINT, "Ctrl-C", 6, []), (signal.SIGTERM, "SIGTERM", 14, ["--resume"])):
+        watcher = signal_when(lambda: lines() >= at, sig)
+        code, out, err = run_cli(argv + extra, capsys)
+        watcher.join(timeout=60)
+        assert not signals_caught, "the run finished before it could be interrupted; make the test data bigger"
+        assert code == 128 + sig and "Traceback" not in out + err
+        last = err.strip().splitlines()[-1]
+        assert last.startswith(f"interrupted ({name}): every batch scored so far is kept in") and "--resume" in last, err
+        assert not (tmp_path / "cut" / "submission.csv").exists()
+    assert lines() >= 14
+    code, _, err = run_cli(argv + ["--resume"], capsys)
+    assert code == 0 and "resuming:" in err, err
     assert (tmp_path / "cut" / "submission.csv").read_bytes() == (uninterrupted / "submission.csv").read_bytes()
     assert (tmp_path / "cut" / "probs.csv").read_bytes() == (uninterrupted / "probs.csv").read_bytes()
 
@@ -167,38 +213,60 @@ def _train_cmd(tiny_model: Path, synth_data: Path, out: Path, *extra: str) -> li
 @pytest.fixture(scope="module")
 def straight_training(tiny_model: Path, synth_data: Path, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("straight") / "straight"
-    res = subprocess.run(_train_cmd(tiny_model, synth_data, out), env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr
+    code, err = cli_in_process(_train_cmd(tiny_model, synth_data, out)[3:])
+    assert code == 0, err
     return out
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT (Ctrl-C)"])
-def test_interrupted_training_then_resume(tiny_model: Path, synth_data: Path, straight_training: Path, tmp_path: Path, sig: int) -> None:
-    """Killed or Ctrl-C'd at an arbitrary moment (after a few checkpoints): Ctrl-C names the checkpoint kept, no
-    traceback; `train --resume` ends with the same weights as an uninterrupted run."""
+def _same_adapter(a_dir: Path, b_dir: Path) -> bool:
     from safetensors.torch import load_file
 
+    a = load_file(str(a_dir / "last" / "adapter_model.safetensors"))
+    b = load_file(str(b_dir / "last" / "adapter_model.safetensors"))
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sigkill_during_training_then_resume(tiny_model: Path, synth_data: Path, straight_training: Path, tmp_path: Path) -> None:
+    """Killed at an arbitrary moment (after a few checkpoints), `train --resume` ends with the same weights."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(_train_cmd(tiny_model, synth_data, tmp_path / "cut"), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(_train_cmd(tiny_model, synth_data, tmp_path / "cut"), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     ckpts = tmp_path / "cut" / "checkpoints"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         steps = sorted(ckpts.glob("step_*[0-9]")) if ckpts.exists() else []
         if steps and int(steps[-1].name.split("_")[1]) >= 3:
-            proc.send_signal(sig)
+            proc.send_signal(signal.SIGKILL)
             break
         time.sleep(0.01)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == (-sig if sig == signal.SIGKILL else 128 + sig), "training finished before it could be interrupted"
-    if sig != signal.SIGKILL:
-        last = err.strip().splitlines()[-1]
-        assert "Traceback" not in err and re.match(r"interrupted \(Ctrl-C\): .*checkpoints/step_\d+ is kept; the same command with --resume", last), err
-    resumed = subprocess.run(_train_cmd(tiny_model, synth_data, tmp_path / "cut", "--resume"), env=env, capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr
-    assert "resumed from" in resumed.stderr
-    a = load_file(str(straight_training / "last" / "adapter_model.safetensors"))
-    b = load_file(str(tmp_path / "cut" / "last" / "adapter_model.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "training finished before it could be killed"
+    code, err = cli_in_process(_train_cmd(tiny_model, synth_data, tmp_path / "cut", "--resume")[3:])
+    assert code == 0, err
+    assert "resumed from" in err
+    assert _same_adapter(straight_training, tmp_path / "cut")
+
+
+def test_ctrl_c_during_training_then_resume(tiny_model: Path, synth_data: Path, straight_training: Path, tmp_path: Path, capsys, signals_caught) -> None:
+    """Ctrl-C after a few checkpoints: one line names the checkpoint kept, no traceback, exit 130; `train --resume`
+    ends with the weights of an uninterrupted run, bit for bit (a real SIGINT to the process the command runs in)."""
+    from conftest import run_cli
+
+    argv = _train_cmd(tiny_model, synth_data, tmp_path / "cut")[3:]
+    ckpts = tmp_path / "cut" / "checkpoints"
+
+    def ready() -> bool:
+        steps = sorted(ckpts.glob("step_*[0-9]")) if ckpts.exists() else []
+        return bool(steps) and int(steps[-1].name.split("_")[1]) >= 3
+
+    watcher = signal_when(ready, signal.SIGINT)
+    code, out, err = run_cli(argv, capsys)
+    watcher.join(timeout=60)
+    assert not signals_caught and code == 130, "training finished before it could be interrupted"
+    last = err.strip().splitlines()[-1]
+    assert "Traceback" not in out + err and re.match(r"interrupted \(Ctrl-C\): .*checkpoints/step_\d+ is kept; the same command with --resume", last), err
+    code, _, err = run_cli(argv + ["--resume"], capsys)
+    assert code == 0 and "resumed from" in err, err
+    assert _same_adapter(straight_training, tmp_path / "cut")
 
 
 def test_replace_dir_recovers_from_a_kill_between_renames(tmp_path) -> None:

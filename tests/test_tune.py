@@ -86,8 +86,10 @@ def test_killed_study_resumes(tiny_model, synth_data, tmp_path, space) -> None:
     assert proc.returncode == -signal.SIGKILL
     done = _count(db, "COMPLETE")
     time.sleep(3)  # let the killed trial's heartbeat go stale (grace period 2 s)
-    again = subprocess.run(cmd + ["--trials", "1"], env=env, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0, again.stderr
+    from conftest import cli_in_process
+
+    code, err = cli_in_process([*cmd[3:], "--trials", "1"])
+    assert code == 0, err
     assert _count(db, "COMPLETE") >= done + 1  # nothing lost, the study grew
     assert _count(db, "RUNNING") == 0 and _count(db, "FAIL") == 1  # the killed trial is marked failed (and retried)
     summary = json.loads((tmp_path / "t" / "tune_summary.json").read_text())

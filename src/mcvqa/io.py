@@ -202,14 +202,19 @@ def recover_dir(path: str | Path) -> None:
 
 def check_out_dir(path: str | Path, flag: str = "--out") -> Path:
     """An output folder that can be written, checked before any work (minutes of model loading) starts: not an
-    existing file, creatable, and writable (a read-only filesystem or a folder without write permission is named
-    here in one line, not in a traceback after the model loaded)."""
+    existing file, and the folder itself or its nearest existing parent writable (a read-only filesystem or a folder
+    without write permission is named here in one line, not in a traceback after the model loaded). Creates nothing:
+    a command refused later for another reason leaves no empty folder behind."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise McvqaError(f"{flag} {path}: is a file, not a folder; pass a folder (it is created if missing)")
+    probe_in = path
+    while not probe_in.exists() and probe_in != probe_in.parent:
+        probe_in = probe_in.parent
+    if not probe_in.is_dir():
+        raise McvqaError(f"{flag} {path}: {probe_in} is a file, so the folder cannot be created; choose another folder")
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".mcvqa-write-check.", dir=path)
+        fd, probe = tempfile.mkstemp(prefix=".mcvqa-write-check.", dir=probe_in)
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
