@@ -22,18 +22,22 @@ LORA = ["--set", "train.method=lora", "--set", "lora.r=4", "--set", "lora.alpha=
 
 
 
-@pytest.fixture()
-def disk(tmp_path: Path):
-    """A 4 MiB filesystem of its own, so it can really run out of space."""
-    where = tmp_path / "disk"
+def _tmpfs(where: Path, options: str):
+    """A filesystem of its own at ``where`` (root only; elsewhere the test skips with one line), unmounted after."""
     where.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(where)], capture_output=True, text=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True, text=True)
     if r.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here ({r.stderr.strip() or 'not root'})")
+        pytest.skip(f"cannot mount a tmpfs ({options}) here ({r.stderr.strip() or 'not root'})")
     try:
         yield where
     finally:
         subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+@pytest.fixture()
+def disk(tmp_path: Path):
+    """A 4 MiB filesystem of its own, so it can really run out of space."""
+    yield from _tmpfs(tmp_path / "disk", "size=4m")
 
 
 def fill(where: Path) -> Path:
@@ -170,15 +174,7 @@ def test_damaged_files_are_named_in_one_line(what: str, tiny_model: Path, adapte
 @pytest.fixture()
 def readonly(tmp_path: Path):
     """A read-only filesystem of its own (a tmpfs mounted ro)."""
-    where = tmp_path / "ro"
-    where.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(where)], capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a read-only tmpfs here ({r.stderr.strip() or 'not root'})")
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+    yield from _tmpfs(tmp_path / "ro", "size=1m,ro")
 
 
 def test_outputs_that_cannot_be_written_are_one_line_before_any_work(readonly: Path, tiny_model: Path, synth_data: Path, tmp_path: Path, capsys, monkeypatch) -> None:
