@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import mcvqa.adapt as A  # noqa: E402
+import mcvqa.tta as A  # noqa: E402
 from mcvqa.config import TTAConfig, load_config  # noqa: E402
 from mcvqa.data import read_csv  # noqa: E402
 from mcvqa.features import Encoder  # noqa: E402
@@ -82,12 +82,12 @@ def main() -> None:
     rows = []
     for name in args.methods.split(","):
         tta = METHODS[name]
-        A.run_tta(scorer, items[: min(4, args.n)], tta, args.batch_size, progress=False)  # warm-up
+        A.run(scorer, items[: min(4, args.n)], tta, batch_size=args.batch_size, progress=False)  # warm-up
         if torch.cuda.is_available():
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         t = time.perf_counter()
-        res = A.run_tta(scorer, items, tta, args.batch_size, progress=False)
+        res = A.run(scorer, items, tta, batch_size=args.batch_size, progress=False)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         secs = (time.perf_counter() - t) / len(items)

@@ -168,7 +168,7 @@ def profile_orders(scorer: Any, items: list, args: argparse.Namespace, rows: lis
     the vision tower and the language model timed apart."""
     from torch.profiler import ProfilerActivity, profile
 
-    from mcvqa.adapt import item_orders
+    from mcvqa.tta import item_orders
     from mcvqa.features import Collator
 
     enc, bs = scorer.encoder, args.orders

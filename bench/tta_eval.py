@@ -23,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
-import mcvqa.adapt as A  # noqa: E402
+import mcvqa.tta as A  # noqa: E402
 from mcvqa.config import TTAConfig, load_config  # noqa: E402
 from mcvqa.data import read_csv  # noqa: E402
 from mcvqa.demo import DEMO_KINDS, DEMO_VALUES  # noqa: E402
@@ -65,7 +65,7 @@ def trained_model(root: Path, name: str, config: Path, start: Path | None = None
 
 def run_method(scorer, items, tta: TTAConfig) -> tuple[np.ndarray, A.Cost, float]:
     t = time.perf_counter()
-    res = A.run_tta(scorer, items, tta, batch_size=16, progress=False)
+    res = A.run(scorer, items, tta, batch_size=16, progress=False)
     return res.probs, res.cost, (time.perf_counter() - t) / len(items)
 
 

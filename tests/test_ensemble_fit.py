@@ -34,7 +34,7 @@ def test_fitted_ensemble_beats_equal_weights_and_cv_is_held_out() -> None:
     oof, fold_weights = cross_validate([noise, good], labels, folds=5, seed=0)
     held = np.random.default_rng(0).permutation(200)[0::5]
     rest = np.setdiff1d(np.arange(200), held)
-    from mcvqa.adapt import ensemble
+    from mcvqa.ensemble import combine as ensemble
 
     w0 = fit_weights([noise[rest], good[rest]], labels[rest])
     np.testing.assert_allclose(fold_weights[0], w0, atol=1e-6)
@@ -55,3 +55,28 @@ def test_disagreements_list_exactly_the_split_questions() -> None:
     rows = disagreements(["q0", "q1", "q2", "q3"], ["A", "B"], [a, b], (a + b) / 2, np.array([0, 2, 2, 3]))
     assert [r["id"] for r in rows] == ["q1", "q3"]
     assert rows[0] == {"id": "q1", "A": "b", "B": "c", "ensemble": rows[0]["ensemble"], "answer": "c"}
+
+
+def test_ensemble_of_identical_members_equals_one_member() -> None:
+    from mcvqa.ensemble import combine
+
+    p = np.random.default_rng(1).dirichlet(np.ones(4), size=10)
+    np.testing.assert_allclose(combine([p, p, p], [1, 2, 3]), p, atol=1e-12)
+    q = np.random.default_rng(2).dirichlet(np.ones(4), size=10)
+    np.testing.assert_allclose(combine([p, q], [1, 0]), p, atol=1e-12)
+
+
+def test_members_are_read_in_the_first_files_id_order(tmp_path) -> None:
+    import pandas as pd
+
+    from mcvqa.ensemble import read_members
+
+    p = np.random.default_rng(3).dirichlet(np.ones(4), size=5)
+    ids = [f"t{i}" for i in range(5)]
+    df = pd.DataFrame({"id": ids, **{f"p_{l}": p[:, k] for k, l in enumerate("abcd")}})
+    df.to_csv(tmp_path / "a.csv", index=False)
+    df.iloc[::-1].to_csv(tmp_path / "b.csv", index=False)  # same member, rows in another order
+    got_ids, members = read_members([str(tmp_path / "a.csv"), str(tmp_path / "b.csv")])
+    assert got_ids == ids
+    for m in members:
+        np.testing.assert_allclose(m, p, atol=1e-9)

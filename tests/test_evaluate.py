@@ -37,3 +37,13 @@ def test_readers_validate(tmp_path) -> None:
     (tmp_path / "bad.csv").write_text("id,p_a,p_b,p_c\na,1,0,0\n")
     with pytest.raises(DataError, match="missing column p_d"):
         read_probs(tmp_path / "bad.csv")
+
+
+def test_circular_eval_counts_a_question_only_if_every_order_is_right(tmp_path) -> None:
+    from mcvqa.evaluate import circular_from_file
+
+    right, wrong = [0.9, 0.1, 0.0, 0.0], [0.1, 0.9, 0.0, 0.0]
+    rows = [("q1", v, *right) for v in range(4)] + [("q2", v, *(wrong if v == 3 else right)) for v in range(4)]
+    pd.DataFrame(rows, columns=["id", "order", "p_a", "p_b", "p_c", "p_d"]).to_csv(tmp_path / "per_order.csv", index=False)
+    assert circular_from_file(tmp_path / "per_order.csv", {"q1": 0, "q2": 0}) == 0.5
+    assert circular_from_file(tmp_path / "per_order.csv", {"q1": 0}) == 1.0  # unlabelled ids are left out

@@ -121,7 +121,7 @@ def test_ensemble_disk_full(disk: Path, tmp_path: Path, capsys, monkeypatch) -> 
     import numpy as np
     import pandas as pd
 
-    import mcvqa.predict as P
+    import mcvqa.outputs as P
 
     p = tmp_path / "m" / "probs.csv"
     p.parent.mkdir()

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from mcvqa.errors import McvqaError
-from mcvqa.predict import build_scorer, predict, validate_submission
+from mcvqa.outputs import validate_submission
+from mcvqa.predict import build_scorer, predict
 
 
 @pytest.fixture(scope="module")

@@ -45,8 +45,8 @@ def test_ensemble_refuses_weights_that_make_no_average(tmp_path: Path, two_membe
 
 
 def test_ensemble_function_refuses_bad_weights_too() -> None:
-    """The library call checks what the CLI checks: a script calling mcvqa.adapt.ensemble gets no NaNs either."""
-    from mcvqa.adapt import ensemble
+    """The library call checks what the CLI checks: a script calling mcvqa.ensemble.combine gets no NaNs either."""
+    from mcvqa.ensemble import combine as ensemble
     from mcvqa.errors import McvqaError
 
     p = np.full((2, 4), 0.25)
@@ -57,7 +57,7 @@ def test_ensemble_function_refuses_bad_weights_too() -> None:
 
 def test_submission_check_refuses_probabilities_that_are_not_a_distribution(tmp_path: Path) -> None:
     from mcvqa.errors import McvqaError
-    from mcvqa.predict import write_outputs
+    from mcvqa.outputs import write_outputs
 
     good = np.full((3, 4), 0.25)
     for bad_row in ([np.nan] * 4, [0.5, 0.5, 0.5, 0.5], [1.2, -0.2, 0.0, 0.0], [np.inf, 0, 0, 0]):

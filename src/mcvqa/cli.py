@@ -351,53 +351,16 @@ def ensemble(
     folds: Annotated[int, typer.Option(help="Cross-validation folds for --fit-weights.")] = 5,
 ) -> None:
     """Average members' log-probabilities (weighted) into one submission; optionally fit the weights first."""
-    from mcvqa.adapt import ensemble as combine
-    from mcvqa.adapt import ensemble_files
-    from mcvqa.data import read_csv
-    from mcvqa.ensemble import disagreements, fit_report, format_report, load_weights
-    from mcvqa.evaluate import read_labels
-    from mcvqa.io import atomic_write_csv, atomic_write_json
-    from mcvqa.predict import write_outputs
+    from mcvqa.ensemble import format_report
+    from mcvqa.ensemble import run as run_ensemble
 
-    if fit_weights and (data is None or weights is not None):
-        raise McvqaError("--fit-weights needs --data with the answers (e.g. val.csv) and no --weights")
-    from mcvqa.io import check_out_dir
-
-    check_out_dir(out)
-    names = _member_names(probs)
-    ids, members = ensemble_files([str(x) for x in probs], None, each=True)
-    if data is not None:
-        order = [it.id for it in read_csv(data)]
-        missing = sorted(set(order) - set(ids))
-        if missing:
-            raise McvqaError(f"{data}: id {missing[0]!r} has no prediction in the members")
-        index = {i: k for k, i in enumerate(ids)}
-        members = [m[[index[i] for i in order]] for m in members]
-        ids = order
-    labels = None
-    w = load_weights(weights, len(probs)) if weights is not None else None
-    if fit_weights:
-        answers = read_labels(data)  # type: ignore[arg-type]
-        import numpy as np
-
-        labels = np.array([answers[i] for i in ids])
-        report = fit_report(names, members, labels, folds)
-        w = report.weights
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out / "weights.json", report.to_json())
-        typer.echo(format_report(report))
-    combined = combine(members, w)
-    rows = disagreements(ids, names, members, combined, labels)
-    if rows:
-        out.mkdir(parents=True, exist_ok=True)
-        import pandas as pd
-
-        atomic_write_csv(out / "disagreements.csv", pd.DataFrame(rows))
-    sub, pr = write_outputs(out, ids, combined)
-    typer.echo(f"submission {sub}")
-    typer.echo(f"probs      {pr}")
-    if rows:
-        typer.echo(f"disagree   {out / 'disagreements.csv'} ({len(rows)} questions)")
+    res = run_ensemble(probs, out, weights, data, fit_weights, folds, names=_member_names(probs))
+    if res.report is not None:
+        typer.echo(format_report(res.report))
+    typer.echo(f"submission {res.submission}")
+    typer.echo(f"probs      {res.probs}")
+    if res.disagreements is not None:
+        typer.echo(f"disagree   {res.disagreements} ({res.n_disagreements} questions)")
 
 
 def _member_names(paths: list[Path]) -> list[str]:

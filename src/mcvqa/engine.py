@@ -13,6 +13,7 @@ each test-time method phase by phase, training-time validation (:func:`score_ite
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -26,8 +27,8 @@ import torch
 from tqdm.auto import tqdm
 
 from mcvqa.data import Item
-from mcvqa.errors import DataError, ImageError, McvqaError
-from mcvqa.features import Batch, Collator, Encoder, ItemDataset, resolve_num_workers, token_lengths
+from mcvqa.errors import DataError, McvqaError
+from mcvqa.features import Batch, Collator, Encoder, ItemDataset, Loaded, resolve_num_workers, token_lengths
 from mcvqa.io import disk_error, disk_problem
 from mcvqa.runtime import Dist
 from mcvqa.scoring import Scorer, score_generate
@@ -190,12 +191,12 @@ def iterate_batches(
     yield from loader
 
 
-def score_items_generate(model: Any, encoder: Encoder, items: Sequence[Item], *, max_new_tokens: int, stats: ScoreStats) -> np.ndarray:
+def score_items_generate(model: Any, encoder: Encoder, questions: Sequence[Loaded], *, max_new_tokens: int, stats: ScoreStats) -> np.ndarray:
     """The reference's method, kept for comparison: one ``generate`` per question, parse the letter. The engine
     runs it batch by batch (a batch here is a group of questions journaled together, each generated alone)."""
-    probs = np.zeros((len(items), 4))
-    for i, it in enumerate(items):
-        ex = encoder.encode(it)
+    probs = np.zeros((len(questions), 4))
+    for i, q in enumerate(questions):
+        ex = encoder.encode(q.item, image=q.image)
         batch = encoder.collate([ex], with_prefix=True)
         res = score_generate(model, encoder, batch, max_new_tokens)[0]
         p = res.logprobs.exp().double().numpy()
@@ -227,10 +228,11 @@ class Scored:
 class Engine:
     """Scores questions batch by batch with the guarantees every path shares.
 
-    ``map(phase, indices, fn)`` calls ``fn`` on consecutive batches of ``items[indices]``: a list of items; with
-    ``encode=True`` a :class:`~mcvqa.features.Batch` whose images were decoded and tokenised in DataLoader workers
-    while the previous batch ran; with ``prepare`` (a picklable function of one item, e.g. encoding under every
-    option order) the list of its results, made the same way. For every batch it:
+    ``map(phase, indices, fn)`` calls ``fn`` on consecutive batches of ``items[indices]``: a list of
+    :class:`~mcvqa.features.Loaded` questions (images decoded; with ``raw`` also before letterboxing, for views); with
+    ``encode=True`` a :class:`~mcvqa.features.Batch` (decoded and tokenised); with ``prepare`` (a picklable function
+    of one item, e.g. encoding under every option order) the list of its results. Whichever it is, it is made in
+    DataLoader workers while the previous batch runs, and methods never load an image themselves. For every batch it:
 
     * journals the result (phase, batch) before the next batch starts, so a killed run resumes where it stopped
       and, for a method that is a function of each batch alone, ends byte-identical; batches already in the
@@ -260,7 +262,7 @@ class Engine:
     def map(
         self, phase: str, indices: Sequence[int], fn: Callable[[Any], Scored], desc: str = "", batch_size: int | None = None,
         *, encode: bool = False, with_prefix: bool = False, sort_by_length: bool = False, leave: bool = False,
-        prepare: Callable[[Item], Any] | None = None,
+        prepare: Callable[[Item], Any] | None = None, raw: bool = False,
     ) -> Scored:
         indices = list(indices)
         slices = self._slices(indices, batch_size or self.batch_size, sort_by_length)
@@ -276,10 +278,9 @@ class Engine:
         works: Iterator[Any]
         if encode:
             works = iterate_batches(self.items, self.encoder, chosen, with_prefix=with_prefix, num_workers=self.num_workers)
-        elif prepare is not None:
-            works = iterate_prepared(self.items, chosen, prepare, self.num_workers)
         else:
-            works = ([self.items[i] for i in s] for s in chosen)
+            load = prepare or functools.partial(self.encoder.load, raw=raw)
+            works = iterate_prepared(self.items, chosen, load, self.num_workers)
         with tqdm(total=total, initial=total - sum(len(slices[b]) for b in todo), desc=desc or phase, unit="q",
                   disable=not self.progress or not self.dist.main, leave=leave, dynamic_ncols=True) as bar:
             for b, work in zip(todo, works):
@@ -329,24 +330,15 @@ class Engine:
         return Scored(probs, per_order)
 
     def _scored(self, fn: Callable[[Any], Scored], work: Any) -> tuple[Scored, list[list[str]]]:
-        """``fn`` on one batch under the bad-image policy; returns its result and the images replaced."""
-        enc = self.encoder
-        enc.on_bad_image, enc.substituted = self.on_bad_image, []
+        """``fn`` on one batch under the bad-image policy; returns its result and the images replaced. Whatever
+        the mode, the images were loaded before ``fn`` runs, a blank standing in for an unreadable one."""
         if isinstance(work, Batch):
-            loaded = [(i, why) for i, why in zip(work.ids, work.bad_images) if why]
-        else:  # prepared examples say which image they replaced; plain items are loaded by fn, under the policy
-            loaded = [(x.id, x.bad_image) for x in work if getattr(x, "bad_image", None)]
-        try:
-            if loaded and self.on_bad_image == "fail":
-                raise self._bad_image(loaded[0][0], loaded[0][1])
-            out = self._with_backoff(fn, work)
-        except ImageError as e:
-            bad_item = next((it for it in (work if isinstance(work, list) else []) if str(it.image) == e.path), None)
-            raise self._bad_image(bad_item.id if bad_item else "?", e.problem) from None
-        finally:
-            enc.on_bad_image = "fail"
-        bad = list(dict.fromkeys([*loaded, *enc.substituted]))
-        return out, [list(x) for x in bad]
+            bad = [(i, why) for i, why in zip(work.ids, work.bad_images) if why]
+        else:  # encoded under orders, or loaded questions: each says which image it replaced
+            bad = [(x.id, x.bad_image) for x in work if x.bad_image]
+        if bad and self.on_bad_image == "fail":
+            raise self._bad_image(*bad[0])
+        return self._with_backoff(fn, work), [list(x) for x in dict.fromkeys(bad)]
 
     def _with_backoff(self, fn: Callable[[Any], Scored], work: Any) -> Scored:
         """``fn(work)``; on GPU out-of-memory, the two halves one after the other (and remember the size that fit)."""

@@ -1,7 +1,7 @@
 """Ensembles of members scored anywhere: weights fitted on labelled questions, cross-validated, and where they disagree.
 
 A member is one ``probs.csv``. The ensemble is the weighted mean of the members' log-probabilities, renormalised
-(:func:`mcvqa.adapt.ensemble`); here the weights are fitted to minimise the negative log-likelihood of the right
+(:func:`combine`, which the test-time methods use too); the weights are fitted to minimise the negative log-likelihood of the right
 letter on a labelled set. The fit is judged by K-fold cross-validation (fit on K-1 folds, score the held-out fold)
 so the reported gain is not the fit flattering itself. Members of different families make different mistakes
 (FIELD-NOTES: a second family fixed 26 questions where re-seeding fixed none); :func:`disagreements` lists the
@@ -11,6 +11,7 @@ questions where members' answers differ and who was right.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,9 +20,70 @@ from typing import Any
 import numpy as np
 import torch
 
-from mcvqa.adapt import ensemble
 from mcvqa.config import LETTERS
-from mcvqa.errors import McvqaError
+from mcvqa.errors import DataError, McvqaError
+
+# ------------------------------------------------------------------------------------------ combining
+
+
+def normalise(logp: np.ndarray) -> np.ndarray:
+    """Log-probabilities (or any log-scores) along the last axis -> probabilities summing to 1."""
+    logp = logp - logp.max(axis=-1, keepdims=True)
+    p = np.exp(logp)
+    return p / p.sum(axis=-1, keepdims=True)
+
+
+def parse_weights(text: str | None, n_members: int) -> list[float] | None:
+    """``--weights 2,1,1`` -> [2.0, 1.0, 1.0], checked: one per member, finite, non-negative, not all zero."""
+    if text is None:
+        return None
+    parts = [p.strip() for p in text.split(",")]
+    weights = []
+    for p in parts:
+        try:
+            weights.append(float(p))
+        except ValueError:
+            raise McvqaError(f"--weights {text!r}: {p!r} is not a number; give one number per member, e.g. --weights 2,1,1") from None
+    check_weights(weights, n_members)
+    return weights
+
+
+def check_weights(weights: Sequence[float], n_members: int) -> None:
+    if len(weights) != n_members:
+        raise McvqaError(f"--weights has {len(weights)} value(s) for {n_members} member(s); give one per --probs")
+    bad = [w for w in weights if not math.isfinite(w) or w < 0]
+    if bad:
+        raise McvqaError(f"--weights: {bad[0]} is not allowed; weights must be finite and >= 0")
+    if sum(weights) <= 0:
+        raise McvqaError("--weights are all zero; at least one member needs a positive weight")
+
+
+def combine(members: Sequence[np.ndarray], weights: Sequence[float] | None = None) -> np.ndarray:
+    """Weighted average of log-probabilities (a geometric mean of the members' probabilities)."""
+    weights = list(weights) if weights is not None else [1.0] * len(members)
+    check_weights(weights, len(members))
+    total = float(sum(weights))
+    logp = sum(w * np.log(np.clip(m, 1e-12, 1.0)) for w, m in zip(weights, members)) / total
+    return normalise(logp)
+
+
+def read_members(paths: Sequence[str | Path]) -> tuple[list[str], list[np.ndarray]]:
+    """Members scored anywhere, one probs.csv each; ids must match (their order may differ). The ids of the first
+    file, and each member's (N, 4) probabilities in that order."""
+    from mcvqa.evaluate import PROB_COLUMNS, read_probs
+
+    frames = [read_probs(p) for p in paths]
+    ids = frames[0]["id"].tolist()
+    members = []
+    for p, f in zip(paths, frames):
+        if set(f["id"]) != set(ids):
+            missing = sorted(set(ids) ^ set(f["id"]))[0]
+            raise DataError(p, f"ids differ from {paths[0]} (e.g. {missing!r})", fix="score every member on the same test CSV")
+        members.append(f.set_index("id").loc[ids, PROB_COLUMNS].to_numpy(dtype=np.float64))
+    return ids, members
+
+
+# ------------------------------------------------------------------------------------------ fitted weights
 
 
 def fit_weights(members: Sequence[np.ndarray], labels: np.ndarray, steps: int = 300) -> list[float]:
@@ -84,7 +146,7 @@ def cross_validate(members: Sequence[np.ndarray], labels: np.ndarray, folds: int
         train = np.setdiff1d(order, held)
         w = fit_weights([m[train] for m in members], labels[train])
         fold_weights.append(w)
-        out[held] = ensemble([m[held] for m in members], w)
+        out[held] = combine([m[held] for m in members], w)
     return out, fold_weights
 
 
@@ -96,7 +158,7 @@ def fit_report(names: Sequence[str], members: Sequence[np.ndarray], labels: np.n
     oof, fold_weights = cross_validate(members, labels, folds, seed)
     preds = np.stack([m.argmax(1) for m in members])
     fitted = fit_weights(members, labels)
-    equal, cv = _score(ensemble(members), labels), _score(oof, labels)
+    equal, cv = _score(combine(members), labels), _score(oof, labels)
     # Equal weights fit nothing, so their in-sample score is already an out-of-fold one; the fit must beat it out of
     # fold (accuracy, then NLL) to be applied, or a few hundred labels' noise would be shipped as weights.
     wins = (cv["accuracy"], -cv["nll"]) > (equal["accuracy"], -equal["nll"])
@@ -132,8 +194,6 @@ def disagreements(ids: Sequence[str], names: Sequence[str], members: Sequence[np
 
 def load_weights(text: str, n_members: int) -> list[float]:
     """``--weights``: ``2,1,1`` or a ``weights.json`` written by ``--fit-weights``."""
-    from mcvqa.adapt import check_weights, parse_weights
-
     path = Path(text)
     if text.endswith(".json") or path.is_file():
         try:
@@ -163,3 +223,62 @@ def format_report(r: FitReport) -> str:
     else:
         lines.append("the fitted weights beat equal weights out of fold: weights.json holds them")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ the command
+
+
+@dataclass
+class EnsembleResult:
+    submission: Path
+    probs: Path
+    disagreements: Path | None
+    """``disagreements.csv``, when members gave different letters anywhere."""
+    n_disagreements: int
+    report: FitReport | None
+    """The fit, with ``--fit-weights``."""
+
+
+def run(
+    probs: Sequence[Path], out: Path, weights: str | None = None, data: Path | None = None, fit: bool = False, folds: int = 5,
+    names: Sequence[str] | None = None,
+) -> EnsembleResult:
+    """``mcvqa ensemble``: the members' ``probs.csv`` combined (in ``data``'s row order when given) into one submission,
+    with the weights given, equal, or fitted on ``data``'s answers; every output written atomically."""
+    import pandas as pd
+
+    from mcvqa.data import read_csv
+    from mcvqa.evaluate import read_labels
+    from mcvqa.io import atomic_write_csv, atomic_write_json, check_out_dir
+    from mcvqa.outputs import write_outputs
+
+    if fit and (data is None or weights is not None):
+        raise McvqaError("--fit-weights needs --data with the answers (e.g. val.csv) and no --weights")
+    check_out_dir(out)
+    names = list(names) if names is not None else [f"m{k + 1}" for k in range(len(probs))]
+    ids, members = read_members([str(x) for x in probs])
+    if data is not None:
+        order = [it.id for it in read_csv(data)]
+        missing = sorted(set(order) - set(ids))
+        if missing:
+            raise McvqaError(f"{data}: id {missing[0]!r} has no prediction in the members")
+        index = {i: k for k, i in enumerate(ids)}
+        members = [m[[index[i] for i in order]] for m in members]
+        ids = order
+    labels, report = None, None
+    w = load_weights(weights, len(probs)) if weights is not None else None
+    if fit:
+        answers = read_labels(data)  # type: ignore[arg-type]
+        labels = np.array([answers[i] for i in ids])
+        report = fit_report(names, members, labels, folds)
+        w = report.weights
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / "weights.json", report.to_json())
+    combined = combine(members, w)
+    rows = disagreements(ids, names, members, combined, labels)
+    listed = None
+    if rows:
+        out.mkdir(parents=True, exist_ok=True)
+        listed = atomic_write_csv(out / "disagreements.csv", pd.DataFrame(rows))
+    sub, pr = write_outputs(out, ids, combined)
+    return EnsembleResult(sub, pr, listed, len(rows), report)

@@ -19,10 +19,26 @@ from PIL import Image
 from mcvqa.config import ImageConfig, environment
 from mcvqa.data import Item
 from mcvqa.errors import ImageError
-from mcvqa.images import load_prepared, prepare
+from mcvqa.images import load_image, load_prepared, prepare
 from mcvqa import families
 from mcvqa.families import Family
 from mcvqa.prompts import Frame, Prompt
+
+
+@dataclass
+class Loaded:
+    """A question with its image decoded, as the engine hands it to a method that encodes for itself (views, TENT,
+    SAR, TPT, ZERO, generate). ``image`` is what plain scoring sees; ``raw`` the decoded image before letterboxing,
+    when asked for; ``bad_image`` why a blank stands in for an unreadable one (None when the image is fine)."""
+
+    item: Item
+    image: Image.Image
+    raw: Image.Image | None = None
+    bad_image: str | None = None
+
+    @property
+    def id(self) -> str:
+        return self.item.id
 
 
 @dataclass
@@ -178,10 +194,6 @@ class Encoder:
         self.prefix_ids: list[int] = self._tok(self.frame.head)
         self._blank: Image.Image | None = None
         self._image_len: int | None = None
-        self.on_bad_image = "fail"
-        """Policy when an item's image cannot be read and the caller names none (the engine sets it per batch)."""
-        self.substituted: list[tuple[str, str]] = []
-        """(id, why) of every image replaced by a blank one under ``skip`` since the engine last cleared it."""
 
     def _tok(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False) if text else []
@@ -214,28 +226,29 @@ class Encoder:
             self._blank = prepare(Image.new("RGB", (size, size), (128, 128, 128)), self.image_cfg)
         return self._blank
 
-    def load_image(self, item: Item, on_bad_image: str | None = None) -> tuple[Image.Image, str | None]:
+    def load_image(self, item: Item, on_bad_image: str = "fail") -> tuple[Image.Image, str | None]:
+        """The image as the model sees it; under ``skip`` a blank stands in for an unreadable one (and the reason is
+        returned), under ``fail`` the :class:`ImageError` propagates."""
         try:
             return load_prepared(item.image, self.image_cfg), None
         except ImageError as e:
-            if (on_bad_image or self.on_bad_image) == "fail":
+            if on_bad_image == "fail":
                 raise
-            self.substituted.append((item.id, e.problem))
             return self.blank_image(), e.problem
 
-    def load_raw(self, item: Item) -> Image.Image:
-        """The decoded image before letterboxing (for augmented views), under the encoder's bad-image policy."""
-        from mcvqa.images import load_image
-
+    def load(self, item: Item, raw: bool = False) -> Loaded:
+        """``item`` with its image decoded as plain scoring sees it, and with ``raw`` also before letterboxing (where
+        augmented views start). Never raises for a bad image: a blank stands in and ``bad_image`` says why, for the
+        engine to apply the run's policy (picklable: it runs in DataLoader workers)."""
         try:
-            return load_image(item.image, self.image_cfg.max_image_pixels)
+            if raw:
+                full = load_image(item.image, self.image_cfg.max_image_pixels)
+                return Loaded(item, prepare(full, self.image_cfg), full)
+            return Loaded(item, load_prepared(item.image, self.image_cfg))
         except ImageError as e:
-            if self.on_bad_image == "fail":
-                raise
-            self.substituted.append((item.id, e.problem))
-            return Image.new("RGB", (448, 448), (128, 128, 128))
+            return Loaded(item, self.blank_image(), self.blank_image() if raw else None, e.problem)
 
-    def _shared(self, item: Item, image: Image.Image | None, on_bad_image: str | None) -> dict[str, Any]:
+    def _shared(self, item: Item, image: Image.Image | None, on_bad_image: str) -> dict[str, Any]:
         """What every encoding of ``item`` shares: its image segment, pixels and question."""
         bad = None
         if image is None:
@@ -246,11 +259,11 @@ class Encoder:
             vision=vision, image_types=image_types, label=item.answer, bad_image=bad,
         )
 
-    def encode(self, item: Item, image: Image.Image | None = None, on_bad_image: str | None = None) -> Example:
+    def encode(self, item: Item, image: Image.Image | None = None, on_bad_image: str = "fail") -> Example:
         """Tokenize ``item`` with its options in the given order. ``image`` (already prepared) skips loading."""
         return Example(**self._shared(item, image, on_bad_image), option_ids=self.option_ids(item.options))
 
-    def encode_orders(self, item: Item, orders: Sequence[Sequence[int]], image: Image.Image | None = None, on_bad_image: str | None = None) -> OrderedExample:
+    def encode_orders(self, item: Item, orders: Sequence[Sequence[int]], image: Image.Image | None = None, on_bad_image: str = "fail") -> OrderedExample:
         """Tokenize ``item`` once, with one options segment per order (for option-order averaging)."""
         return OrderedExample(
             **self._shared(item, image, on_bad_image),
