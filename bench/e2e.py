@@ -227,7 +227,7 @@ def main() -> None:
     results: list[dict[str, Any]] = []
     save = lambda: (args.out / args.json).write_text(json.dumps({"versions": info, "date": time.strftime("%Y-%m-%d"), "results": results}, indent=2))
     if not (args.build / "config.json").exists():
-        from mcvqa.tiny import build_random_8b
+        from random_8b import build_random_8b
 
         t = time.perf_counter()
         build_random_8b(args.build, like=args.like)

@@ -2,7 +2,7 @@
 
     python bench/gpu_bench.py --build /tmp/q8b --phases predict,train --out results/
 
-Builds the real Qwen3-VL-8B-Instruct architecture with random bf16 weights (``mcvqa.tiny.build_random_8b``),
+Builds the real Qwen3-VL-8B-Instruct architecture with random bf16 weights (``bench/random_8b.py``),
 saves it and loads it back through ``mcvqa.model.load_model`` - the production path, in bf16 and nf4.
 Conditions (issue 4): a ~1,200-token few-shot system prompt, one 512x512 letterboxed image (256 visual
 tokens) or a 540x720 photo at native resolution (~380 tokens), ~60 tokens of question and options.
@@ -93,7 +93,7 @@ def timed(fn, repeat: int = 1) -> float:
 def set_attention(model: Any, name: str) -> None:
     """Baselines run transformers' stock SDPA (text and vision); mcvqa rows run mcvqa's attention."""
     from mcvqa.kernels import use_causal_attention
-    from mcvqa.model import core_and_head
+    from mcvqa.families import core_and_head
 
     core = core_and_head(model)[0]
     core.language_model.config._attn_implementation = "sdpa"
@@ -124,7 +124,7 @@ def bench_predict(model: Any, processor: Any, prompt: Prompt, cfg: Any, items: l
 
     # reference: batch 1, generate one token with scores
     def ref_one(e):
-        return score_generate(model, enc, collate([e], enc.pad_id, enc.image_token_id, enc.prefix_ids), max_new_tokens=1)[0]
+        return score_generate(model, enc, collate([e], enc.pad_id, enc.prefix_ids), max_new_tokens=1)[0]
 
     set_attention(model, "sdpa")
     ref_one(exs[0])
@@ -137,7 +137,7 @@ def bench_predict(model: Any, processor: Any, prompt: Prompt, cfg: Any, items: l
     plain = Scorer(model, enc, prefix_cache=False)
     def run_plain(bs):
         for s in range(0, n, bs):
-            plain.logprobs(collate(exs[s : s + bs], enc.pad_id, enc.image_token_id, enc.prefix_ids))
+            plain.logprobs(collate(exs[s : s + bs], enc.pad_id, enc.prefix_ids))
     run_plain(16)
     reset_mem()
     t = timed(lambda: run_plain(16))
@@ -146,8 +146,8 @@ def bench_predict(model: Any, processor: Any, prompt: Prompt, cfg: Any, items: l
 
     # noise floor: the same bf16 forward batched vs one question at a time (no cache either way)
     with torch.no_grad():
-        one = torch.cat([plain.logprobs(collate([e], enc.pad_id, enc.image_token_id, enc.prefix_ids)) for e in exs[: args.n_exact]]).exp()
-        many = torch.cat([plain.logprobs(collate(exs[s : min(s + 16, args.n_exact)], enc.pad_id, enc.image_token_id, enc.prefix_ids)) for s in range(0, args.n_exact, 16)]).exp()
+        one = torch.cat([plain.logprobs(collate([e], enc.pad_id, enc.prefix_ids)) for e in exs[: args.n_exact]]).exp()
+        many = torch.cat([plain.logprobs(collate(exs[s : min(s + 16, args.n_exact)], enc.pad_id, enc.prefix_ids)) for s in range(0, args.n_exact, 16)]).exp()
     rows.append(agreement(one, many, "noise floor: stock batched bs 16 vs unbatched", args.n_exact))
     log(rows[-1])
 
@@ -156,7 +156,7 @@ def bench_predict(model: Any, processor: Any, prompt: Prompt, cfg: Any, items: l
     bs0 = args.batch_sizes[0]
     def run_stock():
         for s in range(0, n, bs0):
-            scorer.logprobs(collate(exs[s : s + bs0], enc.pad_id, enc.image_token_id))
+            scorer.logprobs(collate(exs[s : s + bs0], enc.pad_id))
     run_stock()
     reset_mem()
     t = timed(run_stock)
@@ -171,7 +171,7 @@ def bench_predict(model: Any, processor: Any, prompt: Prompt, cfg: Any, items: l
     for bs in args.batch_sizes:
         def run(bs=bs):
             for s in range(0, n, bs):
-                scorer.logprobs(collate(exs[s : s + bs], enc.pad_id, enc.image_token_id))
+                scorer.logprobs(collate(exs[s : s + bs], enc.pad_id))
         try:
             run()
             reset_mem()
@@ -188,10 +188,10 @@ def bench_predict(model: Any, processor: Any, prompt: Prompt, cfg: Any, items: l
     # exactness vs the unbatched, uncached forward (stock attention: the plainest reference there is)
     with torch.no_grad():
         set_attention(model, "sdpa")
-        ref = torch.cat([plain.logprobs(collate([e], enc.pad_id, enc.image_token_id, enc.prefix_ids)) for e in exs[: args.n_exact]]).exp()
+        ref = torch.cat([plain.logprobs(collate([e], enc.pad_id, enc.prefix_ids)) for e in exs[: args.n_exact]]).exp()
         set_attention(model, CAUSAL_ATTENTION)
         bs = max(args.batch_sizes)
-        ours = torch.cat([scorer.logprobs(collate(exs[s : min(s + bs, args.n_exact)], enc.pad_id, enc.image_token_id)) for s in range(0, args.n_exact, bs)]).exp()
+        ours = torch.cat([scorer.logprobs(collate(exs[s : min(s + bs, args.n_exact)], enc.pad_id)) for s in range(0, args.n_exact, bs)]).exp()
     rows.append(agreement(ref, ours, "mcvqa vs unbatched uncached", args.n_exact))
     log(rows[-1])
 
@@ -233,7 +233,7 @@ def bench_predict(model: Any, processor: Any, prompt: Prompt, cfg: Any, items: l
 def bench_compiled(model: Any, processor: Any, prompt: Prompt, cfg: Any, items: list, args: argparse.Namespace, tag: str, scope: str) -> list[dict[str, Any]]:
     """mcvqa's fast path with ``predict.compile=<scope>``: speed, compile time, and exactness vs unbatched uncached."""
     from mcvqa.kernels import CAUSAL_ATTENTION, compile_blocks
-    from mcvqa.model import core_and_head
+    from mcvqa.families import core_and_head
 
     enc = Encoder(processor, prompt, cfg.image)
     n = min(args.n, len(items))
@@ -241,7 +241,7 @@ def bench_compiled(model: Any, processor: Any, prompt: Prompt, cfg: Any, items: 
     with torch.no_grad():
         set_attention(model, "sdpa")
         plain = Scorer(model, enc, prefix_cache=False)
-        ref = torch.cat([plain.logprobs(collate([e], enc.pad_id, enc.image_token_id, enc.prefix_ids)) for e in exs[: args.n_exact]]).exp()
+        ref = torch.cat([plain.logprobs(collate([e], enc.pad_id, enc.prefix_ids)) for e in exs[: args.n_exact]]).exp()
     set_attention(model, CAUSAL_ATTENTION)
     compile_blocks(core_and_head(model)[0], scope)
     scorer = Scorer(model, enc, prefix_cache=True)
@@ -249,7 +249,7 @@ def bench_compiled(model: Any, processor: Any, prompt: Prompt, cfg: Any, items: 
     for bs in args.batch_sizes:
         def run(bs=bs):
             for s in range(0, n, bs):
-                scorer.logprobs(collate(exs[s : s + bs], enc.pad_id, enc.image_token_id))
+                scorer.logprobs(collate(exs[s : s + bs], enc.pad_id))
         try:
             t0 = time.perf_counter()
             run()  # compiles (once per new shape class)
@@ -264,7 +264,7 @@ def bench_compiled(model: Any, processor: Any, prompt: Prompt, cfg: Any, items: 
         log(rows[-1])
     bs = max(args.batch_sizes)
     with torch.no_grad():
-        ours = torch.cat([scorer.logprobs(collate(exs[s : min(s + bs, args.n_exact)], enc.pad_id, enc.image_token_id)) for s in range(0, args.n_exact, bs)]).exp()
+        ours = torch.cat([scorer.logprobs(collate(exs[s : min(s + bs, args.n_exact)], enc.pad_id)) for s in range(0, args.n_exact, bs)]).exp()
     rows.append(agreement(ref, ours, f"mcvqa + compile {scope} vs unbatched uncached", args.n_exact))
     log(rows[-1])
     for r in rows:
@@ -341,8 +341,8 @@ def bench_train(cfg: Any, prompt: Prompt, items: list, args: argparse.Namespace,
                 with torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda"):
                     out = model(
                         input_ids=ids, attention_mask=att, labels=labels,
-                        pixel_values=torch.cat([e.pixel_values for e in batch_exs]).to(device),
-                        image_grid_thw=torch.stack([e.image_grid_thw for e in batch_exs]).to(device),
+                        pixel_values=torch.cat([e.vision["pixel_values"] for e in batch_exs]).to(device),
+                        image_grid_thw=torch.cat([e.vision["image_grid_thw"] for e in batch_exs]).to(device),
                         mm_token_type_ids=(ids == enc.image_token_id).int(),
                     )
                 out.loss.backward()
@@ -351,12 +351,12 @@ def bench_train(cfg: Any, prompt: Prompt, items: list, args: argparse.Namespace,
         else:
             module = AnswerLoss(model, enc.prefix_ids, letters.target, shared_prefix="cache" if "cache" in method else "packed")
             if torch.cuda.is_available():
-                from mcvqa.model import core_and_head
+                from mcvqa.families import core_and_head
 
                 log(f"  attention: {core_and_head(model)[0].language_model.config._attn_implementation}")
 
             def step(batch_exs):
-                batch = collate(batch_exs, enc.pad_id, enc.image_token_id).to(device)
+                batch = collate(batch_exs, enc.pad_id).to(device)
                 with torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda"):
                     loss, _ = module(batch)
                 loss.backward()
@@ -407,10 +407,10 @@ def bench_exact32(args: argparse.Namespace, _unused: Any = None) -> list[dict[st
     with torch.no_grad():
         set_attention(model, "sdpa")
         plain = Scorer(model, enc, prefix_cache=False)
-        ref = torch.cat([plain.logprobs(collate([e], enc.pad_id, enc.image_token_id, enc.prefix_ids)) for e in exs]).exp()
+        ref = torch.cat([plain.logprobs(collate([e], enc.pad_id, enc.prefix_ids)) for e in exs]).exp()
         set_attention(model, "mcvqa")
         scorer = Scorer(model, enc, prefix_cache=True)
-        ours = torch.cat([scorer.logprobs(collate(exs[s : s + 16], enc.pad_id, enc.image_token_id)) for s in range(0, len(exs), 16)]).exp()
+        ours = torch.cat([scorer.logprobs(collate(exs[s : s + 16], enc.pad_id)) for s in range(0, len(exs), 16)]).exp()
     row = agreement(ref, ours, "fp32: mcvqa (cache, bs 16) vs unbatched uncached", len(exs))
     row["setting"] = "fp32 letterbox"
     log(row)
@@ -445,10 +445,10 @@ def bench_exact_vs_fp32(args: argparse.Namespace) -> list[dict[str, Any]]:
         with torch.no_grad():
             set_attention(model, "sdpa")
             plain = Scorer(model, enc, prefix_cache=False)
-            ref = torch.cat([plain.logprobs(collate([e], enc.pad_id, enc.image_token_id, enc.prefix_ids)) for e in exs]).exp().cpu()
+            ref = torch.cat([plain.logprobs(collate([e], enc.pad_id, enc.prefix_ids)) for e in exs]).exp().cpu()
             set_attention(model, CAUSAL_ATTENTION)
             scorer = Scorer(model, enc, prefix_cache=True)
-            ours = torch.cat([scorer.logprobs(collate(exs[s : s + 32], enc.pad_id, enc.image_token_id)) for s in range(0, len(exs), 32)]).exp().cpu()
+            ours = torch.cat([scorer.logprobs(collate(exs[s : s + 32], enc.pad_id)) for s in range(0, len(exs), 32)]).exp().cpu()
         del model, plain, scorer
         reset_mem()
         return ref, ours
@@ -513,7 +513,7 @@ def main() -> None:
     log(info)
 
     from mcvqa.synth import SynthConfig, synthesize
-    from mcvqa.tiny import build_random_8b
+    from random_8b import build_random_8b
 
     if not (args.build / "config.json").exists():
         t = time.perf_counter()

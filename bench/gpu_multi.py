@@ -6,7 +6,7 @@
 Each process loads the model and scores one batch untimed (prefix cache, CUDA kernels), then all processes
 meet at a barrier and rank 0 times ``mcvqa.predict.predict`` - the production path: sharding, scoring,
 gathering and writing the one submission. Scaling efficiency = (q/s on N) / (N x q/s on 1).
-The random 8B is built with ``mcvqa.tiny.build_random_8b`` and the data with ``mcvqa synth`` if missing.
+The random 8B is built with ``bench/random_8b.py`` and the data with ``mcvqa synth`` if missing.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def main() -> None:
     scorer = build_scorer(cfg)
     ds = read_csv(args.data)
     enc = scorer.encoder
-    scorer.logprobs(collate([enc.encode(it) for it in ds.items[: args.batch_size]], enc.pad_id, enc.image_token_id))
+    scorer.logprobs(collate([enc.encode(it) for it in ds.items[: args.batch_size]], enc.pad_id))
     sync()
     dist.barrier()
     t = time.perf_counter()

@@ -14,7 +14,7 @@ t0=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - t0 )) s] $*"; }
 LAUNCH=(python -m accelerate.commands.launch --multi_gpu --num_processes "$N" --num_machines 1 --mixed_precision no --dynamo_backend no)
 
-[ -d /tmp/q8b ] || python -c "from mcvqa.tiny import build_random_8b; build_random_8b('/tmp/q8b')" >"$OUT/build.log" 2>&1 &
+[ -d /tmp/q8b ] || python bench/random_8b.py /tmp/q8b >"$OUT/build.log" 2>&1 &
 build=$!
 [ -f /tmp/multi/test.csv ] || python -c "
 from pathlib import Path

@@ -2,7 +2,7 @@
 
     python bench/gpu_tta.py --build /tmp/q8b --quant nf4 --n 32 --out $OUT
 
-Random weights (``mcvqa.tiny.build_random_8b``) with a random LoRA adapter (r=32) attached, so the
+Random weights (``bench/random_8b.py``) with a random LoRA adapter (r=32) attached, so the
 LoRA-adapting methods and the base-model blend have something to work on. Accuracy is meaningless with
 random weights; the cost is what this measures.
 """
@@ -60,7 +60,7 @@ def main() -> None:
 
     from mcvqa.model import attach_lora, load_model
     from mcvqa.synth import SynthConfig, synthesize
-    from mcvqa.tiny import build_random_8b
+    from random_8b import build_random_8b
 
     if not (args.build / "config.json").exists():
         # The real config and tokenizer when they are at hand (real token counts); else the local stand-in.

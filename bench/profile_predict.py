@@ -79,7 +79,7 @@ def main() -> None:
     from mcvqa.predict import build_scorer
 
     if not (args.build / "config.json").exists():
-        from mcvqa.tiny import build_random_8b
+        from random_8b import build_random_8b
 
         build_random_8b(args.build, like=args.like)
     make_data(args.data, max(args.n, 1000), 480)
@@ -117,14 +117,13 @@ def main() -> None:
         log(rows[-1])
 
     # 3. breakdown of the forward
-    import mcvqa.scoring as S
-    from mcvqa.model import core_and_head
+    from mcvqa.families import core_and_head
 
     core, head = core_and_head(scorer.model)
     timers = Timers()
     timers.wrap(core.visual, "vision tower")
     timers.wrap(core.language_model, "language model")
-    timers.wrap_fn(S, "mrope_positions", "mrope positions (get_rope_index)")
+    timers.wrap_fn(scorer.family, "positions", "positions (M-RoPE: get_rope_index)")
     bs = 16
     gpu_batches = [collate([exs[i] for i in lengths[s : s + bs]]).to(scorer.device) for s in range(0, len(exs), bs)]
     total = _timed(scorer.logprobs, gpu_batches, timers)

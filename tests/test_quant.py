@@ -22,5 +22,5 @@ def test_nf4_loads_and_scores_on_cpu(tiny_model, cfg_factory, synth_data) -> Non
     assert all("visual" not in n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)), "vision stays full precision"
     enc = Encoder(processor, load_prompt("plain_ko"), cfg.image)
     items = read_csv(synth_data / "test.csv").items[:4]
-    p = Scorer(model, enc).logprobs(collate([enc.encode(it) for it in items], enc.pad_id, enc.image_token_id)).exp()
+    p = Scorer(model, enc).logprobs(collate([enc.encode(it) for it in items], enc.pad_id)).exp()
     torch.testing.assert_close(p.sum(-1), torch.ones(4), atol=1e-5, rtol=0)

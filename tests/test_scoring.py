@@ -52,7 +52,7 @@ def test_every_letter_resolves(tiny_loaded) -> None:
 
 def test_probabilities_sum_to_one(tiny_loaded, encoder, items) -> None:
     scorer = Scorer(tiny_loaded[0], encoder)
-    batch = collate([encoder.encode(it) for it in items], encoder.pad_id, encoder.image_token_id)
+    batch = collate([encoder.encode(it) for it in items], encoder.pad_id)
     p = scorer.logprobs(batch).exp()
     assert p.shape == (len(items), 4)
     torch.testing.assert_close(p.sum(-1), torch.ones(len(items)), atol=1e-6, rtol=0)
@@ -72,16 +72,16 @@ def test_batched_equals_one_at_a_time(tiny_loaded, encoder, items, cache) -> Non
     scorer = Scorer(tiny_loaded[0], encoder, prefix_cache=cache)
     prefix = None if cache else encoder.prefix_ids
     exs = _long_short(encoder, items)
-    batched = scorer.logprobs(collate(exs, encoder.pad_id, encoder.image_token_id, prefix))
-    single = torch.cat([scorer.logprobs(collate([e], encoder.pad_id, encoder.image_token_id, prefix)) for e in exs])
+    batched = scorer.logprobs(collate(exs, encoder.pad_id, prefix))
+    single = torch.cat([scorer.logprobs(collate([e], encoder.pad_id, prefix)) for e in exs])
     torch.testing.assert_close(batched.exp(), single.exp(), atol=1e-4, rtol=0)
 
 
 def test_cached_prefix_equals_full_sequence(tiny_loaded, encoder, items) -> None:
     model = tiny_loaded[0]
     exs = _long_short(encoder, items)
-    suffix_batch = collate(exs, encoder.pad_id, encoder.image_token_id)
-    full_batch = collate(exs, encoder.pad_id, encoder.image_token_id, encoder.prefix_ids)
+    suffix_batch = collate(exs, encoder.pad_id)
+    full_batch = collate(exs, encoder.pad_id, encoder.prefix_ids)
     with torch.no_grad():
         cached = answer_hidden(model, suffix_batch, compute_prefix(model, encoder.prefix_ids))
         full = answer_hidden(model, full_batch, None)
@@ -93,7 +93,7 @@ def test_cached_prefix_equals_full_sequence(tiny_loaded, encoder, items) -> None
 
 def test_padding_does_not_move_the_answer(tiny_loaded, encoder, items) -> None:
     scorer = Scorer(tiny_loaded[0], encoder)
-    batch = collate([encoder.encode(it) for it in items], encoder.pad_id, encoder.image_token_id)
+    batch = collate([encoder.encode(it) for it in items], encoder.pad_id)
     extra = 37
     padded = dataclasses.replace(
         batch,
@@ -128,7 +128,7 @@ def test_shared_question_prefix_for_option_orders_is_exact(tiny_loaded, encoder,
     assert shared.shape == (len(its), 4, 4)
     for v, order in enumerate(orders):
         perm = [it.permuted(order) for it in its]
-        alone = scorer.logprobs(collate([encoder.encode(p) for p in perm], encoder.pad_id, encoder.image_token_id))
+        alone = scorer.logprobs(collate([encoder.encode(p) for p in perm], encoder.pad_id))
         # alone[:, j] is the option shown at letter j = original option order[j]
         torch.testing.assert_close(shared[:, v, list(order)], alone, atol=1e-5, rtol=0)
 
@@ -138,7 +138,7 @@ def test_batched_vision_attention_equals_per_image_loop(tiny_loaded) -> None:
     from PIL import Image
 
     from mcvqa.kernels import VISION_ATTENTION
-    from mcvqa.model import core_and_head
+    from mcvqa.families import core_and_head
 
     model, processor = tiny_loaded
     core = core_and_head(model)[0]
@@ -163,14 +163,14 @@ def test_compiled_blocks_score_like_eager(cfg_factory, encoder, items, scope) ->
     fast and isolates tracing (the GPU's inductor kernels are checked by bench/gpu_bench.py --compile)."""
     from mcvqa.model import load_model
     from mcvqa.kernels import compile_blocks
-    from mcvqa.model import core_and_head
+    from mcvqa.families import core_and_head
 
     model, _ = load_model(cfg_factory().model)  # compile works in place: not the shared session model
     exs = _long_short(encoder, items)
-    batch = collate(exs, encoder.pad_id, encoder.image_token_id)
+    batch = collate(exs, encoder.pad_id)
     before = Scorer(model, encoder).logprobs(batch)
     assert compile_blocks(core_and_head(model)[0], scope, backend="eager") > 0
     after = Scorer(model, encoder).logprobs(batch)
-    shorter = Scorer(model, encoder).logprobs(collate(exs[:3], encoder.pad_id, encoder.image_token_id))  # another shape
+    shorter = Scorer(model, encoder).logprobs(collate(exs[:3], encoder.pad_id))  # another shape
     torch.testing.assert_close(after, before, atol=1e-5, rtol=0)
     torch.testing.assert_close(shorter, before[:3], atol=1e-4, rtol=0)

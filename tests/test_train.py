@@ -80,14 +80,14 @@ def test_answer_loss_equals_masked_label_loss(cfg_factory, tiny_loaded, encoder,
     exs = [encoder.encode(it) for it in items]
     module = AnswerLoss(model, encoder.prefix_ids, letters.target, shared_prefix="cache")
     with torch.no_grad():
-        ours, _ = module(collate(exs, encoder.pad_id, encoder.image_token_id))
+        ours, _ = module(collate(exs, encoder.pad_id))
         ref = []
         for ex in exs:
             ids = torch.tensor([encoder.prefix_ids + ex.suffix_ids + [letters.target[ex.label]]])
             labels = torch.full_like(ids, -100)
             labels[0, -1] = ids[0, -1]
             out = model(
-                input_ids=ids, labels=labels, pixel_values=ex.pixel_values, image_grid_thw=ex.image_grid_thw[None],
+                input_ids=ids, labels=labels, pixel_values=ex.vision["pixel_values"], image_grid_thw=ex.vision["image_grid_thw"],
                 mm_token_type_ids=(ids == encoder.image_token_id).int(),
             )
             ref.append(out.loss)
@@ -111,7 +111,7 @@ def test_shared_prefix_step_equals_plain_step(cfg_factory, data, checkpointing, 
     for shared in (mode, "off"):
         model.zero_grad(set_to_none=True)
         module = AnswerLoss(model, enc.prefix_ids, letters.target, shared_prefix=shared)
-        batch = collate(exs, enc.pad_id, enc.image_token_id, enc.prefix_ids if shared == "off" else None)
+        batch = collate(exs, enc.pad_id, enc.prefix_ids if shared == "off" else None)
         loss, _ = module(batch)
         loss.backward()
         grads[shared != "off"] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})

@@ -148,11 +148,9 @@ def tiny(
     """Build a tiny model locally (real architecture classes, random weights) and save it in Hugging Face format."""
     from dataclasses import replace
 
-    from mcvqa import families
-    from mcvqa.tiny import LikeSpec, TinySpec, build_tiny_like
+    from mcvqa.tiny import LikeSpec, TinySpec, build_tiny, build_tiny_like
 
     sizes = {k: v for k, v in {"hidden_size": hidden, "num_hidden_layers": layers, "vision_depth": vision_depth}.items() if v is not None}
-    family = families.for_arch(arch or "qwen3_vl")
     if like is not None:
         if arch is not None:
             import json as _json
@@ -162,7 +160,7 @@ def tiny(
                 raise McvqaError(f"--like {like} is a {model_type} checkpoint, not --arch {arch}")
         path = build_tiny_like(like, out, replace(LikeSpec(seed=seed), **sizes))
     else:
-        path = family.build_tiny(out, replace(TinySpec(vocab_size=vocab, seed=seed), **sizes), arch or "qwen3_vl")
+        path = build_tiny(out, replace(TinySpec(vocab_size=vocab, seed=seed), **sizes), arch or "qwen3_vl")
     typer.echo(str(path))
 
 

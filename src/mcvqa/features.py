@@ -61,14 +61,6 @@ class Example:
     def suffix_ids(self) -> list[int]:
         return self.image_ids + self.question_ids + self.option_ids
 
-    @property
-    def pixel_values(self) -> torch.Tensor:
-        return self.vision["pixel_values"]
-
-    @property
-    def image_grid_thw(self) -> torch.Tensor:
-        return self.vision["image_grid_thw"][0]
-
 
 @dataclass
 class OrderedExample:
@@ -114,14 +106,6 @@ class Batch:
     prefix_len: int = 0
     """Tokens of the shared prefix included at the start of every row (0: the prefix comes from a cache)."""
     bad_images: list[str | None] = field(default_factory=list)
-
-    @property
-    def pixel_values(self) -> torch.Tensor:
-        return self.vision["pixel_values"]
-
-    @property
-    def image_grid_thw(self) -> torch.Tensor:
-        return self.vision["image_grid_thw"]
 
     def to(self, device: torch.device | str) -> Batch:
         def mv(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -211,7 +195,7 @@ class Encoder:
         return self.family.encode_image(self.processor, image)
 
     def collate(self, examples: Sequence[Example], with_prefix: bool = False) -> Batch:
-        return collate(examples, self.pad_id, None, self.prefix_ids if with_prefix else None, self.family.vision_pad)
+        return collate(examples, self.pad_id, self.prefix_ids if with_prefix else None, self.family.vision_pad)
 
     def image_len(self) -> int:
         """Tokens of one letterboxed image (every letterboxed image has the same count)."""
@@ -295,9 +279,9 @@ def token_lengths(items: Sequence[Item], encoder: Encoder) -> list[int]:
     return out
 
 
-def collate(examples: Sequence[Example], pad_id: int, image_token_id: int | None = None, prefix_ids: Sequence[int] | None = None, vision_pad: dict[str, float] | None = None) -> Batch:
+def collate(examples: Sequence[Example], pad_id: int, prefix_ids: Sequence[int] | None = None, vision_pad: dict[str, float] | None = None) -> Batch:
     """Right-pad examples into a batch. With ``prefix_ids`` every row starts with the prefix (the uncached path).
-    (``image_token_id`` is unused: each example carries its image tokens' types; kept for callers' signatures.)"""
+    Each example carries its image tokens' multimodal types, so no image token id is needed here."""
     prefix = list(prefix_ids or [])
     rows = [prefix + ex.suffix_ids for ex in examples]
     width = max(len(r) for r in rows)
@@ -349,7 +333,7 @@ class Collator:
         self.vision_pad = encoder.family.vision_pad
 
     def __call__(self, examples: Sequence[Example]) -> Batch:
-        return collate(examples, self.pad_id, self.image_token_id, self.prefix_ids, self.vision_pad)
+        return collate(examples, self.pad_id, self.prefix_ids, self.vision_pad)
 
 
 def resolve_num_workers(requested: int) -> int:

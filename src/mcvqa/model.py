@@ -22,13 +22,9 @@ from mcvqa import families, kernels
 from mcvqa.compat import require_family
 from mcvqa.config import LoraConfig, ModelConfig, environment
 from mcvqa.errors import ModelError
-from mcvqa.families import Family, unwrap  # noqa: F401  (re-exported: model access is the families')
-from mcvqa.families.qwen_vl import QwenVL
+from mcvqa.families import Family, core_and_head
 
 log = logging.getLogger(__name__)
-
-VISION_LORA_TARGETS = list(QwenVL.vision_lora_targets)
-SKIP_QUANT = list(QwenVL.skip_quant)
 
 
 def resolve_device(cfg: ModelConfig) -> torch.device:
@@ -124,7 +120,7 @@ def _check_remote_code(cfg: ModelConfig, path: Path | None) -> None:
         log.warning("%s ships Python files; they are ignored (trust_remote_code is off)", path)
 
 
-def quantization_config(cfg: ModelConfig, compute_dtype: torch.dtype, family: Family | None = None) -> Any | None:
+def quantization_config(cfg: ModelConfig, compute_dtype: torch.dtype, family: Family) -> Any | None:
     if cfg.quant == "none":
         return None
     if importlib.util.find_spec("bitsandbytes") is None:
@@ -134,7 +130,7 @@ def quantization_config(cfg: ModelConfig, compute_dtype: torch.dtype, family: Fa
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     from transformers import BitsAndBytesConfig
 
-    skip = list((family or QwenVL()).skip_quant)
+    skip = list(family.skip_quant)
     if cfg.quant == "nf4":
         return BitsAndBytesConfig(
             load_in_4bit=True,
@@ -383,8 +379,7 @@ def load_adapter(model: Any, adapter: str | Path, trainable: bool = False) -> An
     return peft_model
 
 
-def lora_targets(cfg: LoraConfig, family: Family | None = None) -> list[str]:
-    family = family or QwenVL()
+def lora_targets(cfg: LoraConfig, family: Family) -> list[str]:
     text = list(cfg.target_modules) + [t for t in family.extra_lora_targets if t not in cfg.target_modules]
     return text + (list(family.vision_lora_targets) if cfg.vision else [])
 
@@ -422,16 +417,3 @@ def _quiet_peft() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         yield
-
-
-# ------------------------------------------------------------------------------------------ model access
-
-
-def core_and_head(model: Any) -> tuple[Any, torch.nn.Module]:
-    """(the model inside ``...ForConditionalGeneration``, its output head), as its family reaches them."""
-    return families.for_model(model).core_and_head(model)
-
-
-def decoder_layers(model: Any) -> list[torch.nn.Module]:
-    family = families.for_model(model)
-    return family.decoder_layers(family.core_and_head(model)[0])

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from mcvqa import families
-from mcvqa.config import LETTERS, Config
+from mcvqa.config import Config
 from mcvqa.data import Dataset, read_csv
 from mcvqa.engine import JOURNAL, Engine, Journal, Scored, ScoreStats, _file_identity, fingerprint, score_items_generate
 from mcvqa.errors import McvqaError
@@ -60,11 +60,10 @@ def build_scorer(cfg: Config, adapter: str | Path | None = None, model: Any = No
     encoder = Encoder(processor, load_prompt(cfg.prompt.name), cfg.image, families.for_model(model))
     if cfg.predict.compile != "off":
         from mcvqa.kernels import compile_blocks
-        from mcvqa.model import core_and_head
+        from mcvqa.families import core_and_head
 
         compile_blocks(core_and_head(model)[0], cfg.predict.compile)
     return Scorer(model, encoder, prefix_cache=cfg.predict.prefix_cache)
-
 
 
 def _stage_summary(

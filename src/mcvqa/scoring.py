@@ -28,7 +28,6 @@ from mcvqa.errors import ModelError
 from mcvqa.features import Batch, Encoder, OrderedExample, cat_vision
 from mcvqa import families
 from mcvqa.families import Family
-from mcvqa.model import decoder_layers
 
 # ------------------------------------------------------------------------------------------ letter tokens
 
@@ -85,7 +84,7 @@ def letter_logprobs(letter_logits: torch.Tensor, letters: LetterTokens) -> torch
 
 def allow_prefix_cache_under_checkpointing(model: Any) -> None:
     """Tell transformers our cache is read-only, so checkpointed layers may keep it (see module doc)."""
-    for layer in decoder_layers(model):
+    for layer in families.decoder_layers(model):
         layer._can_checkpoint_with_cache = True
 
 
@@ -198,16 +197,14 @@ class PrefixKV:
     length: int
 
 
-def mrope_positions(core: Any, input_ids: torch.Tensor, mm_token_type_ids: torch.Tensor, image_grid_thw: torch.Tensor | None, offset: int) -> torch.Tensor:
-    """Qwen-VL's (4, B, S) positions (see :meth:`mcvqa.families.qwen_vl.QwenVL.positions`)."""
-    from mcvqa.families.qwen_vl import QwenVL
-
-    return QwenVL().positions(core, input_ids, mm_token_type_ids, {} if image_grid_thw is None else {"image_grid_thw": image_grid_thw}, offset)
+def _family(model: Any, family: Family | None) -> Family:
+    """The caller's family (looked up once, at load), or the model's for a one-off call."""
+    return family if family is not None else families.for_model(model)
 
 
-def compute_prefix(model: Any, prefix_ids: Sequence[int], device: torch.device | str | None = None) -> PrefixKV:
+def compute_prefix(model: Any, prefix_ids: Sequence[int], device: torch.device | str | None = None, family: Family | None = None) -> PrefixKV:
     """Run the shared prefix once (batch 1). Differentiable when grad is enabled (training)."""
-    family = families.for_model(model)
+    family = _family(model, family)
     core, _ = family.core_and_head(model)
     device = device or next(core.parameters()).device
     ids = torch.tensor([list(prefix_ids)], dtype=torch.long, device=device)
@@ -236,7 +233,7 @@ def _forward(family: Family, core: Any, input_ids: torch.Tensor, mm: torch.Tenso
     return out.last_hidden_state
 
 
-def answer_hidden(model: Any, batch: Batch, prefix: PrefixKV | None = None) -> torch.Tensor:
+def answer_hidden(model: Any, batch: Batch, prefix: PrefixKV | None = None, family: Family | None = None) -> torch.Tensor:
     """Final hidden state (after the last norm) at each row's answer position: (B, hidden).
 
     ``batch`` holds the suffix only when ``prefix`` is given, or the whole sequence (``batch.prefix_len`` > 0).
@@ -244,7 +241,7 @@ def answer_hidden(model: Any, batch: Batch, prefix: PrefixKV | None = None) -> t
     from seeing a pad, and leaving the mask out lets SDPA take its fused causal kernels (families that need
     their own masks, Gemma 4's, build them from the positions).
     """
-    family = families.for_model(model)
+    family = _family(model, family)
     core, _ = family.core_and_head(model)
     if prefix is not None and batch.prefix_len:
         raise ValueError("batch already contains the prefix")
@@ -255,7 +252,7 @@ def answer_hidden(model: Any, batch: Batch, prefix: PrefixKV | None = None) -> t
     return hidden[rows, batch.lengths.to(hidden.device) - 1]
 
 
-def packed_answer_hidden(model: Any, batch: Batch, prefix_ids: Sequence[int]) -> torch.Tensor:
+def packed_answer_hidden(model: Any, batch: Batch, prefix_ids: Sequence[int], family: Family | None = None) -> torch.Tensor:
     """Like :func:`answer_hidden` with a shared prefix, but prefix and every row go through ONE forward pass.
 
     The batch is packed into a single sequence ``[prefix, row 1, row 2, ...]`` (padding dropped) with a
@@ -264,9 +261,9 @@ def packed_answer_hidden(model: Any, batch: Batch, prefix_ids: Sequence[int]) ->
     for 4-bit weights, dequantised once per matrix product. Exact: same keys, queries and positions.
     Families whose layers ignore masks (``Family.packed`` False) run the cached-prefix forward instead.
     """
-    family = families.for_model(model)
+    family = _family(model, family)
     if not family.packed:
-        return answer_hidden(model, batch, compute_prefix(model, prefix_ids, batch.input_ids.device))
+        return answer_hidden(model, batch, compute_prefix(model, prefix_ids, batch.input_ids.device, family), family)
     core, _ = family.core_and_head(model)
     device = batch.input_ids.device
     p = len(prefix_ids)
@@ -322,7 +319,7 @@ class Scorer:
     def prefix(self) -> PrefixKV:
         if self._prefix is None:
             with torch.no_grad():
-                self._prefix = compute_prefix(self.model, self.encoder.prefix_ids, self.device)
+                self._prefix = compute_prefix(self.model, self.encoder.prefix_ids, self.device, self.family)
         return self._prefix
 
     def logprobs(self, batch: Batch, grad: bool = False, prefix_grad: bool = True) -> torch.Tensor:
@@ -334,10 +331,10 @@ class Scorer:
         batch = batch.to(self.device)
         with torch.set_grad_enabled(grad):
             if self.use_prefix_cache and not batch.prefix_len:
-                prefix = self.prefix() if not (grad and prefix_grad) else compute_prefix(self.model, self.encoder.prefix_ids, self.device)
-                hidden = answer_hidden(self.model, batch, prefix)
+                prefix = self.prefix() if not (grad and prefix_grad) else compute_prefix(self.model, self.encoder.prefix_ids, self.device, self.family)
+                hidden = answer_hidden(self.model, batch, prefix, self.family)
             else:
-                hidden = answer_hidden(self.model, batch, None)
+                hidden = answer_hidden(self.model, batch, None, self.family)
             return letter_logprobs(head_rows(self.head, hidden, self.letters.all_ids, self.family), self.letters)
 
     def logprobs_orders(self, examples: Sequence[OrderedExample], grad: bool = False) -> torch.Tensor:
@@ -353,8 +350,8 @@ class Scorer:
             lp = self.logprobs(self.encoder.collate(flat, with_prefix=self.with_prefix_in_batch), grad=grad).view(len(examples), v, 4)
         else:
             with torch.set_grad_enabled(grad):
-                prefix = self.prefix() if not grad else compute_prefix(self.model, self.encoder.prefix_ids, self.device)
-                lp = shared_prefix_logprobs(self.model, self.encoder, examples, prefix, self.letters, self.head, self.device)
+                prefix = self.prefix() if not grad else compute_prefix(self.model, self.encoder.prefix_ids, self.device, self.family)
+                lp = shared_prefix_logprobs(self.model, self.encoder, examples, prefix, self.letters, self.head, self.device, self.family)
         out = torch.empty_like(lp)
         for b, ex in enumerate(examples):
             for v, order in enumerate(ex.orders):
@@ -375,6 +372,7 @@ def shared_prefix_logprobs(
     letters: LetterTokens,
     head: torch.nn.Module,
     device: torch.device,
+    family: Family | None = None,
 ) -> torch.Tensor:
     """(B, V, 4) letter log-probs by displayed letter, for V option segments per question (see logprobs_orders).
 
@@ -387,7 +385,7 @@ def shared_prefix_logprobs(
     Kept as one function on purpose (83 lines): rows, positions and mask describe one packed forward and are only
     checkable together (``test_shared_question_prefix_for_option_orders_is_exact``).
     """
-    family = families.for_model(model)
+    family = _family(model, family)
     core, _ = family.core_and_head(model)
     B, V = len(examples), len(examples[0].option_variants)
     if any(len(ex.option_variants) != V for ex in examples):
@@ -485,7 +483,7 @@ def score_generate(model: Any, encoder: Encoder, batch: Batch, max_new_tokens: i
     """
     if len(batch) != 1 or not batch.prefix_len:
         raise ValueError("generate scoring takes one question at a time, prefix included")
-    family = families.for_model(model)
+    family = _family(model, None)  # one question per call: the lookup is nothing beside a generate
     core, _ = family.core_and_head(model)
     device = next(core.parameters()).device
     batch = batch.to(device)

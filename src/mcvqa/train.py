@@ -125,18 +125,19 @@ class AnswerLoss(torch.nn.Module):
         device = model.get_input_embeddings().weight.device
         self.register_buffer("target_ids", torch.tensor(list(target_ids), dtype=torch.long, device=device), persistent=False)
         self.shared_prefix = shared_prefix
+        self.family = families.for_model(model)  # once: the forward runs every step
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean loss, (B, V) logits at the answer position)."""
-        family = families.for_model(self.model)
+        family = self.family
         _, head = family.core_and_head(self.model)
         device = batch.input_ids.device
         if batch.prefix_len or self.shared_prefix == "off":
-            hidden = answer_hidden(self.model, batch, None)
+            hidden = answer_hidden(self.model, batch, None, family)
         elif self.shared_prefix == "packed":
-            hidden = packed_answer_hidden(self.model, batch, self.prefix_ids)
+            hidden = packed_answer_hidden(self.model, batch, self.prefix_ids, family)
         else:
-            hidden = answer_hidden(self.model, batch, compute_prefix(self.model, self.prefix_ids, device))
+            hidden = answer_hidden(self.model, batch, compute_prefix(self.model, self.prefix_ids, device, family), family)
         logits = family.head_logits(head, hidden).float()
         assert batch.labels is not None
         loss = F.cross_entropy(logits, self.target_ids.to(device)[batch.labels.to(device)])

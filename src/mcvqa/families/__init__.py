@@ -1,7 +1,8 @@
 """Model families: one module each, one interface (:class:`~mcvqa.families.base.Family`).
 
 ``for_model`` / ``for_config`` pick by ``config.model_type``; ``for_processor`` by the processor (the Encoder
-has no model). Anything else that ``AutoModelForImageTextToText`` loads gets the base :class:`Family`: the
+has no model). Model access (``unwrap``, ``core_and_head``, ``decoder_layers``) lives here too: only the families
+know where a family keeps its language model and head. Anything else that ``AutoModelForImageTextToText`` loads gets the base :class:`Family`: the
 plain, uncached path, and a line at load time saying so.
 """
 
@@ -19,10 +20,6 @@ from mcvqa.families.qwen_vl import QwenVL
 FAMILIES: tuple[type[Family], ...] = (Qwen35, QwenVL, Gemma4, InternVL, LlavaOneVision)
 """First-class families, most specific first (Qwen3.5 shares Qwen3-VL's processor)."""
 
-ARCHS = ("qwen3_vl", "qwen2_5_vl", "qwen3_5", "gemma4", "internvl", "llava_onevision")
-"""``mcvqa tiny --arch`` choices (``config.model_type`` values)."""
-
-
 def for_config(config: Any) -> Family:
     model_type = getattr(config, "model_type", None)
     for cls in FAMILIES:
@@ -31,17 +28,18 @@ def for_config(config: Any) -> Family:
     return Family(config)
 
 
-def for_arch(arch: str) -> Family:
-    """The family of a ``config.model_type`` named on the command line (``mcvqa tiny --arch``)."""
-    from mcvqa.errors import ConfigError
-
-    if arch not in ARCHS:
-        raise ConfigError(f"--arch {arch!r}: choose one of {', '.join(ARCHS)}")
-    return next(cls() for cls in FAMILIES if arch in cls.model_types)
-
-
 def for_model(model: Any) -> Family:
     return for_config(getattr(unwrap(model), "config", None))
+
+
+def core_and_head(model: Any) -> tuple[Any, Any]:
+    """(the model inside ``...ForConditionalGeneration``, its output head), as its family reaches them."""
+    return for_model(model).core_and_head(model)
+
+
+def decoder_layers(model: Any) -> list[Any]:
+    family = for_model(model)
+    return family.decoder_layers(family.core_and_head(model)[0])
 
 
 def for_processor(processor: Any) -> Family:
@@ -64,4 +62,4 @@ def _qwen3_5_vocabulary(processor: Any) -> bool:
         return False
 
 
-__all__ = ["ARCHS", "FAMILIES", "Family", "for_arch", "for_config", "for_model", "for_processor", "unwrap"]
+__all__ = ["FAMILIES", "Family", "core_and_head", "decoder_layers", "for_config", "for_model", "for_processor", "unwrap"]

@@ -23,8 +23,6 @@ import torch.nn.functional as F
 
 from mcvqa.errors import ModelError
 
-TEXT_LORA = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
 
 def unwrap(model: Any) -> Any:
     """The transformers model inside a peft wrapper (LoRA layers are injected in place, so they still run). Model
@@ -156,11 +154,7 @@ class Family:
             return F.linear(hidden.to(weight.dtype), weight[idx], bias)
         return head(hidden)[:, list(token_ids)]
 
-    # -- tiny models --------------------------------------------------------------------------------------
-
-    def build_tiny(self, out: Any, spec: Any, arch: str) -> Any:
-        """A tiny model of ``arch`` built here (tokenizer trained locally, the family's real processor classes)."""
-        raise ModelError(f"no local tiny builder for {arch}; pass --like DIR (a checkpoint folder's non-weight files)")
+    # -- toy sizes (mcvqa.tiny builds with them) ------------------------------------------------------------
 
     def shrink_text(self, text: Any, spec: Any) -> None:
         text.hidden_size = spec.hidden_size

@@ -12,7 +12,7 @@ import torch
 from mcvqa.engine import Scored
 from mcvqa.errors import McvqaError
 from mcvqa.features import Example, Loaded
-from mcvqa.model import core_and_head
+from mcvqa.families import core_and_head
 from mcvqa.scoring import Scorer, entropy
 from mcvqa.tta.views import ADAPT_VIEWS, select_confident, view_examples
 
