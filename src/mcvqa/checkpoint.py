@@ -15,6 +15,7 @@ import json
 import random
 import shutil
 from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,33 @@ from mcvqa.errors import McvqaError
 from mcvqa.io import Staged, atomic_write_json, disk_error, disk_problem, replace_dir
 from mcvqa.families import unwrap
 from mcvqa.plotting import plot_loss
+
+
+@dataclass
+class TrainState:
+    """Where a run stands, saved with every checkpoint (``trainer_state.json``) so ``--resume`` continues exactly."""
+
+    global_step: int = 0
+    """Optimiser steps taken."""
+    epoch: int = 0
+    """Epochs completed."""
+    micro_in_epoch: int = 0
+    """Micro-batches of the current epoch already trained on: the data position a resume starts from."""
+    best: dict[str, Any] | None = None
+    """The best validation so far (epoch, step, accuracy, nll, ece), or None."""
+    history: list[dict[str, Any]] = field(default_factory=list)
+    """One entry per epoch: train loss and validation metrics."""
+    losses: list[list[float]] = field(default_factory=list)
+    """[step, loss] per optimiser step (loss.png)."""
+    scaler: dict[str, Any] | None = None
+    """fp16 loss scaler state (``torch.amp.GradScaler.state_dict``); None in bf16 and fp32."""
+    skipped_steps: int = 0
+    """fp16 steps the scaler skipped (inf/NaN gradients): they do not advance the schedule."""
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TrainState:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
@@ -53,7 +81,7 @@ def _set_rng_state(plain: dict[str, Any], tensors: dict[str, torch.Tensor]) -> N
         torch.cuda.set_rng_state_all(cuda)
 
 
-def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: Any, scheduler: Any, state: dict[str, Any]) -> None:
+def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: Any, scheduler: Any, state: TrainState) -> None:
     """Trainable weights (safetensors), optimizer, scheduler, RNG and progress; written to a temp dir, then renamed."""
     from safetensors.torch import save_file
 
@@ -66,11 +94,11 @@ def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: Any, schedule
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         plain, tensors = _rng_state()
         save_file(tensors, str(tmp / "rng.safetensors"))
-        atomic_write_json(tmp / "trainer_state.json", {**state, "rng": plain})
+        atomic_write_json(tmp / "trainer_state.json", {**asdict(state), "rng": plain})
     replace_dir(tmp, path)
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: Any, scheduler: Any) -> dict[str, Any]:
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: Any, scheduler: Any) -> TrainState:
     from safetensors.torch import load_file
 
     from mcvqa.errors import ModelError
@@ -91,9 +119,14 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: Any, schedule
     # weights_only: our own files, loaded without unpickling arbitrary objects.
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True))
-    state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
-    _set_rng_state(state.pop("rng"), load_file(str(path / "rng.safetensors")))
+    state = read_state(path)
+    _set_rng_state(json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))["rng"], load_file(str(path / "rng.safetensors")))
     return state
+
+
+def read_state(path: Path) -> TrainState:
+    """A checkpoint's progress alone (nothing loaded into a model)."""
+    return TrainState.from_json(json.loads((path / "trainer_state.json").read_text(encoding="utf-8")))
 
 
 def latest_checkpoint(out: Path) -> Path | None:
@@ -135,25 +168,25 @@ def _cleaned_on_failure(tmp: Path, path: Path) -> Iterator[None]:
         raise
 
 
-def publish(out: Path, model: Any, processor: Any, cfg: Config, method: str, state: dict[str, Any], summary: dict[str, Any]) -> None:
+def publish(out: Path, model: Any, processor: Any, cfg: Config, method: str, state: TrainState, summary: dict[str, Any]) -> None:
     """The run's outputs, all at once at the end: last/, best/, metrics.json, loss.png.
 
     Everything is written under temporary names first; only when all of it is on disk are the names given.
     A full disk on the way leaves no final-named output and the checkpoints intact, so ``--resume`` finishes
     once there is space.
     """
-    last_tmp = save_model(out / "last", model, processor, cfg, method, {"history": state["history"]}, publish=False)
+    last_tmp = save_model(out / "last", model, processor, cfg, method, {"history": state.history}, publish=False)
     kept_best = out / "checkpoints" / "best"
     best_src = kept_best
     staged = Staged()
     try:
-        if state["best"] is None or not kept_best.exists():  # no validation: the last weights are the best we know
+        if state.best is None or not kept_best.exists():  # no validation: the last weights are the best we know
             best_src = out / "best.tmp"
             shutil.rmtree(best_src, ignore_errors=True)
             with _cleaned_on_failure(best_src, out / "best"):
                 shutil.copytree(last_tmp, best_src)
         staged.json(out / "metrics.json", summary)
-        staged.file(out / "loss.png", lambda p: plot_loss(state["losses"], state["history"], p))
+        staged.file(out / "loss.png", lambda p: plot_loss(state.losses, state.history, p))
     except BaseException:
         staged.discard()
         shutil.rmtree(last_tmp, ignore_errors=True)
@@ -165,11 +198,11 @@ def publish(out: Path, model: Any, processor: Any, cfg: Config, method: str, sta
     staged.commit()
 
 
-def checkpoint(accelerator: Any, out: Path, loss_module: Any, optimizer: Any, scheduler: Any, state: dict[str, Any], keep: int) -> None:
+def checkpoint(accelerator: Any, out: Path, loss_module: Any, optimizer: Any, scheduler: Any, state: TrainState, keep: int) -> None:
     """A resumable checkpoint of this step (main process), the oldest ones beyond ``keep`` removed."""
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        path = out / "checkpoints" / f"step_{state['global_step']:07d}"
+        path = out / "checkpoints" / f"step_{state.global_step:07d}"
         save_checkpoint(path, accelerator.unwrap_model(loss_module), optimizer, scheduler, state)
         for old in sorted((out / "checkpoints").glob("step_*[0-9]"))[: -max(1, keep)]:
             shutil.rmtree(old, ignore_errors=True)

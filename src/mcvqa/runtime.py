@@ -1,17 +1,20 @@
 """Process-wide runtime: where this process stands among the others of a launch.
 
-Read once, used by every command: ``predict`` shards its batches with it, ``train`` and ``tune`` learn their rank
-from it. The launcher's environment variables come from :func:`mcvqa.config.environment`.
+The one place that reads it: ``predict`` shards its batches with :func:`distributed`, ``train`` takes its rank and
+world from it (beside the ``Accelerator`` that wraps its model: both read the same process group), and ``tune``'s
+workers are placed by :func:`independent_worker`. The launcher's environment variables come from
+:func:`mcvqa.config.environment`.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from mcvqa.config import environment
+from mcvqa.config import LAUNCHER_VARIABLES, environment
 
 
 @dataclass
@@ -49,3 +52,24 @@ def distributed() -> Dist:
 
     state = PartialState(cpu=not torch.cuda.is_available())
     return Dist(state.process_index, state.num_processes)
+
+
+@dataclass(frozen=True)
+class Worker:
+    """One of several independent processes of a launch (no process group between them)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    """Index of this process's GPU on its machine."""
+
+
+def independent_worker() -> Worker:
+    """This process's place under a launcher, for workers that must not form a process group (``tune``'s trials are
+    different models): the launcher's variables are cleared, so nothing below this call joins a group."""
+    env = environment()
+    if env.world_size <= 1:
+        return Worker()
+    for key in LAUNCHER_VARIABLES:
+        os.environ.pop(key, None)
+    return Worker(env.rank, env.world_size, env.local_rank)

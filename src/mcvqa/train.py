@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from mcvqa.checkpoint import checkpoint, latest_checkpoint, load_checkpoint, publish, save_model
+from mcvqa.checkpoint import TrainState, checkpoint, latest_checkpoint, load_checkpoint, publish, read_state, save_model
 from mcvqa import families
 from mcvqa.compat import enable_checkpointing
 from mcvqa.config import Config, environment
@@ -45,6 +45,7 @@ from mcvqa.features import Batch, Collator, Encoder, Example, resolve_num_worker
 from mcvqa.io import atomic_write_json, atomic_write_text, recover_dir
 from mcvqa.families import unwrap
 from mcvqa.prompts import load_prompt
+from mcvqa.runtime import Dist, distributed
 from mcvqa.scoring import (
     Scorer,
     allow_prefix_cache_under_checkpointing,
@@ -352,6 +353,8 @@ class Run:
     cfg: Config
     out: Path
     accelerator: Any
+    dist: Dist
+    """This process's rank and the world (:mod:`mcvqa.runtime`)."""
     processor: Any
     encoder: Encoder
     dataset: TrainDataset
@@ -366,7 +369,7 @@ class Run:
     scaler: Any
     """``torch.amp.GradScaler``: loss scaling for fp16 (off, a pass-through, in bf16 and fp32)."""
     plan: Plan
-    state: dict[str, Any]
+    state: TrainState
     num_workers: int
     progress: bool
     log_fn: Callable[[str], None]
@@ -377,7 +380,7 @@ class Run:
 
     @property
     def main(self) -> bool:
-        return bool(self.accelerator.is_main_process)
+        return self.dist.main
 
     @property
     def model(self) -> Any:
@@ -435,10 +438,11 @@ def train_split(
         raise McvqaError("every training row needs an answer")
     # Weights load in bf16/fp16 on GPUs; LoRA parameters stay fp32 and the autocast in the step mixes them.
     accelerator = Accelerator(cpu=_on_cpu(cfg))
-    plan = Plan.of(len(items), cfg.train, accelerator.num_processes)
+    dist = distributed()  # the same process group the accelerator joined
+    plan = Plan.of(len(items), cfg.train, dist.world)
     if ckpt is not None and (done := _already_finished(out, ckpt, plan, log_fn)) is not None:
         return done  # before any model is loaded
-    run = setup(cfg, items, list(val_items), out, accelerator, plan, ckpt, progress=progress, log_fn=log_fn)
+    run = setup(cfg, items, list(val_items), out, accelerator, dist, plan, ckpt, progress=progress, log_fn=log_fn)
     if fit(run, on_epoch_end):
         return finish(run)
     return _result(run, finished=False)
@@ -449,19 +453,19 @@ def _on_cpu(cfg: Config) -> bool:
 
 
 def _already_finished(out: Path, ckpt: Path, plan: Plan, log_fn: Callable[[str], None]) -> TrainResult | None:
-    state = json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))
-    if state["global_step"] < plan.total_steps or not (out / "metrics.json").exists() or not (out / "last").exists():
+    state = read_state(ckpt)
+    if state.global_step < plan.total_steps or not (out / "metrics.json").exists() or not (out / "last").exists():
         return None
-    log_fn(f"{out}: training already finished (step {state['global_step']} of {plan.total_steps}); nothing to resume")
+    log_fn(f"{out}: training already finished (step {state.global_step} of {plan.total_steps}); nothing to resume")
     saved = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     return TrainResult(
         out, out / "best", saved.get("best") or {}, saved.get("history", []), float(saved.get("seconds") or 0.0),
-        float(saved.get("samples_per_second") or 0.0), state["global_step"],
+        float(saved.get("samples_per_second") or 0.0), state.global_step,
     )
 
 
 def setup(
-    cfg: Config, items: list[Item], val_items: list[Item], out: Path, accelerator: Any, plan: Plan, ckpt: Path | None,
+    cfg: Config, items: list[Item], val_items: list[Item], out: Path, accelerator: Any, dist: Dist, plan: Plan, ckpt: Path | None,
     *, progress: bool, log_fn: Callable[[str], None],
 ) -> Run:
     """Seed, model, data, loss, optimiser, schedule, trackers; the checkpoint's state restored when resuming."""
@@ -474,7 +478,7 @@ def setup(
     if local.is_dir() and str(local.resolve()) != cfg.model.name_or_path:
         # The adapter remembers its base model: a relative path would only resolve from today's working folder.
         cfg.model.name_or_path = str(local.resolve())
-        if accelerator.is_main_process:
+        if dist.main:
             log_fn(f"base model {cfg.model.name_or_path} (stored in the adapter as an absolute path)")
     model, processor = build_model(cfg, log_fn)
     encoder = Encoder(processor, load_prompt(cfg.prompt.name), cfg.image, families.for_model(model))
@@ -495,19 +499,19 @@ def setup(
     if not cpu and autocast_dtype is None:
         autocast_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     scaler = fp16_scaler(loss_module, accelerator.device.type, autocast_dtype)
-    state: dict[str, Any] = {"global_step": 0, "epoch": 0, "micro_in_epoch": 0, "best": None, "history": [], "losses": []}
+    state = TrainState()
     if ckpt is not None:
         state = load_checkpoint(ckpt, accelerator.unwrap_model(loss_module), optimizer, scheduler)
-        if state.get("scaler") and scaler.is_enabled():
-            scaler.load_state_dict(state["scaler"])
-        log_fn(f"resumed from {ckpt} (step {state['global_step']}, epoch {state['epoch']})")
-    if accelerator.is_main_process:
+        if state.scaler and scaler.is_enabled():
+            scaler.load_state_dict(state.scaler)
+        log_fn(f"resumed from {ckpt} (step {state.global_step}, epoch {state.epoch})")
+    if dist.main:
         cfg.dump(out / "config.yaml")
     return Run(
-        cfg=cfg, out=out, accelerator=accelerator, processor=processor, encoder=encoder,
+        cfg=cfg, out=out, accelerator=accelerator, dist=dist, processor=processor, encoder=encoder,
         dataset=TrainDataset(items, encoder, tc.option_shuffle, tc.seed), collator=Collator(encoder, with_prefix=shared == "off"),
         lengths=token_lengths(items, encoder), val_items=val_items, loss_module=loss_module, optimizer=optimizer,
-        scheduler=scheduler, trackers=Trackers(tc.report_to, out, cfg, enabled=accelerator.is_main_process),
+        scheduler=scheduler, trackers=Trackers(tc.report_to, out, cfg, enabled=dist.main),
         autocast_dtype=autocast_dtype, scaler=scaler, plan=plan, state=state,
         # Decoding 8 photos and running the image processor takes ~0.1 s of one core per batch; in the main
         # process it would sit between launch-bound QLoRA steps of ~1.1 s on an H100 (BENCHMARKS.md).
@@ -519,14 +523,14 @@ def fit(run: Run, on_epoch_end: Callable[[int, dict[str, Any]], None] | None = N
     """Epochs until the schedule ends; True when it did, False when ``train.stop_after_steps`` ended this
     invocation first (a checkpoint holds where it stopped)."""
     tc, state = run.cfg.train, run.state
-    stop_at = state["global_step"] + tc.stop_after_steps if tc.stop_after_steps else None
-    bar = tqdm(total=run.plan.total_steps, initial=state["global_step"], desc="training", unit="step", disable=not run.progress or not run.main, dynamic_ncols=True)
+    stop_at = state.global_step + tc.stop_after_steps if tc.stop_after_steps else None
+    bar = tqdm(total=run.plan.total_steps, initial=state.global_step, desc="training", unit="step", disable=not run.progress or not run.main, dynamic_ncols=True)
     run.loss_module.train()
     try:
-        while state["global_step"] < run.plan.total_steps and state["epoch"] < math.ceil(tc.epochs):
+        while state.global_step < run.plan.total_steps and state.epoch < math.ceil(tc.epochs):
             if not train_epoch(run, bar, stop_at):
                 checkpoint(run.accelerator, run.out, run.loss_module, run.optimizer, run.scheduler, state, tc.save_total_limit)
-                run.log_fn(f"stopped after {tc.stop_after_steps} steps at step {state['global_step']} of {run.plan.total_steps} (train.stop_after_steps); --resume continues")
+                run.log_fn(f"stopped after {tc.stop_after_steps} steps at step {state.global_step} of {run.plan.total_steps} (train.stop_after_steps); --resume continues")
                 return False
             end_epoch(run, on_epoch_end)
     finally:
@@ -537,7 +541,7 @@ def fit(run: Run, on_epoch_end: Callable[[int, dict[str, Any]], None] | None = N
 def epoch_loader(run: Run, epoch: int) -> tuple[list[list[int]], torch.utils.data.DataLoader]:
     """This process's batches of ``epoch`` and a loader from where the epoch stands (resume)."""
     tc = run.cfg.train
-    world, rank = run.accelerator.num_processes, run.accelerator.process_index
+    world, rank = run.dist.world, run.dist.rank
     run.dataset.epoch = epoch
     batches = epoch_batches(run.lengths, tc.batch_size, tc.seed, epoch, tc.group_by_length)
     batches = batches[: len(batches) // world * world][rank::world]
@@ -546,7 +550,7 @@ def epoch_loader(run: Run, epoch: int) -> tuple[list[list[int]], torch.utils.dat
         batches = batches[: max(1, round(len(batches) * (tc.epochs - epoch)))]
     loader = torch.utils.data.DataLoader(
         run.dataset,
-        batch_sampler=batches[run.state["micro_in_epoch"] :],
+        batch_sampler=batches[run.state.micro_in_epoch :],
         collate_fn=run.collator,
         num_workers=run.num_workers,
         pin_memory=run.accelerator.device.type != "cpu",
@@ -561,10 +565,10 @@ def train_epoch(run: Run, bar: Any, stop_at: int | None) -> bool:
     """The micro-batches of the current epoch, an optimiser step every ``grad_accum``. False when ``stop_at``
     was reached (the epoch is unfinished), True when the epoch or the whole schedule ended."""
     tc, state, acc = run.cfg.train, run.state, run.accelerator
-    batches, loader = epoch_loader(run, state["epoch"])
+    batches, loader = epoch_loader(run, state.epoch)
     running: list[float] = []
     for batch in loader:
-        micro = state["micro_in_epoch"]
+        micro = state.micro_in_epoch
         last_micro = (micro + 1) % tc.grad_accum == 0 or micro + 1 == len(batches)
         with acc.no_sync(run.loss_module) if not last_micro else contextlib.nullcontext():
             with torch.autocast(device_type=acc.device.type, dtype=run.autocast_dtype, enabled=run.autocast_dtype is not None):
@@ -574,16 +578,16 @@ def train_epoch(run: Run, bar: Any, stop_at: int | None) -> bool:
             acc.backward(run.scaler.scale(loss / max(1, group)))
         running.append(float(loss.detach()))
         run.samples_seen += len(batch)
-        state["micro_in_epoch"] = micro + 1
+        state.micro_in_epoch = micro + 1
         if not last_micro:
             continue
         optimizer_step(run, sum(running) / len(running), bar)
         running = []
-        if tc.checkpoint_every_steps and state["global_step"] % tc.checkpoint_every_steps == 0 and micro + 1 < len(batches):
+        if tc.checkpoint_every_steps and state.global_step % tc.checkpoint_every_steps == 0 and micro + 1 < len(batches):
             checkpoint(acc, run.out, run.loss_module, run.optimizer, run.scheduler, state, tc.save_total_limit)
-        if state["global_step"] >= run.plan.total_steps:
+        if state.global_step >= run.plan.total_steps:
             return True
-        if stop_at is not None and state["global_step"] >= stop_at:
+        if stop_at is not None and state.global_step >= stop_at:
             return False
     return True
 
@@ -601,57 +605,57 @@ def optimizer_step(run: Run, step_loss: float, bar: Any) -> None:
     scaler.step(run.optimizer)
     scaler.update()
     if scaler.is_enabled():
-        state["scaler"] = scaler.state_dict()
+        state.scaler = scaler.state_dict()
         if scaler.get_scale() < scale:
-            state["skipped_steps"] = state.get("skipped_steps", 0) + 1
+            state.skipped_steps += 1
     if not (scaler.is_enabled() and scaler.get_scale() < scale):
         run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    state["global_step"] += 1
+    state.global_step += 1
     run.marks.append((time.perf_counter(), run.samples_seen))
-    state["losses"].append([state["global_step"], step_loss])
+    state.losses.append([state.global_step, step_loss])
     lr = run.scheduler.get_last_lr()[0]
     bar.update(1)
     bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
-    if state["global_step"] % tc.log_every == 0:
-        run.trackers.log({"train/loss": step_loss, "train/lr": lr}, state["global_step"])
+    if state.global_step % tc.log_every == 0:
+        run.trackers.log({"train/loss": step_loss, "train/lr": lr}, state.global_step)
 
 
 def end_epoch(run: Run, on_epoch_end: Callable[[int, dict[str, Any]], None] | None) -> None:
     """Validate with predict's scorer, keep the best adapter, log, checkpoint."""
     tc, state = run.cfg.train, run.state
-    epoch = state["epoch"] + 1
-    state["epoch"], state["micro_in_epoch"] = epoch, 0
-    entry: dict[str, Any] = {"epoch": epoch, "step": state["global_step"], "train_loss": _mean_tail(state["losses"], run.plan.steps_per_epoch)}
+    epoch = state.epoch + 1
+    state.epoch, state.micro_in_epoch = epoch, 0
+    entry: dict[str, Any] = {"epoch": epoch, "step": state.global_step, "train_loss": _mean_tail(state.losses, run.plan.steps_per_epoch)}
     line = f"epoch {epoch}: train loss {entry['train_loss']:.4f} (cross-entropy over the vocabulary)"
     if tc.eval_every == "epoch" and run.val_items and run.main:
         m = evaluate_split(run.model, run.encoder, run.val_items, run.cfg.predict.batch_size, run.progress)
         run.loss_module.train()
         entry.update({"val_accuracy": m["accuracy"], "val_nll": m["nll"], "val_ece": m["ece"]})
-        run.trackers.log({"val/accuracy": m["accuracy"], "val/nll": m["nll"]}, state["global_step"])
+        run.trackers.log({"val/accuracy": m["accuracy"], "val/nll": m["nll"]}, state.global_step)
         line += f"  val accuracy {m['accuracy']:.4f}  val nll {m['nll']:.4f} (over a-d)"
-        if _is_better(m, state["best"]):
-            state["best"] = {"epoch": epoch, "step": state["global_step"], "accuracy": m["accuracy"], "nll": m["nll"], "ece": m["ece"]}
+        if _is_better(m, state.best):
+            state.best = {"epoch": epoch, "step": state.global_step, "accuracy": m["accuracy"], "nll": m["nll"], "ece": m["ece"]}
             # Kept beside the checkpoints until the run succeeds: best/ appears with the run's other outputs.
-            save_model(run.out / "checkpoints" / "best", run.model, run.processor, run.cfg, tc.method, {"best": state["best"], "metrics": m})
+            save_model(run.out / "checkpoints" / "best", run.model, run.processor, run.cfg, tc.method, {"best": state.best, "metrics": m})
         if on_epoch_end is not None:
             on_epoch_end(epoch, m)
     if run.main:
         run.log_fn(line)
-    state["history"].append(entry)
+    state.history.append(entry)
     checkpoint(run.accelerator, run.out, run.loss_module, run.optimizer, run.scheduler, state, tc.save_total_limit)
 
 
 def finish(run: Run) -> TrainResult:
     """last/, best/, metrics.json and loss.png, published together (main process); trackers closed."""
     seconds = time.perf_counter() - run.started
-    world = run.accelerator.num_processes
+    world = run.dist.world
     if run.main:
         summary = {
-            "best": run.state["best"],
-            "history": run.state["history"],
-            "losses": run.state["losses"],
-            "steps": run.state["global_step"],
+            "best": run.state.best,
+            "history": run.state.history,
+            "losses": run.state.losses,
+            "steps": run.state.global_step,
             "seconds": round(seconds, 2),
             "samples_per_second": round(run.samples_seen * world / seconds, 3) if seconds > 0 else None,
             "steady_samples_per_second": _steady_rate(run.marks, world),
@@ -669,11 +673,11 @@ def _result(run: Run, finished: bool) -> TrainResult:
     return TrainResult(
         out=run.out,
         best=run.out / "best" if finished else None,
-        best_metrics=run.state["best"] or {},
-        history=run.state["history"],
+        best_metrics=run.state.best or {},
+        history=run.state.history,
         seconds=seconds,
-        samples_per_second=run.samples_seen * run.accelerator.num_processes / seconds if seconds > 0 else 0.0,
-        steps=run.state["global_step"],
+        samples_per_second=run.samples_seen * run.dist.world / seconds if seconds > 0 else 0.0,
+        steps=run.state.global_step,
         finished=finished,
     )
 

@@ -123,25 +123,20 @@ def apply(cfg: Config, params: dict[str, Any]) -> Config:
 def _independent_worker(base: Config, opts: TuneOptions) -> tuple[Config, TuneOptions]:
     """Under ``accelerate launch``, each process is an independent worker on the shared study, one per GPU.
 
-    Trials must not form a process group (they are different models), so the launcher's variables are
-    cleared after pinning this process to its GPU; each worker's sampler gets its own seed.
+    Trials must not form a process group (they are different models): the runtime clears the launcher's variables
+    and this process is pinned to its GPU; each worker's sampler gets its own seed.
     """
-    import os
-
     import torch
 
-    from mcvqa.config import LAUNCHER_VARIABLES, environment
+    from mcvqa.runtime import independent_worker
 
-    env = environment()
-    if env.world_size <= 1:
+    worker = independent_worker()
+    if worker.world <= 1:
         return base, opts
-    rank, local = env.rank, env.local_rank
     if torch.cuda.is_available() and base.model.device == "auto":
-        torch.cuda.set_device(local)
-        base = apply(base, {"model.device": f"cuda:{local}"})
-    for key in LAUNCHER_VARIABLES:
-        os.environ.pop(key, None)
-    return base, dataclasses.replace(opts, seed=opts.seed + rank)
+        torch.cuda.set_device(worker.local_rank)
+        base = apply(base, {"model.device": f"cuda:{worker.local_rank}"})
+    return base, dataclasses.replace(opts, seed=opts.seed + worker.rank)
 
 
 def score(m: dict[str, Any]) -> float:
