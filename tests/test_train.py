@@ -64,7 +64,7 @@ def test_answer_loss_keeps_its_buffers_on_the_model_device(tiny_loaded, encoder)
 
 
 def test_steady_rate_skips_the_first_steps() -> None:
-    from mcvqa.train import _steady_rate
+    from mcvqa.train.loop import _steady_rate
 
     marks = [(10.0, 8), (11.0, 16), (12.0, 24), (12.5, 32), (13.0, 40), (13.5, 48)]  # 3 slow steps, then 0.5 s each
     assert _steady_rate(marks, world=1) == pytest.approx(16 / 1.0)

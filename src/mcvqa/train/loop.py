@@ -1,4 +1,4 @@
-"""``mcvqa train``: LoRA / QLoRA (or full-parameter) training on the answer letter only.
+"""One training run: LoRA / QLoRA (or full-parameter) training on the answer letter only.
 
 Reads top to bottom as :func:`setup` -> :func:`fit` (for each epoch, :func:`train_epoch`: micro-batches ->
 accumulate -> :func:`optimizer_step`; then :func:`end_epoch`: evaluate with the same scorer as ``predict`` -> keep
@@ -19,10 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import math
-import os
-import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -31,286 +28,23 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from mcvqa.checkpoint import TrainState, checkpoint, latest_checkpoint, load_checkpoint, publish, read_state, save_model
 from mcvqa import families
-from mcvqa.compat import enable_checkpointing
-from mcvqa.config import Config, environment
-from mcvqa.data import Dataset, Item, kfold_splits, read_csv, stratified_split
+from mcvqa.config import Config
+from mcvqa.data import Dataset, Item
 from mcvqa.errors import McvqaError
 from mcvqa.evaluate import metrics
-from mcvqa.features import Batch, Collator, Encoder, Example, resolve_num_workers, token_lengths
-from mcvqa.io import atomic_write_json, atomic_write_text, recover_dir
-from mcvqa.families import unwrap
+from mcvqa.features import Collator, Encoder, resolve_num_workers, token_lengths
+from mcvqa.io import recover_dir
 from mcvqa.prompts import load_prompt
 from mcvqa.runtime import Dist, distributed
-from mcvqa.scoring import (
-    Scorer,
-    allow_prefix_cache_under_checkpointing,
-    answer_hidden,
-    compute_prefix,
-    letter_tokens,
-    packed_answer_hidden,
-)
-
-log = logging.getLogger(__name__)
-
-
-# ------------------------------------------------------------------------------------------ data
-
-
-class TrainDataset(torch.utils.data.Dataset):
-    """Items encoded on demand, with an optional per-epoch option shuffle that is a pure function of
-    (seed, epoch, index) - the same whichever worker or resumed process draws it."""
-
-    def __init__(self, items: Sequence[Item], encoder: Encoder, shuffle_options: bool, seed: int) -> None:
-        self.items = list(items)
-        self.encoder = encoder
-        self.shuffle_options = shuffle_options
-        self.seed = seed
-        self.epoch = 0
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def item(self, i: int) -> Item:
-        it = self.items[i]
-        if self.shuffle_options:
-            rng = random.Random(f"{self.seed}/{self.epoch}/{i}")
-            order = list(range(4))
-            rng.shuffle(order)
-            it = it.permuted(order)
-        return it
-
-    def __getitem__(self, i: int) -> Example:
-        return self.encoder.encode(self.item(i))
-
-
-def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int, group_by_length: bool) -> list[list[int]]:
-    """The epoch's batches: shuffled; with grouping, sorted by length inside chunks of 64 batches and the
-    batch order shuffled again, so padding shrinks while the data order stays random."""
-    rng = random.Random(seed * 1_000_003 + epoch)
-    idx = list(range(len(lengths)))
-    rng.shuffle(idx)
-    if group_by_length:
-        mega = batch_size * 64
-        idx = [j for s in range(0, len(idx), mega) for j in sorted(idx[s : s + mega], key=lambda j: -lengths[j])]
-    batches = [idx[s : s + batch_size] for s in range(0, len(idx), batch_size)]
-    if group_by_length:
-        rng.shuffle(batches)
-    return batches
-
-
-PACKED_MAX_IMAGE_TOKENS = 1024
-"""Above this many tokens per image, ``train.shared_prefix: auto`` runs the cached prefix instead of packing rows."""
-
-# ------------------------------------------------------------------------------------------ loss module
-
-
-class AnswerLoss(torch.nn.Module):
-    """The training forward as one module, so DDP/FSDP wrap it and see every parameter it uses.
-
-    ``shared_prefix``: ``packed`` (prefix + rows in one pass, see ``scoring.packed_answer_hidden``),
-    ``cache`` (prefix pass, then rows reading its keys/values) or ``off`` (batch rows carry the prefix).
-    """
-
-    def __init__(self, model: Any, prefix_ids: Sequence[int], target_ids: Sequence[int], shared_prefix: str = "packed") -> None:
-        super().__init__()
-        if shared_prefix not in ("packed", "cache", "off"):
-            raise ValueError(f"shared_prefix must be packed, cache or off, got {shared_prefix!r}")
-        self.model = model
-        self.prefix_ids = list(prefix_ids)
-        # On the model's device: DDP broadcasts every buffer at wrap time, and NCCL has no CPU backend.
-        device = model.get_input_embeddings().weight.device
-        self.register_buffer("target_ids", torch.tensor(list(target_ids), dtype=torch.long, device=device), persistent=False)
-        self.shared_prefix = shared_prefix
-        self.family = families.for_model(model)  # once: the forward runs every step
-
-    def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean loss, (B, V) logits at the answer position)."""
-        family = self.family
-        _, head = family.core_and_head(self.model)
-        device = batch.input_ids.device
-        if batch.prefix_len or self.shared_prefix == "off":
-            hidden = answer_hidden(self.model, batch, None, family)
-        elif self.shared_prefix == "packed":
-            hidden = packed_answer_hidden(self.model, batch, self.prefix_ids, family)
-        else:
-            hidden = answer_hidden(self.model, batch, compute_prefix(self.model, self.prefix_ids, device, family), family)
-        logits = family.head_logits(head, hidden).float()
-        assert batch.labels is not None
-        loss = F.cross_entropy(logits, self.target_ids.to(device)[batch.labels.to(device)])
-        return loss, logits
-
-
-# ------------------------------------------------------------------------------------------ setup
-
-
-def build_model(cfg: Config, log_fn: Callable[[str], None] | None = None) -> tuple[Any, Any]:
-    """Model + processor ready to train: LoRA attached (QLoRA with nf4) or every weight trainable.
-
-    ``model.backend: auto`` is transformers + peft; Unsloth only when asked for (and said so), never because it
-    happens to be installed.
-    """
-    from mcvqa.model import attach_lora, load_model
-
-    if cfg.model.backend == "unsloth" and cfg.train.method == "lora":
-        if not _unsloth_available():
-            raise McvqaError("model.backend=unsloth needs a CUDA GPU and the unsloth package; use model.backend=peft")
-        if log_fn is not None:
-            log_fn("backend: Unsloth (model.backend=unsloth)")
-        return _build_unsloth(cfg)
-    model, processor = load_model(cfg.model)
-    if cfg.train.method == "lora":
-        model = attach_lora(model, cfg.lora)
-    else:
-        for p in model.parameters():
-            p.requires_grad_(True)
-    if cfg.train.gradient_checkpointing:
-        enable_checkpointing(unwrap(model), cfg.train.checkpoint_every_n_layers)
-        if cfg.train.method == "lora":
-            # Non-reentrant checkpointing needs no grad on the inputs, but peft models expect it set up.
-            unwrap(model).enable_input_require_grads()
-    allow_prefix_cache_under_checkpointing(model)
-    return model, processor
-
-
-def _unsloth_available() -> bool:
-    import importlib.util
-
-    return torch.cuda.is_available() and importlib.util.find_spec("unsloth") is not None
-
-
-def _build_unsloth(cfg: Config) -> tuple[Any, Any]:  # pragma: no cover - needs a GPU and unsloth
-    """The reference's backend: Unsloth's model (its 4-bit load, patched layers and offloaded checkpointing) and its
-    LoRA with the recipe's settings; mcvqa's data, prompt, answer-only loss, validation and checkpoints on top.
-
-    Unsloth asks to be imported before transformers so its patches apply everywhere; a command line has imported
-    transformers by now, which Unsloth says in a warning. The patches the model needs are applied when it loads.
-    """
-    import unsloth  # noqa: F401
-    from unsloth import FastVisionModel
-
-    from mcvqa import kernels
-    from mcvqa.model import load_processor, resolve_device, resolve_dtype, resolve_source
-
-    name, local_only = resolve_source(cfg.model.name_or_path)
-    device = resolve_device(cfg.model)
-    checkpointing = "unsloth" if cfg.train.gradient_checkpointing else False
-    model, _ = FastVisionModel.from_pretrained(
-        name,
-        dtype=resolve_dtype(cfg.model, device),
-        load_in_4bit=cfg.model.quant == "nf4",
-        load_in_8bit=cfg.model.quant == "int8",
-        device_map={"": str(device)},
-        use_gradient_checkpointing=checkpointing,
-        trust_remote_code=cfg.model.trust_remote_code,
-        random_state=cfg.train.seed,
-    )
-    model = FastVisionModel.get_peft_model(
-        model,
-        finetune_vision_layers=cfg.lora.vision,
-        finetune_language_layers=True,
-        finetune_attention_modules=True,
-        finetune_mlp_modules=True,
-        r=cfg.lora.r,
-        lora_alpha=cfg.lora.alpha,
-        lora_dropout=cfg.lora.dropout,
-        use_rslora=cfg.lora.use_rslora,
-        use_gradient_checkpointing=checkpointing,
-        random_state=cfg.train.seed,
-    )
-    FastVisionModel.for_training(model)
-    if cfg.model.attn_implementation == "sdpa":
-        kernels.use_causal_attention(families.for_model(model).core_and_head(model)[0])
-    allow_prefix_cache_under_checkpointing(model)
-    return model, load_processor(name, cfg.model.trust_remote_code, local_only)
-
-
-def fp16_scaler(module: torch.nn.Module, device_type: str, autocast_dtype: torch.dtype | None) -> Any:
-    """Loss scaling for fp16 training (GPUs without bf16: T4, V100): the loss is multiplied before the backward so
-    small gradients do not flush to zero in fp16 activations, unscaled before clipping, and a step whose gradients
-    overflowed is skipped. The trained weights must be fp32 for that (peft keeps LoRA weights in fp32 over a
-    half-precision base); fp16 trainable weights would lose small updates to rounding, so they are refused."""
-    fp16 = autocast_dtype == torch.float16
-    if fp16:
-        half = [n for n, p in module.named_parameters() if p.requires_grad and p.dtype == torch.float16]
-        if half:
-            raise McvqaError(
-                f"fp16 training needs fp32 trainable weights, but {half[0]} (and {len(half) - 1} more) are fp16; "
-                "train LoRA (train.method: lora), or load the weights in fp32 or bf16 (--set model.dtype=fp32)"
-            )
-    return torch.amp.GradScaler(device_type, enabled=fp16)
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim < 2 or "norm" in name.lower() or name.endswith(".bias") else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    return groups
-
-
-def make_scheduler(optimizer: torch.optim.Optimizer, kind: str, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
-    from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
-
-    if kind == "cosine":
-        return get_cosine_schedule_with_warmup(optimizer, warmup, total)
-    if kind == "linear":
-        return get_linear_schedule_with_warmup(optimizer, warmup, total)
-    return get_constant_schedule_with_warmup(optimizer, warmup)
-
-
-# ------------------------------------------------------------------------------------------ trackers
-
-
-class Trackers:
-    """TensorBoard and/or Weights & Biases, behind one ``log`` call (rank 0 only)."""
-
-    def __init__(self, report_to: Sequence[str], out: Path, cfg: Config, enabled: bool) -> None:
-        self.tb = None
-        self.wandb = None
-        if not enabled:
-            return
-        if "tensorboard" in report_to:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(log_dir=str(out / "logs"))
-            except ImportError:
-                log.warning("tensorboard is not installed; not logging to it")
-        if "wandb" in report_to:
-            try:
-                import wandb
-
-                env = environment()
-                if not env.wandb_configured:
-                    os.environ["WANDB_MODE"] = "offline"  # no key: log locally, `wandb sync` later
-                self.wandb = wandb.init(project=env.wandb_project, dir=str(out), config=cfg.to_dict(), reinit=True)
-            except ImportError:
-                log.warning("wandb is not installed (pip install 'mcvqa[wandb]'); not logging to it")
-
-    def log(self, values: dict[str, float], step: int) -> None:
-        if self.tb is not None:
-            for k, v in values.items():
-                self.tb.add_scalar(k, v, step)
-        if self.wandb is not None:
-            self.wandb.log(values, step=step)
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-        if self.wandb is not None:
-            self.wandb.finish()
-
-
-# ------------------------------------------------------------------------------------------ the loop
+from mcvqa.scoring import Scorer, letter_tokens
+from mcvqa.train.build import build_model, fp16_scaler, make_scheduler, param_groups
+from mcvqa.train.data import TrainDataset, epoch_batches
+from mcvqa.train.loss import PACKED_MAX_IMAGE_TOKENS, AnswerLoss
+from mcvqa.train.trackers import Trackers
 
 
 @dataclass
@@ -694,50 +428,3 @@ def _steady_rate(marks: list[tuple[float, int]], world: int, skip: int = 3) -> f
         return None
     (t0, n0), (t1, n1) = marks[skip], marks[-1]
     return round((n1 - n0) * world / (t1 - t0), 3) if t1 > t0 else None
-
-
-def train(
-    cfg: Config,
-    data: str | Path,
-    out: str | Path,
-    *,
-    val_data: str | Path | None = None,
-    resume: bool = False,
-    progress: bool = True,
-    log_fn: Callable[[str], None] = print,
-) -> TrainResult:
-    """``mcvqa train``: split (or K-fold) the labelled CSV, train, keep the best adapter."""
-    out = Path(out)
-    ds = read_csv(data, require_answer=True, cfg=cfg.data)
-    if cfg.train.kfold:
-        return train_kfold(cfg, ds, out, resume=resume, progress=progress, log_fn=log_fn)
-    if val_data is not None:
-        train_ds, val_ds = ds, read_csv(val_data, require_answer=True, cfg=cfg.data)
-    elif cfg.train.eval_every == "never":
-        train_ds, val_ds = ds, ds.subset([])
-    else:
-        train_ds, val_ds = stratified_split(ds, cfg.data.val_fraction, cfg.data.split_seed)
-    log_fn(f"training on {len(train_ds)} questions, validating on {len(val_ds)}")
-    return train_split(cfg, train_ds, val_ds.items, out, resume=resume, progress=progress, log_fn=log_fn)
-
-
-def train_kfold(cfg: Config, ds: Dataset, out: Path, *, resume: bool, progress: bool, log_fn: Callable[[str], None]) -> TrainResult:
-    """K models on K stratified folds; reports mean +- std of the best validation accuracy per fold."""
-    folds = kfold_splits(ds, cfg.train.kfold, cfg.data.split_seed)
-    results = []
-    t0 = time.perf_counter()
-    for k, (tr, va) in enumerate(folds):
-        fold_out = out / f"fold_{k}"
-        if (fold_out / "metrics.json").exists() and resume:
-            saved = json.loads((fold_out / "metrics.json").read_text(encoding="utf-8"))
-            results.append({"fold": k, **(saved.get("best") or {})})
-            continue
-        log_fn(f"fold {k + 1}/{len(folds)}: {len(tr)} train, {len(va)} validation")
-        r = train_split(cfg, tr, va.items, fold_out, resume=resume, progress=progress, log_fn=log_fn)
-        results.append({"fold": k, **r.best_metrics})
-    accs = np.array([r["accuracy"] for r in results])
-    summary = {"folds": results, "accuracy_mean": float(accs.mean()), "accuracy_std": float(accs.std(ddof=1)) if len(accs) > 1 else 0.0}
-    atomic_write_json(out / "kfold.json", summary)
-    atomic_write_text(out / "kfold.txt", f"{cfg.train.kfold}-fold accuracy {summary['accuracy_mean']:.4f} +- {summary['accuracy_std']:.4f}\n")
-    log_fn(f"{cfg.train.kfold}-fold validation accuracy: {summary['accuracy_mean']:.4f} +- {summary['accuracy_std']:.4f}")
-    return TrainResult(out, None, {"accuracy": summary["accuracy_mean"], "accuracy_std": summary["accuracy_std"]}, [], time.perf_counter() - t0, 0.0, 0, folds=results)

@@ -1,0 +1,54 @@
+"""The training forward as one module: the answer letter's cross-entropy at the answer position, the shared prefix
+packed, cached or repeated."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from mcvqa import families
+from mcvqa.features import Batch
+from mcvqa.scoring import answer_hidden, compute_prefix, packed_answer_hidden
+
+
+PACKED_MAX_IMAGE_TOKENS = 1024
+"""Above this many tokens per image, ``train.shared_prefix: auto`` runs the cached prefix instead of packing rows."""
+
+
+class AnswerLoss(torch.nn.Module):
+    """The training forward as one module, so DDP/FSDP wrap it and see every parameter it uses.
+
+    ``shared_prefix``: ``packed`` (prefix + rows in one pass, see ``scoring.packed_answer_hidden``),
+    ``cache`` (prefix pass, then rows reading its keys/values) or ``off`` (batch rows carry the prefix).
+    """
+
+    def __init__(self, model: Any, prefix_ids: Sequence[int], target_ids: Sequence[int], shared_prefix: str = "packed") -> None:
+        super().__init__()
+        if shared_prefix not in ("packed", "cache", "off"):
+            raise ValueError(f"shared_prefix must be packed, cache or off, got {shared_prefix!r}")
+        self.model = model
+        self.prefix_ids = list(prefix_ids)
+        # On the model's device: DDP broadcasts every buffer at wrap time, and NCCL has no CPU backend.
+        device = model.get_input_embeddings().weight.device
+        self.register_buffer("target_ids", torch.tensor(list(target_ids), dtype=torch.long, device=device), persistent=False)
+        self.shared_prefix = shared_prefix
+        self.family = families.for_model(model)  # once: the forward runs every step
+
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean loss, (B, V) logits at the answer position)."""
+        family = self.family
+        _, head = family.core_and_head(self.model)
+        device = batch.input_ids.device
+        if batch.prefix_len or self.shared_prefix == "off":
+            hidden = answer_hidden(self.model, batch, None, family)
+        elif self.shared_prefix == "packed":
+            hidden = packed_answer_hidden(self.model, batch, self.prefix_ids, family)
+        else:
+            hidden = answer_hidden(self.model, batch, compute_prefix(self.model, self.prefix_ids, device, family), family)
+        logits = family.head_logits(head, hidden).float()
+        assert batch.labels is not None
+        loss = F.cross_entropy(logits, self.target_ids.to(device)[batch.labels.to(device)])
+        return loss, logits
