@@ -20,7 +20,7 @@ from mcvqa.errors import McvqaError
 
 app = typer.Typer(
     name="mcvqa",
-    help="Multiple-choice VQA with Qwen-VL: synthetic data, a tiny local model, prediction, training, evaluation.",
+    help="Multiple-choice VQA with vision-language models (Qwen3-VL, Qwen3.5, Gemma 4, InternVL, LLaVA-OneVision): synthetic data, tiny local models, training, prediction, test-time methods, evaluation.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

@@ -301,7 +301,7 @@ class TTAConfig:
     def __post_init__(self) -> None:
         if "best" in self.methods:
             # What the README's evaluation table supports: best or tied-best accuracy wherever the model reads
-            # the options, and the largest fix for a letter-biased model; ~6x plain scoring on a GPU.
+            # the options, and the largest fix for a letter-biased model (its GPU cost: BENCHMARKS.md, test-time methods).
             self.methods = list(dict.fromkeys(m for name in self.methods for m in (BEST_TTA if name == "best" else [name])))
         for m in self.methods:
             _choice("tta.methods", m, ("orders", "pride", "views", "blend", "tent", "sar", "tpt", "zero"))

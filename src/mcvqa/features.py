@@ -338,10 +338,10 @@ class Collator:
 
 def resolve_num_workers(requested: int) -> int:
     """``-1`` (auto): on a GPU, decode images in up to 4 worker processes (per process under a launcher).
-    Decoding, letterboxing and the image processor take ~12 ms per 720x540 photo on one core (BENCHMARKS.md):
-    in predict's main process that would sit between GPU batches of ~17 ms per question and cost ~40% of
-    the throughput; in training it would sit between launch-bound QLoRA steps. On CPU, 0: workers would
-    compete with the model for the same cores."""
+    Decoding, letterboxing and the image processor of one photo cost a sizeable fraction of a GPU batch's time
+    (BENCHMARKS.md, "CPU: preparing one question"): in the main process that time would sit between GPU batches
+    (predict) or between launch-bound QLoRA steps (train). On CPU, 0: workers would compete with the model for
+    the same cores."""
     if requested >= 0:
         return requested
     if not torch.cuda.is_available():

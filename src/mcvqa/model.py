@@ -1,4 +1,4 @@
-"""Loading Qwen-VL checkpoints and adapters. The only module that calls transformers/peft loaders.
+"""Loading vision-language checkpoints (any family: :mod:`mcvqa.families`) and adapters. The only module that calls transformers/peft loaders.
 
 Safety: weights load from safetensors only (``use_safetensors=True``; pickle ``.bin`` checkpoints and
 adapters are refused), ``trust_remote_code`` stays off unless the config enables it explicitly.
@@ -390,7 +390,7 @@ def attach_lora(model: Any, cfg: LoraConfig) -> Any:
     from peft import get_peft_model
 
     # No prepare_model_for_kbit_training: it upcasts every frozen non-quantised weight (embeddings, head,
-    # norms: ~5 GB for an 8B model) to fp32, which bf16 training does not need. get_peft_model freezes the base.
+    # norms: gigabytes for an 8B model) to fp32, which bf16 training does not need. get_peft_model freezes the base.
     family = families.for_model(model)
     targets = lora_targets(cfg, family)
     if cfg.vision and family.vision_lora_targets:

@@ -381,7 +381,7 @@ def shared_prefix_logprobs(
     (never the other orders), and every segment's positions continue from the end of the question as if it came
     right after it: each segment is scored exactly as its permuted question alone would be. The image and the
     question go through the model once, their keys and values are never copied per order, and there is no
-    padding inside a row (BENCHMARKS.md: 4 orders cost 1.56x one order through the CLI on an H100, was 2.5x).
+    padding inside a row (the cost of 4 orders against one: BENCHMARKS.md, "End to end").
     Kept as one function on purpose (83 lines): rows, positions and mask describe one packed forward and are only
     checkable together (``test_shared_question_prefix_for_option_orders_is_exact``).
     """

@@ -218,10 +218,10 @@ def setup(
     encoder = Encoder(processor, load_prompt(cfg.prompt.name), cfg.image, families.for_model(model))
     shared = tc.shared_prefix
     if shared == "auto":
-        # Measured on an H100 (BENCHMARKS.md): packed wins with 4-bit weights (one dequantisation per layer
+        # Measured (BENCHMARKS.md, "Training step" and "Model families"): packed wins with 4-bit weights (one dequantisation per layer
         # pass), the cached prefix wins with bf16 weights and on CPU. Packing needs a mask over the whole packed
         # row, which keeps attention off its fused kernels: with thousands of image tokens a question
-        # (LLaVA-OneVision's AnyRes, ~3,700) that costs more than it saves (0.70 samples/s packed vs plain peft's 1.73).
+        # (LLaVA-OneVision's AnyRes) that costs more than it saves.
         fits = encoder.family.packed and encoder.image_len() <= PACKED_MAX_IMAGE_TOKENS
         shared = "packed" if cfg.model.quant != "none" and not cpu and fits else "cache"
     loss_module = AnswerLoss(model, encoder.prefix_ids, letter_tokens(processor.tokenizer).target, shared_prefix=shared)
@@ -247,8 +247,8 @@ def setup(
         lengths=token_lengths(items, encoder), val_items=val_items, loss_module=loss_module, optimizer=optimizer,
         scheduler=scheduler, trackers=Trackers(tc.report_to, out, cfg, enabled=dist.main),
         autocast_dtype=autocast_dtype, scaler=scaler, plan=plan, state=state,
-        # Decoding 8 photos and running the image processor takes ~0.1 s of one core per batch; in the main
-        # process it would sit between launch-bound QLoRA steps of ~1.1 s on an H100 (BENCHMARKS.md).
+        # Decoding a batch of photos and running the image processor would otherwise sit between launch-bound
+        # QLoRA steps (BENCHMARKS.md, "CPU: preparing one question").
         num_workers=resolve_num_workers(tc.num_workers), progress=progress, log_fn=log_fn,
     )
 
