@@ -79,7 +79,7 @@ def test_two_process_training_equals_one_process_with_double_accumulation(tiny_m
     assert a.keys() == b.keys()
     moved = 0
     for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4, msg=k)
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4, msg=lambda m: f"{k}: {m}")
         moved += int(a[k].abs().sum() > 0)
     assert moved > 0
 
