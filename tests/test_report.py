@@ -20,7 +20,11 @@ from mcvqa.report import question_type
         ("간판에 적힌 글자는 무엇인가요?", "text"),
         ("식탁 위에 있는 음식은 무엇인가요?", "food"),
         ("이 사진은 어디에서 찍었나요?", "place"),
-        ("이 사진에서 보이는 탈것은 무엇인가요?", "other"),
+        ("이 사진에서 보이는 탈것은 무엇인가요?", "vehicle"),
+        ("사진 속 강아지는 어떤 자세인가요?", "animal"),
+        ("남자가 들고 있는 것은?", "person"),
+        ("테이블 위의 물건은 무엇인가요?", "object"),
+        ("오늘 날씨가 좋아 보이나요?", "other"),
     ],
 )
 def test_question_types(question: str, kind: str) -> None:

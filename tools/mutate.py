@@ -27,15 +27,40 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def mutated_lines(text: str, new: str) -> list[int]:
+def mutated_lines(text: str, new: str, at: int | None = None) -> list[int]:
     """1-based line numbers of the first occurrence of ``new`` in ``text`` (the lines a mutation wrote), blank lines
-    and comments left out (coverage never marks them)."""
-    start = text.index(new)
-    first = text.count("\n", 0, start) + 1
-    lines = new.split("\n")
-    if new.endswith("\n"):
-        lines = lines[:-1]
-    return [first + i for i, line in enumerate(lines) if line.strip() and not line.strip().startswith("#")]
+    and comments left out (coverage never marks them). A deletion (``new`` empty) is the line it was cut from
+    (``at``: its offset). Each line is mapped to the first line of the statement that holds it: coverage reports a
+    statement spread over several lines (a call, a dict literal) under its first line only."""
+    if not new.strip():
+        lines = [text.count("\n", 0, at or 0) + 1]
+    else:
+        start = text.index(new)
+        first = text.count("\n", 0, start) + 1
+        parts = new.split("\n")
+        if new.endswith("\n"):
+            parts = parts[:-1]
+        lines = [first + i for i, line in enumerate(parts) if line.strip() and not line.strip().startswith("#")]
+    return sorted({_statement_start(text, n) for n in lines})
+
+
+def _statement_start(text: str, line: int) -> int:
+    """The first line of the innermost statement spanning ``line`` (the line itself if the file does not parse)."""
+    import ast
+
+    try:
+        tree = ast.parse(text)
+    except SyntaxError:
+        return line
+    best = None
+    for node in ast.walk(tree):
+        if isinstance(node, ast.stmt) and node.lineno <= line <= (node.end_lineno or node.lineno):
+            if best is None or (node.lineno, -(node.end_lineno or 0)) >= (best.lineno, -(best.end_lineno or 0)):
+                best = node
+    if best is None:
+        return line
+    # A compound statement's header is its own line; inside its body the innermost statement was chosen above.
+    return best.lineno
 
 
 def run_one(m: dict, python: str) -> dict:
@@ -45,7 +70,7 @@ def run_one(m: dict, python: str) -> dict:
         return {"name": m["name"], "result": "PATTERN NOT FOUND", "detail": m["old"][:80]}
     mutated = orig.replace(m["old"], m["new"], 1)
     f.write_text(mutated)
-    lines = mutated_lines(mutated, m["new"])
+    lines = mutated_lines(mutated, m["new"], orig.index(m["old"]))
     t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / ".coverage"

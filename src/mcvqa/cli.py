@@ -46,7 +46,7 @@ _flags_take_no_value()
 
 # ---------------------------------------------------------------------------------------------- shared options
 
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML recipe (see configs/). Flags and --set override it.")]
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML recipe: a file, or a shipped one by name (seed, seed_plus, demo, three_families; configs/ in the repository). Flags and --set override it.")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override any config field: --set lora.r=16 --set train.lr=2e-4")]
 ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="Model folder or Hub id (env MCVQA_MODEL).")]
 DataRootOpt = Annotated[Optional[Path], typer.Option("--data-root", help="Images must lie inside this folder (default: the CSV's folder; env MCVQA_DATA).")]
@@ -295,7 +295,7 @@ def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Where data/, models/ and runs/ of the demo go.")] = Path("."),
     train_rows: Annotated[int, typer.Option("--train", help="Synthetic training rows.")] = 3000,
     test_rows: Annotated[int, typer.Option("--test", help="Synthetic test rows.")] = 500,
-    config: ConfigOpt = Path("configs/demo.yaml"),
+    config: ConfigOpt = Path("demo"),
     quiet: QuietOpt = False,
 ) -> None:
     """The embedded default, end to end on CPU: synthetic data -> tiny Qwen3-VL -> train -> predict -> evaluate."""

@@ -536,6 +536,23 @@ def environment() -> Environment:
     )
 
 
+RECIPES = Path(__file__).resolve().parent / "recipes"
+"""The recipes shipped in the package (``configs/`` in the repository points here)."""
+
+
+def resolve_recipe(path: str | Path) -> Path:
+    """A recipe file: the path as given, else the shipped recipe of that name (``demo``, ``seed.yaml``, or
+    ``configs/demo.yaml`` typed outside the repository)."""
+    p = Path(path).expanduser()
+    if p.is_file():
+        return p
+    name = p.name if p.suffix in (".yaml", ".yml") else f"{p.name}.yaml"
+    if (RECIPES / name).is_file() and (len(p.parts) == 1 or p.parent.name == "configs"):
+        return RECIPES / name
+    shipped = ", ".join(sorted(x.stem for x in RECIPES.glob("*.yaml")))
+    raise ConfigError(f"{p}: config file not found (shipped recipes: {shipped})")
+
+
 def load_config(
     path: str | Path | None = None,
     overrides: list[str] | dict[str, dict[str, Any]] | None = None,
@@ -550,9 +567,7 @@ def load_config(
     for folder in inherit or []:
         raw = _merge(raw, inherited_settings(folder))
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"{p}: config file not found")
+        p = resolve_recipe(path)
         try:
             loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import random
+import re
+import unicodedata
 import warnings
-from typing import Any
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -82,13 +85,25 @@ class Dataset:
 
 
 def decode_csv_bytes(raw: bytes, file: Path) -> tuple[str, str]:
-    """Bytes -> text. UTF-8 (with or without BOM) first, then CP949 (the usual Korean Windows encoding).
+    """Bytes -> text. UTF-8 (with or without BOM) first, UTF-16 when it carries a byte-order mark or looks like it,
+    then CP949 (the usual Korean Windows encoding). A workbook or a binary file is refused in one line.
 
     A file whose lines mix the two (some rows pasted from another tool) is refused naming the first line
     that is not UTF-8, since any single decoding would silently garble some rows.
     """
+    if raw.startswith((b"PK\x03\x04", b"\xd0\xcf\x11\xe0")):
+        raise DataError(file, "is a spreadsheet workbook (.xlsx / .xls), not a CSV", fix="save it as CSV UTF-8 (File > Save As) and pass that")
     if raw.startswith(b"\xef\xbb\xbf"):
         raw = raw[3:]
+    utf16 = _utf16(raw)
+    if utf16 is not None:  # Excel's "Unicode Text", PowerShell's default: UTF-16 with (or without) a byte-order mark
+        try:
+            return raw.decode(utf16).lstrip("\ufeff"), utf16
+        except UnicodeDecodeError:
+            raise DataError(file, "looks like UTF-16 but does not decode as it", fix="re-save the file as UTF-8") from None
+    if b"\x00" in raw:
+        line = raw[: raw.index(b"\x00")].count(b"\n") + 1
+        raise DataError(file, f"contains NUL bytes (line {line}): not a text CSV", fix="re-save the file as CSV (UTF-8)")
     try:
         return raw.decode("utf-8"), "utf-8"
     except UnicodeDecodeError as e:
@@ -107,6 +122,22 @@ def decode_csv_bytes(raw: bytes, file: Path) -> tuple[str, str]:
     except UnicodeDecodeError:
         bad_line = raw[: utf8_error.start].count(b"\n") + 1
         raise DataError(file, f"is neither UTF-8 nor CP949 (line {bad_line})", fix="re-save the file as UTF-8") from None
+
+
+def _utf16(raw: bytes) -> str | None:
+    """``utf-16`` when the bytes carry a UTF-16 byte-order mark, ``utf-16-le``/``-be`` when every other byte of an
+    ASCII-heavy text is NUL (no mark), else None."""
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return "utf-16"
+    head = raw[:4000]
+    if len(head) >= 8 and len(head) % 2 == 0:
+        even, odd = head[0::2], head[1::2]
+        # ASCII characters (the header, ids, paths) put a NUL in every other byte; Hangul rarely does (U+AC00 once).
+        if odd.count(0) > 0.25 * len(odd) and even.count(0) < 0.05 * len(even):
+            return "utf-16-le"
+        if even.count(0) > 0.25 * len(even) and odd.count(0) < 0.05 * len(odd):
+            return "utf-16-be"
+    return None
 
 
 def _is_utf8_non_ascii(line: bytes) -> bool:
@@ -187,17 +218,23 @@ def read_csv(
     if not csv_path.resolve().parent.is_relative_to(root_path):
         # The CSV itself lives outside the root: its relative paths could never be inside it.
         raise DataError(csv_path, f"the CSV is outside the data root {root_path}", fix="set --data-root to a folder above it")
-    df = _read_frame(csv_path)
+    table = read_table(csv_path, REQUIRED, "id,path,question,a,b,c,d[,answer]")
+    df = table.frame
     has_answer = "answer" in df.columns
     if require_answer and not has_answer:
         raise DataError(csv_path, "has no answer column", fix="labels are needed here (train/validation/evaluation)")
     if len(df) == 0:
         raise DataError(csv_path, "has a header but no rows")
     items: list[Item] = []
-    notes: list[str] = []
+    notes: list[str] = list(table.notes)
     seen: dict[str, int] = {}
-    for idx, rec in enumerate(df.to_dict("records")):
-        items.append(_read_row(csv_path, root_path, idx + 1, rec, seen, notes, cfg, has_answer, require_answer, on_bad_image))
+    paths = _PathMatcher(root_path)
+    for row, rec in zip(table.rows, df.to_dict("records")):
+        items.append(_read_row(csv_path, root_path, row, rec, seen, notes, cfg, has_answer, require_answer, on_bad_image, paths))
+    if paths.matched:
+        row, typed, found = paths.matched[0]
+        notes.append(f"{csv_path}: {len(paths.matched)} image path(s) name a file only up to letter case or Unicode normalisation "
+                     f"(a CSV written on Windows or macOS), e.g. row {row}: {typed!r} is {found}; used as found")
     if has_answer and not require_answer:
         n_labelled = sum(it.answer is not None for it in items)
         if 0 < n_labelled < len(items):
@@ -207,50 +244,106 @@ def read_csv(
     return Dataset(items, csv_path.resolve(), root_path, notes)
 
 
-def _read_frame(csv_path: Path) -> pd.DataFrame:
-    """The CSV as text columns (encoding detected, header checked: no repeats, every required column)."""
-    raw = csv_path.read_bytes()
+DELIMITERS = (",", ";", "\t", "|")
+"""What spreadsheets write: commas; semicolons where the comma is the decimal mark (Excel in many locales); tabs
+(Excel's "Unicode Text", copies from a sheet); pipes."""
+
+
+@dataclass
+class Table:
+    """A CSV as text cells: headers stripped and lower-cased, every cell a string ("NA" stays "NA")."""
+
+    frame: pd.DataFrame
+    rows: list[int]
+    """1-based data row of each frame row (header excluded), counted before empty rows were dropped."""
+    delimiter: str
+    notes: list[str] = field(default_factory=list)
+
+
+def read_table(path: Path, expected: Sequence[str], header_hint: str | None = None) -> Table:
+    """Any CSV as spreadsheets and scripts write it, read the same way: encoding detected (UTF-8 with or without BOM,
+    CP949, UTF-16), Excel's ``sep=`` line honoured, the delimiter found from the header (the one that makes the
+    ``expected`` columns appear), any line ending; rows with every cell empty and repeated header rows (files joined
+    together) dropped, each said once. A header naming a column twice, or missing an ``expected`` one, is refused
+    (``header_hint``: the header to suggest)."""
+    raw = path.read_bytes()
     if not raw.strip():
-        raise DataError(csv_path, "is empty", fix="expected a header line id,path,question,a,b,c,d[,answer]")
-    text, _encoding = decode_csv_bytes(raw, csv_path)
-    # pandas silently renames a repeated column ("d" -> "d.1"); look at the header line ourselves.
-    header = [h.strip().lstrip("\ufeff").lower() for h in next(csv.reader(io.StringIO(text)), [])]
+        raise DataError(path, "is empty", fix=f"expected a header line {header_hint or ','.join(expected)}")
+    text, _encoding = decode_csv_bytes(raw, path)
+    text = text.lstrip("\ufeff")
+    parts = re.split(r"(\r\n|\r|\n)", text, maxsplit=1)
+    first, rest = parts[0], "".join(parts[2:]) if len(parts) > 2 else ""
+    hint = re.fullmatch(r'\s*"?sep=(.)"?\s*,*', first)
+    if hint:  # Excel's first-line hint: "sep=;"
+        delimiter, text = hint.group(1), rest
+        first = re.split(r"\r\n|\r|\n", text, maxsplit=1)[0]
+    else:
+        delimiter = _sniff(first, expected)
+    header = [h.strip().lower() for h in next(csv.reader([first], delimiter=delimiter), [])]
     dupes = sorted({h for h in header if h and header.count(h) > 1})
     if dupes:
-        raise DataError(csv_path, f"column {dupes[0]!r} appears twice in the header")
+        raise DataError(path, f"column {dupes[0]!r} appears twice in the header")
+    missing = [c for c in expected if c not in header]
+    if missing and len(header) == 1 and len(expected) > 1:
+        shown = first if len(first) <= 40 else first[:40] + "..."
+        raise DataError(path, f"the header is one column ({shown!r}): its delimiter is none of comma, semicolon, tab or pipe",
+                        fix="save the file as CSV (comma-separated)")
+    if missing:
+        raise DataError(
+            path, f"missing column{'s' if len(missing) > 1 else ''} {', '.join(missing)}",
+            fix=f"expected header {header_hint or ','.join(expected)}",
+        )
     try:
         df = pd.read_csv(
-            io.StringIO(text),
-            dtype=str,
+            io.StringIO(text), sep=delimiter, dtype=str,
             keep_default_na=False,  # an option reading "NA" or "None" is text, not a missing value
-            na_filter=False,
-            skipinitialspace=False,
-            quoting=csv.QUOTE_MINIMAL,
+            na_filter=False, skipinitialspace=False, quoting=csv.QUOTE_MINIMAL, skip_blank_lines=False,
         )
     except pd.errors.ParserError as e:
         detail = str(e).strip().splitlines()[-1].removeprefix("Error tokenizing data. C error: ")
-        raise DataError(csv_path, f"is not a valid CSV ({detail})", fix="check quoting") from None
+        raise DataError(path, f"is not a valid CSV ({detail})", fix="check quoting") from None
     except pd.errors.EmptyDataError:
-        raise DataError(csv_path, "has no header line", fix="expected id,path,question,a,b,c,d[,answer]") from None
-    df.columns = [str(c).strip().lstrip("\ufeff").lower() for c in df.columns]
-    missing = [c for c in REQUIRED if c not in df.columns]
-    if missing:
-        raise DataError(
-            csv_path,
-            f"missing column{'s' if len(missing) > 1 else ''} {', '.join(missing)}",
-            fix="expected header id,path,question,a,b,c,d[,answer]",
-        )
-    return df
+        raise DataError(path, "has no header line", fix=f"expected {header_hint or ','.join(expected)}") from None
+    df.columns = [str(c).strip().lower() for c in df.columns]
+    notes: list[str] = []
+    rows = list(range(1, len(df) + 1))
+    if len(df):
+        cells = df.apply(lambda col: col.str.strip())
+        empty = (cells == "").all(axis=1)
+        repeated = cells[list(expected)].apply(lambda col: col.str.lower() == col.name).all(axis=1)
+        for mask, what in ((empty, "empty row(s) (every cell blank)"), (repeated & ~empty, "repeated header row(s) (files joined together?)")):
+            if mask.any():
+                first_row = int(mask.values.argmax()) + 1
+                notes.append(f"{path}: {int(mask.sum())} {what} skipped, the first at row {first_row}")
+        keep = ~(empty | repeated)
+        rows = [r for r, k in zip(rows, keep) if k]
+        df = df[keep.values].reset_index(drop=True)
+    return Table(df, rows, delimiter, notes)
+
+
+def _sniff(header_line: str, expected: Sequence[str]) -> str:
+    """The delimiter whose split of the header names every ``expected`` column (a comma when none does: the message
+    about the missing column then shows what the header held)."""
+    for d in DELIMITERS:
+        cells = {c.strip().lower() for c in next(csv.reader([header_line], delimiter=d), [])}
+        if all(e in cells for e in expected):
+            return d
+    return ","
 
 
 def _read_row(
     csv_path: Path, root_path: Path, row: int, rec: dict[str, Any], seen: dict[str, int], notes: list[str],
-    cfg: DataConfig, has_answer: bool, require_answer: bool, on_bad_image: str = "fail",
+    cfg: DataConfig, has_answer: bool, require_answer: bool, on_bad_image: str = "fail", paths: _PathMatcher | None = None,
 ) -> Item:
     """One validated question (1-based ``row``); too-long text truncated with a note."""
     rid = str(rec["id"]).strip()
     if not rid:
         raise DataError(csv_path, "id is empty", row=row, column="id")
+    if SCIENTIFIC.fullmatch(rid):
+        raise DataError(
+            csv_path, f"id {rid!r} is a number a spreadsheet rewrote in scientific notation: the id itself is lost", row=row,
+            column="id", fix="export the CSV again with the id column formatted as text (or from the original file)",
+        )
     if rid in seen:
         raise DataError(csv_path, f"duplicate id {rid!r} (first seen in row {seen[rid]})", row=row, column="id", fix="ids must be unique")
     seen[rid] = row
@@ -271,15 +364,16 @@ def _read_row(
         options.append(opt)
     answer: int | None = None
     if has_answer:
-        raw_answer = str(rec["answer"]).strip().lower()
-        if raw_answer in ("", "nan", "none", "null"):
-            if require_answer:
-                raise DataError(csv_path, "answer is empty", row=row, column="answer", fix="expected one of a, b, c, d")
-        elif raw_answer not in LETTERS:
-            raise DataError(csv_path, f"answer {rec['answer']!r} is not one of a, b, c, d", row=row, column="answer")
-        else:
-            answer = LETTERS.index(raw_answer)
-    image = safe_image_path(csv_path, root_path, str(rec["path"]).strip(), row)
+        try:
+            answer = answer_index(rec["answer"])
+        except ValueError:
+            raise DataError(csv_path, f"answer {rec['answer']!r} is not one of a, b, c, d", row=row, column="answer") from None
+        if answer is None and require_answer:
+            raise DataError(csv_path, "answer is empty", row=row, column="answer", fix="expected one of a, b, c, d")
+    typed = str(rec["path"]).strip()
+    image = safe_image_path(csv_path, root_path, typed, row)
+    if paths is not None and not image.exists():
+        image = paths.find(image, row, typed) or image
     try:
         _check_image(csv_path, image, row, cfg)
     except DataError as e:
@@ -290,9 +384,71 @@ def _read_row(
 
 
 def _clean_text(value: object) -> str:
-    """Strip, and fold internal newlines/tabs to spaces so every option renders on one line."""
+    """Strip, fold internal newlines/tabs to spaces so every option renders on one line, and compose Unicode (NFC):
+    text a macOS tool wrote decomposed (Korean as separate jamo) then tokenizes like the same text typed anywhere."""
     text = "" if value is None else str(value)
-    return " ".join(text.replace("\r", " ").replace("\n", " ").replace("\t", " ").split()) if text.strip() else ""
+    if not text.strip():
+        return ""
+    return unicodedata.normalize("NFC", " ".join(text.replace("\r", " ").replace("\n", " ").replace("\t", " ").split()))
+
+
+SCIENTIFIC = re.compile(r"\d(\.\d+)?E\+\d+")
+"""An id like ``1.23457E+11``: what a spreadsheet shows, and saves, for a long numeric id."""
+
+
+def answer_index(value: object) -> int | None:
+    """0-3 for an answer letter as tools write it (``a``, ``A``, ``b.``, ``(c)``, ``d)``, full-width ``Ｄ``); None for
+    an empty cell; ValueError for anything else (a 1-4 answer column is not guessed at: 0- or 1-based?)."""
+    text = unicodedata.normalize("NFKC", "" if value is None else str(value)).strip().lower()
+    if text in ("", "nan", "none", "null"):
+        return None
+    text = text.strip("()[] ").rstrip(".):").strip()
+    if text in LETTERS:
+        return LETTERS.index(text)
+    raise ValueError(text)
+
+
+class _PathMatcher:
+    """Finds the one file a path names up to letter case and Unicode normalisation (``Train/IMG_1.JPG`` for
+    ``train/img_1.jpg``; a macOS file name stored decomposed): Windows and macOS make no difference between them, so a
+    CSV written there names files that way. Only asked when the exact path does not exist; folder listings cached."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.listings: dict[Path, dict[str, list[str]]] = {}
+        self.matched: list[tuple[int, str, Path]] = []
+
+    def find(self, image: Path, row: int, typed: str) -> Path | None:
+        try:
+            parts = image.relative_to(self.root).parts
+        except ValueError:
+            return None
+        cur = self.root
+        for part in parts:
+            names = self._listing(cur).get(_fold(part), [])
+            if len(names) != 1:
+                return None
+            cur = cur / names[0]
+        if not cur.resolve().is_relative_to(self.root):
+            return None
+        self.matched.append((row, typed, cur))
+        return cur.resolve()
+
+    def _listing(self, folder: Path) -> dict[str, list[str]]:
+        if folder not in self.listings:
+            listing: dict[str, list[str]] = {}
+            try:
+                with os.scandir(folder) as entries:
+                    for entry in entries:
+                        listing.setdefault(_fold(entry.name), []).append(entry.name)
+            except OSError:
+                pass
+            self.listings[folder] = listing
+        return self.listings[folder]
+
+
+def _fold(name: str) -> str:
+    return unicodedata.normalize("NFC", name).casefold()
 
 
 def _check_image(csv_path: Path, image: Path, row: int, cfg: DataConfig) -> None:

@@ -6,8 +6,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from mcvqa.config import load_config
-from mcvqa.errors import ConfigError
+from mcvqa.config import load_config, resolve_recipe
 
 DEMO_KINDS = ["colour", "shape", "position"]
 """Question kinds of the demo. Each uses four fixed options (``values=4``), so the answer is decided by the
@@ -21,7 +20,7 @@ def run_demo(
     *,
     train_rows: int = 3000,
     test_rows: int = 500,
-    config: Path = Path("configs/demo.yaml"),
+    config: Path | str = "demo",
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict[str, float]:
@@ -31,8 +30,7 @@ def run_demo(
     from mcvqa.tiny import build_tiny
     from mcvqa.train import train
 
-    if not Path(config).is_file():
-        raise ConfigError(f"{config}: demo recipe not found; run from the repository root or pass --config")
+    config = resolve_recipe(config)  # configs/demo.yaml from the repository, else the recipe shipped in the package
     data, model, run = out / "data" / "synth", out / "models" / "tiny", out / "runs" / "demo"
     times: dict[str, float] = {}
     t_all = time.perf_counter()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,36 +11,30 @@ import numpy as np
 import pandas as pd
 
 from mcvqa.config import LETTERS
-from mcvqa.data import decode_csv_bytes
+from mcvqa.data import answer_index, read_table
 from mcvqa.errors import DataError
 
 PROB_COLUMNS = [f"p_{l}" for l in LETTERS]
+DECIMAL_COMMA = r"^(-?\d+),(\d+)$"
 
 
-def _read_table(path: str | Path) -> pd.DataFrame:
+def _read_table(path: str | Path, expected: tuple[str, ...] = ("id",), header_hint: str | None = None) -> pd.DataFrame:
+    """Any CSV the way :func:`mcvqa.data.read_table` reads it (encodings, delimiters, Excel's quirks)."""
     p = Path(path)
     if not p.is_file():
         raise DataError(p, "file not found")
-    text, _ = decode_csv_bytes(p.read_bytes(), p)
-    try:
-        df = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError) as e:
-        raise DataError(p, f"is not a valid CSV ({str(e).strip().splitlines()[-1] if str(e).strip() else 'empty'})") from None
-    df.columns = [str(c).strip().lstrip("\ufeff").lower() for c in df.columns]
-    return df
+    return read_table(p, expected, header_hint).frame
 
 
 def read_probs(path: str | Path) -> pd.DataFrame:
     """A ``probs.csv`` (id,p_a,p_b,p_c,p_d[,answer]) with checked, renormalised probabilities."""
-    df = _read_table(path)
-    missing = [c for c in ["id", *PROB_COLUMNS] if c not in df.columns]
-    if missing:
-        raise DataError(path, f"missing column {missing[0]}", fix="expected id,p_a,p_b,p_c,p_d (the probs.csv written by predict)")
+    df = _read_table(path, ("id", *PROB_COLUMNS), "id,p_a,p_b,p_c,p_d (the probs.csv written by predict)")
     dup = df["id"].duplicated()
     if dup.any():
         raise DataError(path, f"duplicate id {df.loc[dup, 'id'].iloc[0]!r}", row=int(np.flatnonzero(dup.values)[0]) + 1, column="id")
     for c in PROB_COLUMNS:
-        vals = pd.to_numeric(df[c], errors="coerce")
+        # A decimal comma ("0,25"): what a spreadsheet in many locales writes, beside a semicolon delimiter.
+        vals = pd.to_numeric(df[c].str.strip().str.replace(DECIMAL_COMMA, r"\1.\2", regex=True), errors="coerce")
         bad = vals.isna() | (vals < 0) | ~np.isfinite(vals)
         if bad.any():
             r = int(np.flatnonzero(bad.values)[0])
@@ -57,18 +50,19 @@ def read_probs(path: str | Path) -> pd.DataFrame:
 
 def read_labels(path: str | Path) -> dict[str, int]:
     """``id -> answer index`` from any CSV with ``id`` and ``answer`` columns (train.csv, test_labels.csv, ...)."""
-    df = _read_table(path)
-    for c in ("id", "answer"):
-        if c not in df.columns:
-            raise DataError(path, f"missing column {c}", fix="labels need id and answer columns")
+    df = _read_table(path, ("id", "answer"), "id,answer (any CSV with both: train.csv, test_labels.csv, val.csv)")
     labels: dict[str, int] = {}
     for r, (rid, ans) in enumerate(zip(df["id"], df["answer"]), start=1):
-        a = str(ans).strip().lower()
-        if a not in LETTERS:
+        try:
+            a = answer_index(ans)
+        except ValueError:
+            a = None
+        if a is None:
             raise DataError(path, f"answer {ans!r} is not one of a, b, c, d", row=r, column="answer")
+        rid = str(rid).strip()
         if rid in labels:
             raise DataError(path, f"duplicate id {rid!r}", row=r, column="id")
-        labels[str(rid).strip()] = LETTERS.index(a)
+        labels[rid] = a
     return labels
 
 

@@ -22,6 +22,13 @@ def setup() -> None:
 
     available = {f.name for f in font_manager.fontManager.ttflist}
     cjk = [f for f in CJK_FONTS if f in available]
+    if not cjk:  # once per process (lru_cache): the plots still render, Korean as empty boxes
+        import warnings
+
+        warnings.warn(
+            "no Korean font is installed, so Korean text in plots shows as boxes; install one of "
+            f"{', '.join(CJK_FONTS[:3])} (e.g. apt install fonts-noto-cjk, or fonts-nanum) and run again", stacklevel=2,
+        )
     matplotlib.rcParams["font.family"] = ["DejaVu Sans", *cjk]
     matplotlib.rcParams["axes.unicode_minus"] = False
 

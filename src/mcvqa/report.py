@@ -29,7 +29,13 @@ QUESTION_TYPES: list[tuple[str, tuple[str, ...]]] = [
     ("text", ("글자", "문구", "적힌", "쓰인", "쓰여", "간판", "텍스트", "숫자", "알파벳", "글씨", "표지")),
     ("food", ("음식", "먹", "요리", "과일", "음료", "디저트", "빵", "반찬", "메뉴")),
     ("place", ("어디", "장소", "위치", "곳", "쪽에", "어느 쪽")),
+    ("animal", ("동물", "강아지", "고양이", "개는", "새는", "물고기", "곤충")),
+    ("person", ("사람", "남자", "여자", "아이", "하고 있", "입고", "들고 있")),
+    ("vehicle", ("탈것", "자동차", "차량", "버스", "기차", "자전거", "오토바이", "비행기", "배는")),
+    ("object", ("물건", "물체", "무엇", "무슨", "어떤", "종류")),
 ]
+"""Everyday photos' questions are mostly "what is this thing": ``object`` catches the rest of them, so ``other`` is
+what none of these words describe."""
 
 
 def question_type(question: str) -> str:

@@ -74,8 +74,11 @@ DEFAULT_SPACE: dict[str, dict[str, Any]] = {
 
 
 def load_space(path: Path | None, recipe: Path | None) -> dict[str, dict[str, Any]]:
-    if path is None and recipe is not None and (Path(recipe).parent / "search_space.yaml").exists():
-        path = Path(recipe).parent / "search_space.yaml"
+    if path is None and recipe is not None:
+        from mcvqa.config import resolve_recipe
+
+        beside = resolve_recipe(recipe).parent / "search_space.yaml"
+        path = beside if beside.exists() else None
     if path is None:
         return copy.deepcopy(DEFAULT_SPACE)
     try:
