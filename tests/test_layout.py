@@ -79,6 +79,15 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
+def test_every_module_imports() -> None:
+    """Each module imports (in this process, after the others): an import-time circle would fail here."""
+    import importlib
+
+    for name in sorted(import_graph()):
+        if name != "mcvqa.__main__":
+            importlib.import_module(name)
+
+
 def test_no_import_circle() -> None:
     cycle = _cycle(import_graph())
     assert cycle is None, " -> ".join(cycle or [])
@@ -98,12 +107,3 @@ def test_the_graph_sees_imports_inside_functions() -> None:
     """The check itself: an import inside a function is an edge (the circle issue 27 found hid there)."""
     graph = import_graph()
     assert "mcvqa.tta" in graph["mcvqa.predict"]  # predict imports tta inside _score, not at the top
-
-
-def test_every_module_imports() -> None:
-    """Each module imports (in this process, after the others): an import-time circle would fail here."""
-    import importlib
-
-    for name in sorted(import_graph()):
-        if name != "mcvqa.__main__":
-            importlib.import_module(name)
