@@ -1,4 +1,5 @@
-"""Render BENCHMARKS.md tables from the JSON files gpu_bench.py writes.
+"""Render BENCHMARKS.md tables from the JSON files the bench scripts write (``results`` rows of gpu_bench/e2e,
+``rows`` of levers: phase, variant, batch).
 
     python bench/tables.py bench/results/2026-11-25/*.json
 """
@@ -24,10 +25,13 @@ def main(paths: list[str]) -> None:
         print(f"{v.get('device')} · torch {v['torch']} · transformers {v['transformers']} · peft {v['peft']} · bitsandbytes {v['bitsandbytes']} · CUDA {v.get('cuda')}\n")
         print("| setting | path | rate (q/s or samples/s) | peak GiB | other |")
         print("| --- | --- | --- | --- | --- |")
-        for r in data["results"]:
+        for r in data.get("results", data.get("rows", [])):
             rate = r.get("q_per_s", r.get("samples_per_s"))
-            other = {k: r[k] for k in r if k not in ("setting", "path", "q_per_s", "samples_per_s", "peak_gib", "prefix_tokens", "suffix_tokens", "image_tokens")}
-            print(f"| {r.get('setting', '')} | {r['path']} | {fmt(rate) if rate is not None else ''} | {fmt(r.get('peak_gib', ''))} | {', '.join(f'{k}={fmt(x)}' for k, x in other.items())} |")
+            path = r.get("path") or " ".join(str(r[k]) for k in ("phase", "variant", "batch", "micro_batch", "workers") if k in r)
+            skip = ("setting", "path", "phase", "variant", "batch", "micro_batch", "workers", "q_per_s", "samples_per_s", "peak_gib", "prefix_tokens",
+                    "suffix_tokens", "image_tokens", "applied", "losses")
+            other = {k: r[k] for k in r if k not in skip}
+            print(f"| {r.get('setting', '')} | {path} | {fmt(rate) if rate is not None else ''} | {fmt(r.get('peak_gib', ''))} | {', '.join(f'{k}={fmt(x)}' for k, x in other.items())} |")
 
 
 if __name__ == "__main__":

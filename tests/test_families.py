@@ -120,9 +120,10 @@ def _items_and_images(n: int = 3):
 
 @pytest.mark.parametrize("key", [k for k in FAMILIES if k != "gemma4_31b"])  # its template: test_gemma4_31b_answers_after_the_thought_channel
 # (Gemma 4's E4B features, per-layer inputs and shared keys/values, are in the local build; its real files cost 12 s)
-def test_fast_paths_equal_the_models_own_forward(family_models, prompt_file, key) -> None:
+def test_fast_paths_equal_the_models_own_forward(family_models, prompt_file, key, monkeypatch) -> None:
     """Cached prefix, whole sequence, packed rows and option orders in one pass all give the probabilities the
-    model's own forward gives on the processor's tokenization of the whole conversation (fp32, 1e-5)."""
+    model's own forward gives on the processor's tokenization of the whole conversation (fp32, 1e-5); so do the fused
+    kernels' wiring (``model.kernels``) and the cached prefix after it."""
     from mcvqa import families
     from mcvqa.config import ImageConfig
     from mcvqa.features import Encoder, cyclic_orders
@@ -173,6 +174,35 @@ def test_fast_paths_equal_the_models_own_forward(family_models, prompt_file, key
         with torch.no_grad():
             alone = scorer.logprobs(enc.collate([enc.encode(shown, image=im)]))[0].exp()
         torch.testing.assert_close(orders[1, v, list(order)], alone, atol=1e-5, rtol=0, msg=f"{key} order {v}")
+    _fused_wiring_is_exact(model, family, scorer, enc.collate(exs), reference, key, monkeypatch)
+
+
+def _fused_wiring_is_exact(model, family, scorer, batch, reference, key, monkeypatch) -> None:
+    """``model.kernels`` through the loader's own function, with transformers' arithmetic restated (TORCH_OPS) in
+    place of Liger's GPU kernels: the modules it reroutes, the norm's offset, gate and up, RoPE's rotation are the
+    family's, so the probabilities stay the model's own."""
+    import sys
+
+    from mcvqa import kernels
+    from mcvqa.config import ModelConfig
+    from mcvqa.model import fuse_kernels
+
+    core = family.core_and_head(model)[0]
+    attn = next((layer.self_attn for layer in family.decoder_layers(core) if hasattr(layer, "self_attn")), None)
+    namespace = sys.modules[type(attn).__module__]
+    if hasattr(namespace, "apply_rotary_pos_emb"):  # the swap is process-wide: undone after the test
+        monkeypatch.setattr(namespace, "apply_rotary_pos_emb", namespace.apply_rotary_pos_emb)
+    fused = fuse_kernels(model, ModelConfig(kernels="liger", device="cpu"), family, ops=kernels.TORCH_OPS)
+    if family.rms_norm_offset is None:
+        assert fused == {}, key
+        return
+    layers = len(family.decoder_layers(core))
+    assert fused["rms_norm"] > layers and fused["swiglu"] == layers, (key, fused)
+    assert fused["rope"] == (sum(hasattr(l, "self_attn") for l in family.decoder_layers(core)) if family.fused_rope else 0), (key, fused)
+    scorer.invalidate()
+    with torch.no_grad():
+        got = scorer.logprobs(batch).exp()
+    torch.testing.assert_close(got, reference, atol=1e-5, rtol=0, msg=f"{key} fused kernels")
 
 
 @pytest.mark.parametrize("key", ["local_qwen3_5", "local_internvl", "local_gemma4", "local_llava_onevision"])

@@ -13,7 +13,7 @@ LAYERS = [
     ["errors"],
     ["io", "compat", "plotting"],
     ["config"],
-    ["runtime", "images", "prompts", "synth", "kernels"],
+    ["runtime", "images", "prompts", "synth", "kernels", "fp8"],
     ["data"],
     ["families"],
     ["features"],

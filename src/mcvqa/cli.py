@@ -50,7 +50,7 @@ ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML 
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override any config field: --set lora.r=16 --set train.lr=2e-4")]
 ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="Model folder or Hub id (env MCVQA_MODEL).")]
 DataRootOpt = Annotated[Optional[Path], typer.Option("--data-root", help="Images must lie inside this folder (default: the CSV's folder; env MCVQA_DATA).")]
-QuantOpt = Annotated[Optional[str], typer.Option("--quant", help="none | nf4 | int8 (4/8-bit needs a GPU and the gpu extra).")]
+QuantOpt = Annotated[Optional[str], typer.Option("--quant", help="none | nf4 | int8 | fp8 (4/8-bit needs a GPU and the gpu extra; fp8: predict only, Ada/Hopper GPUs).")]
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto | cpu | cuda | cuda:N")]
 DtypeOpt = Annotated[Optional[str], typer.Option("--dtype", help="auto | bf16 | fp16 | fp32")]
 PromptOpt = Annotated[Optional[str], typer.Option("--prompt", help="fewshot_ko | plain_ko | plain_en | path to a prompt YAML")]
@@ -181,7 +181,7 @@ def predict(
     image_size: ImageSizeOpt = None,
     image_mode: ImageModeOpt = None,
     data_root: DataRootOpt = None,
-    num_workers: Annotated[Optional[int], typer.Option(help="Image-decoding worker processes (-1: auto, up to 4 on a GPU, 0 on CPU).")] = None,
+    num_workers: Annotated[Optional[int], typer.Option(help="Image-decoding worker processes (-1: auto, up to 8 on a GPU, 0 on CPU).")] = None,
     on_bad_image: Annotated[Optional[str], typer.Option(help="fail (default) | skip: answer an unreadable image's question with a blank image.")] = None,
     no_prefix_cache: Annotated[bool, typer.Option("--no-prefix-cache", help="Run the system prompt for every question (for comparison).")] = False,
     tta: Annotated[Optional[str], typer.Option(help="Test-time methods, comma-separated: orders | pride, views, blend; or one of tent, sar, tpt, zero; best = orders,views (what the README's evaluation supports). Tune them with --set tta.*")] = None,

@@ -34,7 +34,7 @@ class ModelConfig:
     name_or_path: str = "Qwen/Qwen3-VL-8B-Instruct"
     """Local folder or Hub id of a checkpoint (safetensors only; saved already quantised is fine). Env: MCVQA_MODEL."""
     quant: str = "none"
-    """Weight quantisation: none | nf4 (bitsandbytes 4-bit, double quant) | int8. Quantised loading needs the gpu extra."""
+    """Weight quantisation: none | nf4 (bitsandbytes 4-bit, double quant) | int8 | fp8 (prediction only: row-wise FP8 language-model linears, Ada/Hopper GPUs; changes the numbers, BENCHMARKS.md). nf4/int8 need the gpu extra."""
     dtype: str = "auto"
     """Compute dtype: auto (bf16 on GPUs that support it, else fp16; fp32 on CPU) | bf16 | fp16 | fp32."""
     attn_implementation: str = "sdpa"
@@ -45,9 +45,12 @@ class ModelConfig:
     """Allow Python code shipped inside a checkpoint to run. Off, and refused unless set explicitly."""
     backend: str = "auto"
     """Training backend: auto = peft (transformers + peft) | peft | unsloth (only when asked for; needs a GPU and the unsloth package)."""
+    kernels: str = "auto"
+    """Fused RMSNorm / SwiGLU / RoPE in the language model: auto (Liger's Triton kernels on a CUDA GPU when liger-kernel is installed) | liger (required) | off (transformers' own)."""
 
     def __post_init__(self) -> None:
-        _choice("model.quant", self.quant, ("none", "nf4", "int8"))
+        _choice("model.quant", self.quant, ("none", "nf4", "int8", "fp8"))
+        _choice("model.kernels", self.kernels, ("auto", "liger", "off"))
         _choice("model.dtype", self.dtype, ("auto", "bf16", "fp16", "fp32"))
         _choice("model.attn_implementation", self.attn_implementation, ("sdpa", "eager", "flash_attention_2", "flex_attention"))
         _choice("model.backend", self.backend, ("auto", "peft", "unsloth"))
@@ -148,6 +151,10 @@ class TrainConfig:
     """Questions per device per micro-batch."""
     grad_accum: int = 2
     """Micro-batches per optimiser step."""
+    fuse_accumulation: str = "auto"
+    """Run the micro-batches of one optimiser step as one forward/backward (same rows, same mean loss, same step;
+    one pass instead of grad_accum): auto (on GPUs with 24 GiB or more) | on | off. Memory grows to that of
+    batch_size x grad_accum rows; the optimiser steps, the data order and resuming are unchanged."""
     weight_decay: float = 0.01
     """AdamW weight decay (not applied to norms and biases)."""
     warmup_ratio: float = 0.05
@@ -192,7 +199,7 @@ class TrainConfig:
     """Log the running loss every N optimiser steps."""
     num_workers: int = -1
     """DataLoader workers preparing images and tokens in parallel with the model (0: in the main process;
-    -1: auto, as predict.num_workers: up to 4 on a GPU, none on CPU)."""
+    -1: auto, as predict.num_workers: up to 8 on a GPU, none on CPU)."""
 
     def __post_init__(self) -> None:
         if self.num_workers < -1:
@@ -201,6 +208,7 @@ class TrainConfig:
         _choice("train.scheduler", self.scheduler, ("cosine", "linear", "constant"))
         _choice("train.eval_every", self.eval_every, ("epoch", "never"))
         _choice("train.shared_prefix", self.shared_prefix, ("auto", "packed", "cache", "off"))
+        _choice("train.fuse_accumulation", self.fuse_accumulation, ("auto", "on", "off"))
         if self.epochs <= 0:
             raise ConfigError(f"train.epochs must be > 0, got {self.epochs}")
         if self.lr <= 0:
@@ -218,7 +226,7 @@ class TrainConfig:
             _choice("train.report_to", r, ("tensorboard", "wandb"))
 
 
-COMPILE_SCOPES = ("off", "mlp", "layers")
+COMPILE_SCOPES = ("off", "vision", "mlp", "layers")
 """``predict.compile`` values (see :func:`mcvqa.kernels.compile_blocks`)."""
 
 
@@ -233,13 +241,13 @@ class PredictConfig:
     sort_by_length: bool = True
     """Batch questions of similar token length together (less padding); outputs stay in the CSV's order."""
     num_workers: int = -1
-    """DataLoader workers decoding images in parallel with the model (0: in the main process; -1: auto = up to 4 on a GPU, 0 on CPU)."""
+    """DataLoader workers decoding images in parallel with the model (0: in the main process; -1: auto = up to 8 on a GPU, 0 on CPU)."""
     on_bad_image: str = "fail"
     """What to do with a test row whose image cannot be read: fail (stop with a message naming the row) | skip (answer from the text with a blank grey image; listed in bad_images.csv)."""
     max_new_tokens: int = 8
     """generate scoring only: tokens to generate before parsing the letter."""
     compile: str = "off"
-    """torch.compile the repeated blocks: off | mlp (norms and MLPs) | layers (whole decoder layers; vision norms and MLPs). GPU; first batches compile."""
+    """torch.compile the repeated blocks: off | vision (the vision tower's norms and MLPs) | mlp (norms and MLPs) | layers (whole decoder layers; vision norms and MLPs). GPU; first batches compile."""
 
     def __post_init__(self) -> None:
         _positive("predict.batch_size", self.batch_size)

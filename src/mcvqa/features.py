@@ -337,7 +337,7 @@ class Collator:
 
 
 def resolve_num_workers(requested: int) -> int:
-    """``-1`` (auto): on a GPU, decode images in up to 4 worker processes (per process under a launcher).
+    """``-1`` (auto): on a GPU, decode images in up to 8 worker processes (per process under a launcher).
     Decoding, letterboxing and the image processor of one photo cost a sizeable fraction of a GPU batch's time
     (BENCHMARKS.md, "CPU: preparing one question"): in the main process that time would sit between GPU batches
     (predict) or between launch-bound QLoRA steps (train). On CPU, 0: workers would compete with the model for
@@ -347,4 +347,4 @@ def resolve_num_workers(requested: int) -> int:
     if not torch.cuda.is_available():
         return 0
     per_process = (os.cpu_count() or 1) // environment().local_world_size
-    return max(0, min(4, per_process - 1))
+    return max(0, min(8, per_process - 1))

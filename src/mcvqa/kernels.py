@@ -136,7 +136,8 @@ def compile_blocks(core: Any, scope: str = "layers", backend: str = "inductor") 
     fp32, q/k norms, RoPE, SiLU x up, residual adds): each is a separate kernel reading and writing the whole
     activation. Compiling fuses them. ``mlp`` compiles only the cache-free submodules (norms and MLPs; cheap to
     compile, no guards on the cache); ``layers`` compiles whole decoder layers (also fuses RoPE and the
-    residuals). Vision blocks get their norms and MLPs compiled in both scopes. Shapes are dynamic, so
+    residuals); ``vision`` compiles only the vision blocks' norms and MLPs (for a language model already fused by
+    :func:`fuse`). Vision blocks get their norms and MLPs compiled in every scope. Shapes are dynamic, so
     batches of different lengths reuse one graph. Compiling is lazy: the first batch of each new shape pays
     it. The same arithmetic in another kernel order: equal up to float rounding, not bit-identical.
     """
@@ -150,7 +151,9 @@ def compile_blocks(core: Any, scope: str = "layers", backend: str = "inductor") 
     # Vision blocks: submodules only. Compiling a whole block with dynamic shapes hands the batched image
     # attention to inductor, whose cuDNN-attention call lost a symbolic size (NameError at run time, torch 2.11).
     targets = [getattr(b, n) for b in blocks for n in names if hasattr(b, n)]
-    if scope == "layers":
+    if scope == "vision":  # the language model's elementwise work is fused by :func:`fuse` instead
+        pass
+    elif scope == "layers":
         # Each layer guards on its own index (it selects its slot of the cache): one graph per layer.
         import torch._dynamo
 
@@ -165,3 +168,142 @@ def compile_blocks(core: Any, scope: str = "layers", backend: str = "inductor") 
     return len(targets)
 
 
+
+
+# ------------------------------------------------------------------------------------------ fused elementwise
+
+
+
+class FusedOps:
+    """The three elementwise chains a decoder layer repeats, as functions of tensors.
+
+    :data:`TORCH_OPS` restates transformers' own arithmetic and runs anywhere (the CPU tests swap it in to prove the
+    wiring: the right modules, offsets and epsilons, gate and up the right way round, RoPE's rotation); :func:`liger_ops`
+    gives Liger's Triton kernels, one pass over the activation each instead of several (BENCHMARKS.md, "Speed II"),
+    for CUDA tensors only: anything else takes the model's own code.
+    """
+
+    name = "torch"
+    runs_on_cpu = True
+
+    @staticmethod
+    def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+        return weight * h.to(dtype) if offset == 0.0 else (h * (weight.float() + offset)).to(dtype)
+
+    @staticmethod
+    def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        return F.silu(gate) * up
+
+    @staticmethod
+    def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        def rotate_half(x: torch.Tensor) -> torch.Tensor:
+            half = x.shape[-1] // 2
+            return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+    def applies(self, t: torch.Tensor) -> bool:
+        return t.is_cuda or self.runs_on_cpu
+
+
+TORCH_OPS = FusedOps()
+
+
+def liger_ops() -> FusedOps | None:
+    """Liger's kernels as :class:`FusedOps`; None when liger-kernel (or Triton) is not installed."""
+    try:
+        from liger_kernel.ops.rms_norm import LigerRMSNormFunction
+        from liger_kernel.ops.swiglu import LigerSiLUMulFunction
+        from liger_kernel.transformers.rope import liger_rotary_pos_emb
+    except Exception as e:  # ImportError, or Triton failing to initialise on this machine
+        import logging
+
+        logging.getLogger("mcvqa").debug("liger-kernel unavailable: %s", e)
+        return None
+
+    class Liger(FusedOps):
+        name = "liger"
+        runs_on_cpu = False
+
+        @staticmethod
+        def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float) -> torch.Tensor:
+            # "llama" casting: normalise in fp32, cast, then scale (transformers' order); "gemma": scale in fp32.
+            mode = "llama" if offset == 0.0 else "gemma"
+            return LigerRMSNormFunction.apply(x, weight, eps, offset, mode, False)
+
+        @staticmethod
+        def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+            return LigerSiLUMulFunction.apply(gate, up)
+
+        @staticmethod
+        def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return liger_rotary_pos_emb(q, k, cos, sin)
+
+    return Liger()
+
+
+def _fused_norm_forward(ops: FusedOps, module: torch.nn.Module, offset: float) -> Any:
+    eps = float(getattr(module, "variance_epsilon", getattr(module, "eps", 1e-6)))
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if not ops.applies(x):
+            return type(module).forward(module, x)
+        return ops.rms_norm(x, module.weight, eps, offset)
+
+    return forward
+
+
+def _fused_mlp_forward(ops: FusedOps, mlp: torch.nn.Module) -> Any:
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if not ops.applies(x):
+            return type(mlp).forward(mlp, x)
+        return mlp.down_proj(ops.silu_mul(mlp.gate_proj(x), mlp.up_proj(x)))
+
+    return forward
+
+
+def _rope_wrapper(ops: FusedOps, original: Any) -> Any:
+    def apply_rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        # Only the plain (B, H, S, D) x (B, S, D) case; anything else (partial rotary, other layouts) stays as it was.
+        if ops.applies(q) and not args and not kwargs and cos.dim() == 3 and q.shape[-1] == cos.shape[-1]:
+            return ops.rope(q, k, cos, sin)
+        return original(q, k, cos, sin, *args, **kwargs)
+
+    apply_rotary_pos_emb._mcvqa_fused = True  # type: ignore[attr-defined]
+    return apply_rotary_pos_emb
+
+
+def fuse(text_model: Any, ops: FusedOps, norm_offset: float | None, rope: bool = False) -> dict[str, int]:
+    """Route ``text_model``'s RMSNorms, SwiGLU MLPs (and, with ``rope``, its RoPE) through ``ops``, in place.
+
+    ``norm_offset``: 0.0 for ``weight * norm(x)`` (Llama, Qwen), 1.0 for ``(1 + weight) * norm(x)`` (Gemma-style),
+    None to leave the norms alone. An MLP is fused only when it is ``down(act(gate(x)) * up(x))`` with SiLU; LoRA
+    wrappers on its projections keep working (they are called as modules). RoPE is swapped in the attention's own
+    module namespace (process-wide, as Liger's own patches are), for the plain layout only. Tensors ``ops`` does not
+    apply to (CPU tensors, for Liger) take the model's own code. Returns what was fused, by kind.
+    """
+    import sys
+
+    counts = {"rms_norm": 0, "swiglu": 0, "rope": 0}
+    act_name = str(getattr(getattr(text_model, "config", None), "hidden_act", ""))
+    for module in text_model.modules():
+        name = type(module).__name__
+        if norm_offset is not None and name.endswith("RMSNorm") and isinstance(getattr(module, "weight", None), torch.Tensor):
+            module.forward = _fused_norm_forward(ops, module, norm_offset)
+            counts["rms_norm"] += 1
+        elif all(hasattr(module, p) for p in ("gate_proj", "up_proj", "down_proj")) and act_name in ("silu", "swish"):
+            module.forward = _fused_mlp_forward(ops, module)
+            counts["swiglu"] += 1
+    if rope:
+        attn = next((layer.self_attn for layer in getattr(text_model, "layers", []) if hasattr(layer, "self_attn")), None)
+        namespace = sys.modules.get(type(attn).__module__) if attn is not None else None
+        original = getattr(namespace, "apply_rotary_pos_emb", None)
+        if original is not None:
+            if not getattr(original, "_mcvqa_fused", False):
+                namespace.apply_rotary_pos_emb = _rope_wrapper(ops, original)  # type: ignore[union-attr]
+            counts["rope"] = sum(hasattr(layer, "self_attn") for layer in text_model.layers)
+    return counts

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from mcvqa import families, kernels
+from mcvqa import families, fp8, kernels
 from mcvqa.compat import require_family
 from mcvqa.config import LoraConfig, ModelConfig, environment
 from mcvqa.errors import ModelError
@@ -121,7 +121,7 @@ def _check_remote_code(cfg: ModelConfig, path: Path | None) -> None:
 
 
 def quantization_config(cfg: ModelConfig, compute_dtype: torch.dtype, family: Family) -> Any | None:
-    if cfg.quant == "none":
+    if cfg.quant in ("none", "fp8"):  # fp8 converts after loading (mcvqa.fp8), bitsandbytes has no part in it
         return None
     if importlib.util.find_spec("bitsandbytes") is None:
         raise ModelError(f"model.quant={cfg.quant} needs bitsandbytes: pip install 'mcvqa[gpu]'")
@@ -219,7 +219,9 @@ def load_model(cfg: ModelConfig, adapter: str | Path | None = None) -> tuple[Any
         _say_prequantised(name, cfg, pre)
     else:
         quant_kwargs["quantization_config"] = quantization_config(cfg, dtype, family)
-    if cfg.quant != "none" and device.type != "cuda":
+    if cfg.quant == "fp8" and not fp8.fp8_supported(device):
+        raise ModelError("model.quant=fp8 needs a GPU with FP8 matrix units (compute capability 8.9+: L4, L40, H100, H200); use none or nf4")
+    if cfg.quant in ("nf4", "int8") and device.type != "cuda":
         # bitsandbytes can quantise on CPU, but it is only sensible for tests; say so rather than crawl.
         log.warning("4-bit/8-bit weights on CPU are very slow; meant for GPUs")
     processor = load_processor(name, cfg.trust_remote_code, local_only)
@@ -249,7 +251,45 @@ def load_model(cfg: ModelConfig, adapter: str | Path | None = None) -> tuple[Any
         kernels.use_causal_attention(core_and_head(model)[0])  # same results, fused kernels with a cached prefix
     if adapter is not None:
         model = load_adapter(model, adapter)
+    if cfg.quant == "fp8":
+        if adapter is not None:
+            model = model.merge_and_unload()  # the adapter folded into the bf16 weights, then both go to FP8 together
+        to_fp8(model, family)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    fuse_kernels(model, cfg, family)
     return model, processor
+
+
+FP8_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+"""The language model's projections that ``model.quant=fp8`` converts (plus the family's extra LoRA targets)."""
+
+
+def to_fp8(model: Any, family: Family) -> int:
+    """``model.quant=fp8``: the language model's projections (:data:`FP8_LINEARS` and the family's extra LoRA targets)
+    to :class:`mcvqa.fp8.Fp8Linear`; the vision tower, projector, embeddings and head keep their weights."""
+    text = family.text_model(core_and_head(model)[0])
+    return fp8.convert(text, FP8_LINEARS + family.extra_lora_targets)
+
+
+def fuse_kernels(model: Any, cfg: ModelConfig, family: Family, ops: kernels.FusedOps | None = None) -> dict[str, int]:
+    """Route the language model's RMSNorms, SwiGLU MLPs and RoPE through Liger's fused kernels (``model.kernels``).
+
+    Only for families that declare their norm's form (:attr:`Family.rms_norm_offset`) and only on a CUDA device;
+    ``auto`` quietly keeps transformers' own kernels when liger-kernel is not installed, ``liger`` refuses to.
+    ``ops`` replaces Liger (the tests pass :data:`mcvqa.kernels.TORCH_OPS`, which runs on the CPU too).
+    """
+    if cfg.kernels == "off" or family.rms_norm_offset is None:
+        return {}
+    ops = ops or kernels.liger_ops()
+    if ops is None:
+        if cfg.kernels == "liger":
+            raise ModelError("model.kernels=liger needs liger-kernel (pip install 'mcvqa[gpu]'); or model.kernels=auto")
+        return {}
+    core = core_and_head(model)[0]
+    if not ops.runs_on_cpu and next(core.parameters()).device.type != "cuda":
+        return {}
+    return kernels.fuse(family.text_model(core), ops, family.rms_norm_offset, rope=family.fused_rope)
 
 
 def _read_config(name: str, cfg: ModelConfig, local_only: bool) -> Any:
@@ -315,6 +355,8 @@ def save_quantized(cfg: ModelConfig, out: str | Path) -> Path:
     from mcvqa.config import inherited_settings
     from mcvqa.io import replace_dir
 
+    if cfg.quant not in ("nf4", "int8"):
+        raise ModelError(f"mcvqa quantize saves nf4 or int8 checkpoints, not {cfg.quant!r} (fp8 converts at load: --quant fp8)")
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ModelError(f"{out}: already exists; pass a new folder to --out")

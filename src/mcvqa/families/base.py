@@ -60,6 +60,11 @@ class Family:
     """Whether the model's forward takes ``mm_token_type_ids``."""
     vision_pad: dict[str, float] = {}
     """Pad value per vision tensor when images of different sizes are batched (default 0)."""
+    rms_norm_offset: float | None = None
+    """The language model's RMSNorm form, for the fused kernels (``model.kernels``): 0.0 for ``weight * norm(x)`` cast
+    before scaling (Llama, Qwen), 1.0 for ``(1 + weight) * norm(x)`` in fp32; None leaves its norms alone."""
+    fused_rope = False
+    """Whether the attention's ``apply_rotary_pos_emb`` is the plain (q, k, cos, sin) one Liger's RoPE kernel replaces."""
 
     def __init__(self, config: Any | None = None) -> None:
         self.config = config

@@ -10,6 +10,8 @@ class InternVL(Family):
     model_types = ("internvl",)
     processor_classes = ("InternVLProcessor",)
     first_class = True
+    rms_norm_offset = 0.0
+    fused_rope = True
     image_placeholder = "<IMG_CONTEXT>"
     prefix_cache = True
     packed = True

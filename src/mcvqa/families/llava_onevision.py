@@ -10,6 +10,8 @@ class LlavaOneVision(Family):
     model_types = ("llava_onevision",)
     processor_classes = ("LlavaOnevisionProcessor",)
     first_class = True
+    rms_norm_offset = 0.0
+    fused_rope = True
     image_placeholder = "<image>"
     prefix_cache = True
     packed = True

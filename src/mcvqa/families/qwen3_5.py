@@ -16,6 +16,8 @@ from mcvqa.families.qwen_vl import QwenVL
 
 class Qwen35(QwenVL):
     name = "qwen3_5"
+    rms_norm_offset = 1.0  # Qwen3.5's RMSNorm scales by (1 + weight) in fp32
+    fused_rope = False  # partial rotary: its own apply_rotary_pos_emb stays
     model_types = ("qwen3_5", "qwen3_5_moe")
     processor_classes = ()  # Qwen3VLProcessor, told apart from Qwen3-VL by its tokenizer (see families.for_processor)
     template_kwargs = {"enable_thinking": False}

@@ -16,6 +16,8 @@ class QwenVL(Family):
     model_types = ("qwen3_vl", "qwen2_5_vl", "qwen2_vl")
     processor_classes = ("Qwen3VLProcessor", "Qwen2_5_VLProcessor", "Qwen2VLProcessor")
     first_class = True
+    rms_norm_offset = 0.0
+    fused_rope = True
     image_placeholder = QWEN_PLACEHOLDER
     prefix_cache = True
     packed = True

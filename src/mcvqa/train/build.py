@@ -24,6 +24,8 @@ def build_model(cfg: Config, log_fn: Callable[[str], None] | None = None) -> tup
     """
     from mcvqa.model import attach_lora, load_model
 
+    if cfg.model.quant == "fp8":
+        raise McvqaError("model.quant=fp8 is for prediction; train with nf4 (QLoRA) or none, then predict with --quant fp8")
     if cfg.model.backend == "unsloth" and cfg.train.method == "lora":
         if not _unsloth_available():
             raise McvqaError("model.backend=unsloth needs a CUDA GPU and the unsloth package; use model.backend=peft")

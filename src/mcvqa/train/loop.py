@@ -107,6 +107,8 @@ class Run:
     num_workers: int
     progress: bool
     log_fn: Callable[[str], None]
+    fuse: bool = False
+    """Whether the micro-batches of one optimiser step run as one pass (``train.fuse_accumulation``)."""
     samples_seen: int = 0
     marks: list[tuple[float, int]] = field(default_factory=list)
     """(time, samples) after each optimiser step, for the steady-state rate."""
@@ -250,6 +252,7 @@ def setup(
         # Decoding a batch of photos and running the image processor would otherwise sit between launch-bound
         # QLoRA steps (BENCHMARKS.md, "CPU: preparing one question").
         num_workers=resolve_num_workers(tc.num_workers), progress=progress, log_fn=log_fn,
+        fuse=fuse_accumulation(tc.fuse_accumulation, accelerator.device),
     )
 
 
@@ -272,8 +275,34 @@ def fit(run: Run, on_epoch_end: Callable[[int, dict[str, Any]], None] | None = N
     return True
 
 
-def epoch_loader(run: Run, epoch: int) -> tuple[list[list[int]], torch.utils.data.DataLoader]:
-    """This process's batches of ``epoch`` and a loader from where the epoch stands (resume)."""
+def fuse_accumulation(setting: str, device: torch.device) -> bool:
+    """``train.fuse_accumulation``: auto fuses on GPUs with room for batch_size x grad_accum rows (24 GiB or more)."""
+    if setting != "auto":
+        return setting == "on"
+    return device.type == "cuda" and torch.cuda.get_device_properties(device).total_memory >= 24 * 2**30
+
+
+def step_units(batches: list[list[int]], grad_accum: int, fuse: bool) -> list[tuple[list[int], int, int]]:
+    """What each forward/backward runs: (rows, first micro-batch, micro-batches covered).
+
+    The micro-batches of one optimiser step become one unit when ``fuse`` and they hold the same number of rows:
+    the unit's mean loss is then the mean of their means, so the step's gradient is the same sum. A step whose
+    micro-batches differ in size (an epoch's ragged end) keeps them apart. Micro-batch numbering is unchanged, so
+    checkpoints (taken at step boundaries) resume the same whether or not the run that wrote them fused.
+    """
+    units: list[tuple[list[int], int, int]] = []
+    for s in range(0, len(batches), grad_accum):
+        group = batches[s : s + grad_accum]
+        if fuse and len(group) > 1 and len({len(b) for b in group}) == 1:
+            units.append(([i for b in group for i in b], s, len(group)))
+        else:
+            units += [(b, s + k, 1) for k, b in enumerate(group)]
+    return units
+
+
+def epoch_loader(run: Run, epoch: int) -> tuple[list[list[int]], list[tuple[list[int], int, int]], torch.utils.data.DataLoader]:
+    """This process's micro-batches of ``epoch``, the units that run them from where the epoch stands (resume), and
+    their loader."""
     tc = run.cfg.train
     world, rank = run.dist.world, run.dist.rank
     run.dataset.epoch = epoch
@@ -282,9 +311,10 @@ def epoch_loader(run: Run, epoch: int) -> tuple[list[list[int]], torch.utils.dat
     n_epochs = math.ceil(tc.epochs)
     if tc.epochs < n_epochs and epoch == n_epochs - 1:  # fractional last epoch
         batches = batches[: max(1, round(len(batches) * (tc.epochs - epoch)))]
+    units = [u for u in step_units(batches, tc.grad_accum, run.fuse) if u[1] >= run.state.micro_in_epoch]
     loader = torch.utils.data.DataLoader(
         run.dataset,
-        batch_sampler=batches[run.state.micro_in_epoch :],
+        batch_sampler=[u[0] for u in units],
         collate_fn=run.collator,
         num_workers=run.num_workers,
         pin_memory=run.accelerator.device.type != "cpu",
@@ -292,25 +322,26 @@ def epoch_loader(run: Run, epoch: int) -> tuple[list[list[int]], torch.utils.dat
         # (dropout) differently in a resumed epoch than in an uninterrupted one.
         generator=torch.Generator().manual_seed(tc.seed * 7919 + epoch),
     )
-    return batches, loader
+    return batches, units, loader
 
 
 def train_epoch(run: Run, bar: Any, stop_at: int | None) -> bool:
-    """The micro-batches of the current epoch, an optimiser step every ``grad_accum``. False when ``stop_at``
-    was reached (the epoch is unfinished), True when the epoch or the whole schedule ended."""
+    """The micro-batches of the current epoch, an optimiser step every ``grad_accum`` (fused into one pass where
+    :func:`step_units` says so). False when ``stop_at`` was reached (the epoch is unfinished), True when the epoch
+    or the whole schedule ended."""
     tc, state, acc = run.cfg.train, run.state, run.accelerator
-    batches, loader = epoch_loader(run, state.epoch)
+    batches, units, loader = epoch_loader(run, state.epoch)
     running: list[float] = []
-    for batch in loader:
-        micro = state.micro_in_epoch
+    for batch, (_, first, covered) in zip(loader, units):
+        micro = first + covered - 1  # the last micro-batch this unit runs
         last_micro = (micro + 1) % tc.grad_accum == 0 or micro + 1 == len(batches)
         with acc.no_sync(run.loss_module) if not last_micro else contextlib.nullcontext():
             with torch.autocast(device_type=acc.device.type, dtype=run.autocast_dtype, enabled=run.autocast_dtype is not None):
                 loss, _ = run.loss_module(batch.to(acc.device))
             # Mean over the micro-batches of one optimiser step (the last step of an epoch may have fewer).
             group = tc.grad_accum if micro // tc.grad_accum < len(batches) // tc.grad_accum else len(batches) % tc.grad_accum
-            acc.backward(run.scaler.scale(loss / max(1, group)))
-        running.append(float(loss.detach()))
+            acc.backward(run.scaler.scale(loss * covered / max(1, group)))
+        running += [float(loss.detach())] * covered
         run.samples_seen += len(batch)
         state.micro_in_epoch = micro + 1
         if not last_micro:

@@ -1,0 +1,182 @@
+"""The speed levers of issue 26, proven on CPU: fused kernels change no number (their wiring, with transformers'
+arithmetic standing in for Liger's GPU kernels), FP8 computes the quantised product it claims and touches only the
+language model's projections, and fused gradient accumulation trains the same adapter as separate micro-batches."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mcvqa import fp8, kernels
+from mcvqa.config import ModelConfig
+from mcvqa.data import read_csv, stratified_split
+from mcvqa.errors import McvqaError, ModelError
+from mcvqa.families import core_and_head, for_model
+from mcvqa.model import fuse_kernels
+from mcvqa.scoring import Scorer
+
+LORA = ["train.method=lora", "lora.r=4", "lora.alpha=8", "lora.dropout=0.0", "train.report_to=[]", "prompt.name=plain_ko"]
+
+
+def _restore_rope(model, monkeypatch) -> None:
+    core = core_and_head(model)[0]
+    namespace = sys.modules[type(core.language_model.layers[0].self_attn).__module__]
+    monkeypatch.setattr(namespace, "apply_rotary_pos_emb", namespace.apply_rotary_pos_emb)  # undone after the test
+
+
+def test_fused_kernels_on_qwen3_vl_change_no_probability(cfg_factory, encoder, synth_data, monkeypatch) -> None:
+    """Every RMSNorm (input, post-attention, q/k norms, final), every SwiGLU MLP and RoPE rerouted, same numbers."""
+    from mcvqa.model import load_model
+
+    cfg = cfg_factory()
+    model, _ = load_model(cfg.model)
+    items = read_csv(synth_data / "test.csv").items[:6]
+    batch = encoder.collate([encoder.encode(it) for it in items])
+    with torch.no_grad():
+        before = Scorer(model, encoder).logprobs(batch).exp()
+    _restore_rope(model, monkeypatch)
+    fused = fuse_kernels(model, cfg.model, for_model(model), ops=kernels.TORCH_OPS)
+    layers = len(core_and_head(model)[0].language_model.layers)
+    assert fused == {"rms_norm": 4 * layers + 1, "swiglu": layers, "rope": layers}
+    with torch.no_grad():
+        after = Scorer(model, encoder).logprobs(batch).exp()
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=0)
+
+
+class _Refuses(kernels.FusedOps):
+    """Stands in for Liger on a machine without a GPU: must never be called on CPU tensors."""
+
+    name = "refuses"
+    runs_on_cpu = False
+
+    @staticmethod
+    def rms_norm(*_a, **_k):
+        raise AssertionError("a GPU kernel ran on a CPU tensor")
+
+    silu_mul = rope = rms_norm
+
+
+def test_gpu_kernels_leave_cpu_tensors_to_the_model(cfg_factory, encoder, synth_data, monkeypatch) -> None:
+    from mcvqa.model import load_model
+
+    model, _ = load_model(cfg_factory().model)
+    batch = encoder.collate([encoder.encode(it) for it in read_csv(synth_data / "test.csv").items[:3]])
+    with torch.no_grad():
+        before = Scorer(model, encoder).logprobs(batch)
+    _restore_rope(model, monkeypatch)
+    kernels.fuse(core_and_head(model)[0].language_model, _Refuses(), norm_offset=0.0, rope=True)
+    with torch.no_grad():
+        torch.testing.assert_close(Scorer(model, encoder).logprobs(batch), before, atol=0, rtol=0)
+
+
+def test_kernels_setting(tiny_loaded, monkeypatch) -> None:
+    """off and families without a declared norm: nothing; auto without liger-kernel: quietly nothing; liger without
+    it: a one-line error; Liger on a CPU model: nothing (its kernels are CUDA's)."""
+    model, _ = tiny_loaded
+    family = for_model(model)
+    assert fuse_kernels(model, ModelConfig(kernels="off"), family, ops=kernels.TORCH_OPS) == {}
+    monkeypatch.setattr(kernels, "liger_ops", lambda: None)
+    assert fuse_kernels(model, ModelConfig(kernels="auto"), family) == {}
+    with pytest.raises(ModelError, match="model.kernels=liger needs liger-kernel"):
+        fuse_kernels(model, ModelConfig(kernels="liger"), family)
+    monkeypatch.setattr(kernels, "liger_ops", lambda: _Refuses())
+    assert fuse_kernels(model, ModelConfig(kernels="liger"), family) == {}
+
+
+# ------------------------------------------------------------------------------------------ fp8
+
+
+def test_fp8_linear_is_the_row_wise_quantised_product() -> None:
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 48)
+    x = torch.randn(5, 7, 64) * torch.linspace(0.1, 10, 64)  # rows and columns of very different size
+    q = fp8.Fp8Linear(lin)
+    assert q.weight.dtype == fp8.FP8 and q.weight_scale.shape == (1, 48)
+    qx, sx = fp8.quantize_rows(x.reshape(-1, 64))
+    qw, sw = fp8.quantize_rows(lin.weight.detach())
+    # Every row is scaled so that its largest entry lands on the format's largest value.
+    assert torch.equal(qx.float().abs().amax(-1), torch.full((35,), fp8.FP8_MAX))
+    expected = (qx.float() * sx) @ (qw.float() * sw).t() + lin.bias.detach()
+    with torch.no_grad():
+        got = q(x)
+    assert got.shape == (5, 7, 48)
+    torch.testing.assert_close(got.reshape(-1, 48), expected, atol=1e-5, rtol=1e-5)
+    exact = lin(x).detach()
+    assert ((got - exact).norm() / exact.norm()).item() < 0.05  # e4m3 keeps 3 mantissa bits: a few percent at most
+
+
+def test_fp8_converts_only_the_language_models_projections(tmp_path) -> None:
+    """InternVL: its vision tower names its projections q_proj/k_proj/v_proj like the language model's."""
+    from mcvqa.cli import main
+    from mcvqa.model import load_model, to_fp8
+
+    with pytest.raises(SystemExit):
+        main(["tiny", "--arch", "internvl", "--out", str(tmp_path / "internvl")])
+    model, _ = load_model(ModelConfig(name_or_path=str(tmp_path / "internvl"), device="cpu", dtype="fp32"))
+    family = for_model(model)
+    core, head = core_and_head(model)
+    text = family.text_model(core)
+    assert to_fp8(model, family) == 7 * len(text.layers)
+    outside = [n for n, m in model.named_modules() if isinstance(m, fp8.Fp8Linear) and not n.startswith("model.language_model.")]
+    assert outside == [] and type(head) is torch.nn.Linear
+    assert any(type(m) is torch.nn.Linear and n.endswith("q_proj") for n, m in core.vision_tower.named_modules())
+
+
+def test_fp8_refused_where_it_does_not_run(cfg_factory, tmp_path) -> None:
+    from mcvqa.model import load_model, save_quantized
+    from mcvqa.train import build_model
+
+    cfg = cfg_factory("model.quant=fp8")
+    with pytest.raises(ModelError, match="fp8 needs a GPU with FP8 matrix units"):
+        load_model(cfg.model)
+    with pytest.raises(McvqaError, match="fp8 is for prediction"):
+        build_model(cfg)
+    with pytest.raises(ModelError, match="nf4 or int8 checkpoints"):
+        save_quantized(cfg.model, tmp_path / "q")
+
+
+# ------------------------------------------------------------------------------------------ fused accumulation
+
+
+def test_step_units_fuse_equal_micro_batches_only() -> None:
+    from mcvqa.train.loop import step_units
+
+    b = [[0, 1], [2, 3], [4, 5], [6, 7], [8]]
+    assert step_units(b, 2, fuse=True) == [([0, 1, 2, 3], 0, 2), ([4, 5, 6, 7], 2, 2), ([8], 4, 1)]
+    ragged = [[0, 1], [2, 3], [4, 5], [6]]
+    assert step_units(ragged, 2, fuse=True) == [([0, 1, 2, 3], 0, 2), ([4, 5], 2, 1), ([6], 3, 1)]
+    assert step_units(b, 2, fuse=False) == [([0, 1], 0, 1), ([2, 3], 1, 1), ([4, 5], 2, 1), ([6, 7], 3, 1), ([8], 4, 1)]
+    assert step_units(b, 3, fuse=True) == [([0, 1, 2, 3, 4, 5], 0, 3), ([6, 7], 3, 1), ([8], 4, 1)]
+
+
+def test_fused_accumulation_trains_the_same_adapter(cfg_factory, synth_data, tmp_path) -> None:
+    """One pass over batch x accumulation rows per optimiser step == the micro-batches one by one (same steps, same
+    data order, same mean loss), including an epoch whose last step is ragged; and a checkpoint written by a fused
+    run resumes unfused to the same end."""
+    from mcvqa.train import train_split
+
+    train_items, _ = stratified_split(read_csv(synth_data / "train.csv", require_answer=True), 0.25, 0)
+    items = train_items.items[:22]  # 22 rows, batch 4, accumulation 2: 6 micro-batches, the last of 2 rows
+    quiet = lambda *_: None  # noqa: E731
+
+    def cfg(fuse: str, *extra: str):
+        return cfg_factory(*LORA, "train.epochs=2", "train.batch_size=4", "train.grad_accum=2", "train.lr=1e-2",
+                           "train.eval_every=never", f"train.fuse_accumulation={fuse}", *extra)
+
+    def adapter(run: str) -> dict[str, torch.Tensor]:
+        return load_file(str(tmp_path / run / "last" / "adapter_model.safetensors"))
+
+    for fuse in ("on", "off"):
+        train_split(cfg(fuse), items, [], tmp_path / fuse, progress=False, log_fn=quiet)
+    train_split(cfg("on", "train.stop_after_steps=4"), items, [], tmp_path / "cut", progress=False, log_fn=quiet)
+    train_split(cfg("off"), items, [], tmp_path / "cut", resume=True, progress=False, log_fn=quiet)
+    on = adapter("on")
+    assert on and sum(float(v.abs().sum()) for k, v in on.items() if "lora_B" in k) > 0  # B starts at zero: trained
+    for other in ("off", "cut"):
+        got = adapter(other)
+        assert got.keys() == on.keys()
+        for k in on:
+            torch.testing.assert_close(got[k], on[k], atol=1e-5, rtol=1e-4, msg=f"{other}: {k}")
