@@ -213,6 +213,7 @@ def test_adapter_base_path_resolves_from_any_folder_and_carries_its_dtype_and_se
                         "--dtype", "bf16", "--image-size", "96", "--prompt", "plain_en", "--set", "train.epochs=1", "--set", "train.batch_size=8",
                         "--set", "train.report_to=[]", "--set", "lora.r=4", "--device", "cpu"], capsys)
     assert code == 0, err
+    err_train = err
     base = str((work / "models" / "tiny").resolve())
     assert f"base model {base} (stored in the adapter as an absolute path)" in err
     assert json.loads((tmp_path / "run" / "best" / "adapter_config.json").read_text())["base_model_name_or_path"] == base
@@ -223,6 +224,30 @@ def test_adapter_base_path_resolves_from_any_folder_and_carries_its_dtype_and_se
 
     used = yaml.safe_load((tmp_path / "p" / "config.yaml").read_text())
     assert used["model"]["dtype"] == "bf16" and used["image"]["size"] == 96 and used["prompt"]["name"] == "plain_en"
+    _held_out_rows_beside_the_run(tmp_path, synth_data, err_train, capsys)
+
+
+def _held_out_rows_beside_the_run(tmp_path: Path, synth_data: Path, train_log: str, capsys) -> None:
+    """Item 8: the run writes val.csv (its validation rows, images where they are), and evaluate, report and predict
+    read it, from another folder, with the data's root given."""
+    import pandas as pd
+
+    from mcvqa.data import read_csv, stratified_split
+
+    val = tmp_path / "run" / "val.csv"
+    assert f"held-out rows: {val} (predict or report on them with --data-root {synth_data.resolve()})" in train_log
+    expected = stratified_split(read_csv(synth_data / "train.csv"), 0.2, 42)[1]
+    rows = pd.read_csv(val, dtype=str)
+    assert list(rows["id"]) == [it.id for it in expected.items] and list(rows.columns) == ["id", "path", "question", "a", "b", "c", "d", "answer"]
+    assert list(rows["answer"]) == [it.answer_letter for it in expected.items]
+    code, _, err = run(["predict", "--adapter", str(tmp_path / "run" / "best"), "--data", str(val), "--data-root", str(synth_data),
+                        "--out", str(tmp_path / "pv"), "-q", "--device", "cpu"], capsys)
+    assert code == 0, err
+    code, out, err = run(["evaluate", "--pred", str(tmp_path / "pv" / "probs.csv"), "--data", str(val)], capsys)
+    assert code == 0 and f"probs.csv: {len(expected)} questions" in out, (out, err)
+    code, _, err = run(["report", "--pred", str(tmp_path / "pv" / "probs.csv"), "--data", str(val), "--data-root", str(synth_data),
+                        "--out", str(tmp_path / "val.html")], capsys)
+    assert code == 0 and (tmp_path / "val.html").stat().st_size > 0, err
 
 
 def test_train_has_predicts_model_and_image_flags(capsys) -> None:
@@ -255,3 +280,53 @@ def test_ensemble_keeps_equal_weights_when_the_fit_loses_out_of_fold(synth_data:
     code, _, err = run([*argv, "--out", str(tmp_path / "equal")], capsys)
     assert code == 0, err
     assert (tmp_path / "fit" / "submission.csv").read_text() == (tmp_path / "equal" / "submission.csv").read_text()
+
+
+def test_progress_in_a_log_is_plain_lines(tiny_model: Path, synth_data: Path, tmp_path: Path, capsys) -> None:
+    """Item 9: stderr that is not a terminal (a log file, a pipe, a scheduler) gets whole progress lines: no carriage
+    returns, no escape codes, a line at the start and one at the end."""
+    code, _, err = run(["predict", "--model", str(tiny_model), "--data", str(synth_data / "test.csv"), "--out", str(tmp_path / "p"),
+                        "--device", "cpu", "--set", "model.dtype=fp32", "--set", "image.size=64"], capsys)
+    assert code == 0, err
+    assert "\r" not in err and "\x1b[" not in err
+    n = len(pd.read_csv(synth_data / "test.csv"))
+    assert any(line.endswith("q/s]") and f"100%" in line and f"{n}/{n}" in line for line in err.splitlines()), err
+
+
+def test_cpu_quantisation_warning_once_a_process(tiny_model: Path, synth_data: Path, tmp_path: Path, capsys, caplog, monkeypatch) -> None:
+    """Item 9: the 'nf4 on CPU is slow' warning once a process, not at every load (K-fold, tuning, a notebook)."""
+    import mcvqa.model
+
+    monkeypatch.setitem(mcvqa.model._said, "cpu_quant", False)  # as in a fresh process
+    said = []
+    for k in range(2):
+        caplog.clear()
+        code, _, err = run(["predict", "--model", str(tiny_model), "--quant", "nf4", "--data", str(synth_data / "test.csv"),
+                            "--out", str(tmp_path / f"p{k}"), "-q", "--device", "cpu", "--set", "image.size=64"], capsys)
+        assert code == 0, err
+        said.append(sum("weights on CPU are very slow" in r.getMessage() for r in caplog.records))
+    assert said == [1, 0]
+
+
+def test_korean_in_plots_without_a_system_font(tmp_path: Path, monkeypatch) -> None:
+    """Item 9: with no Korean font on the system, plots use the NanumGothic that a dependency ships: every Hangul
+    glyph is drawn (matplotlib warns 'Glyph ... missing from font(s)' for each box it draws instead)."""
+    import warnings
+
+    import matplotlib.pyplot as plt
+
+    from mcvqa import plotting
+
+    monkeypatch.setattr(plotting, "CJK_FONTS", ["No Such Font"])  # as on a machine without one, whatever this one has
+    plotting.setup.cache_clear()
+    try:
+        plotting.setup()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fig, ax = plt.subplots()
+            ax.set_title("사진 속 물건은 무엇인가요?")
+            fig.savefig(tmp_path / "k.png")
+            plt.close(fig)
+        assert not [w for w in caught if "missing from font" in str(w.message)], [str(w.message) for w in caught][:3]
+    finally:
+        plotting.setup.cache_clear()

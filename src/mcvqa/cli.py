@@ -111,8 +111,7 @@ def synth(
     quiet: QuietOpt = False,
 ) -> None:
     """Draw a synthetic dataset in the competition's CSV format (Korean questions, answers balanced over a-d)."""
-    from tqdm.auto import tqdm
-
+    from mcvqa.runtime import progress_bar
     from mcvqa.synth import KINDS, SynthConfig, synthesize
 
     try:
@@ -127,7 +126,7 @@ def synth(
     except ValueError as e:
         raise McvqaError(str(e)) from None
     t0 = time.perf_counter()
-    with tqdm(total=train + test, desc="drawing", unit="img", disable=quiet) as bar:
+    with progress_bar(total=train + test, desc="drawing", unit="img", disable=quiet) as bar:
         paths = synthesize(out, cfg, progress=bar.update)
     for name, p in paths.items():
         typer.echo(f"{name:18s} {p}")
@@ -229,7 +228,7 @@ def evaluate(
 @app.command()
 def train(
     data: Annotated[Path, typer.Option("--data", "-d", help="Labelled CSV (id,path,question,a,b,c,d,answer).")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder: best/ and last/ adapters, checkpoints/, metrics.json, loss.png, logs/.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder: best/ and last/ adapters, checkpoints/, metrics.json, loss.png, val.csv (the held-out rows), logs/.")],
     config: ConfigOpt = None,
     sets: SetOpt = None,
     model: ModelOpt = None,
@@ -380,6 +379,7 @@ def report(
     compare: Annotated[Optional[Path], typer.Option(help="Another run's probs.csv to compare question by question.")] = None,
     mistakes: Annotated[int, typer.Option(help="How many of the most confident mistakes to show.")] = 24,
     title: Annotated[Optional[str], typer.Option(help="Page title.")] = None,
+    data_root: DataRootOpt = None,
 ) -> None:
     """A single self-contained HTML report: metrics, confusion, letter bias, calibration, question types, mistakes."""
     from mcvqa.io import check_out_file
@@ -387,7 +387,7 @@ def report(
 
     check_out_file(out)
 
-    path = build_report(pred, data, out, compare=compare, top_mistakes=mistakes, title=title)
+    path = build_report(pred, data, out, compare=compare, top_mistakes=mistakes, title=title, data_root=data_root)
     typer.echo(str(path))
 
 

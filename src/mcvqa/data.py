@@ -215,9 +215,8 @@ def read_csv(
     if csv_path.is_dir():
         raise DataError(csv_path, "is a folder, not a CSV file", fix="pass the CSV file, e.g. data/test.csv")
     root_path = resolve_root(csv_path, root if root is not None else cfg.root)
-    if not csv_path.resolve().parent.is_relative_to(root_path):
-        # The CSV itself lives outside the root: its relative paths could never be inside it.
-        raise DataError(csv_path, f"the CSV is outside the data root {root_path}", fix="set --data-root to a folder above it")
+    # The CSV itself may live elsewhere (a run's val.csv, with paths like ../../data/train/x.jpg): what must stay
+    # inside the root are its images, which safe_image_path checks one by one.
     table = read_table(csv_path, REQUIRED, "id,path,question,a,b,c,d[,answer]")
     df = table.frame
     has_answer = "answer" in df.columns
@@ -468,6 +467,18 @@ def _check_image(csv_path: Path, image: Path, row: int, cfg: DataConfig) -> None
 
 
 # --------------------------------------------------------------------------------------------- splits
+
+
+def write_items(path: Path, items: Sequence[Item]) -> Path:
+    """Labelled rows back in the competition's format (``id,path,question,a,b,c,d,answer``), image paths relative to
+    ``path``'s folder: the held-out split beside a run, which ``evaluate``, ``report``, ``ensemble`` and ``predict`` read
+    as they read ``train.csv`` (the images stay where they are: give their root as ``--data-root`` or MCVQA_DATA)."""
+    from mcvqa.io import atomic_write_csv
+
+    base = path.parent.resolve()
+    rows = [{"id": it.id, "path": os.path.relpath(it.image, base).replace(os.sep, "/"), "question": it.question,
+             **dict(zip(LETTERS, it.options)), "answer": it.answer_letter or ""} for it in items]
+    return atomic_write_csv(path, pd.DataFrame(rows, columns=["id", "path", "question", *LETTERS, "answer"]))
 
 
 def stratified_split(ds: Dataset, val_fraction: float = 0.2, seed: int = 42) -> tuple[Dataset, Dataset]:

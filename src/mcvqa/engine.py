@@ -24,13 +24,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from mcvqa.data import Item
 from mcvqa.errors import DataError, McvqaError
 from mcvqa.features import Batch, Collator, Encoder, ItemDataset, Loaded, resolve_num_workers, token_lengths
 from mcvqa.io import disk_error, disk_problem
-from mcvqa.runtime import Dist
+from mcvqa.runtime import Dist, progress_bar
 from mcvqa.scoring import Scorer, score_generate
 
 JOURNAL = "journal.jsonl"
@@ -281,8 +280,8 @@ class Engine:
         else:
             load = prepare or functools.partial(self.encoder.load, raw=raw)
             works = iterate_prepared(self.items, chosen, load, self.num_workers)
-        with tqdm(total=total, initial=total - sum(len(slices[b]) for b in todo), desc=desc or phase, unit="q",
-                  disable=not self.progress or not self.dist.main, leave=leave, dynamic_ncols=True) as bar:
+        with progress_bar(total=total, initial=total - sum(len(slices[b]) for b in todo), desc=desc or phase, unit="q",
+                          disable=not self.progress or not self.dist.main, leave=leave) as bar:
             for b, work in zip(todo, works):
                 out, bad = self._scored(fn, work)
                 p = out.probs / out.probs.sum(axis=1, keepdims=True)

@@ -221,9 +221,10 @@ def load_model(cfg: ModelConfig, adapter: str | Path | None = None) -> tuple[Any
         quant_kwargs["quantization_config"] = quantization_config(cfg, dtype, family)
     if cfg.quant == "fp8" and not fp8.fp8_supported(device):
         raise ModelError("model.quant=fp8 needs a GPU with FP8 matrix units (compute capability 8.9+: L4, L40, H100, H200); use none or nf4")
-    if cfg.quant in ("nf4", "int8") and device.type != "cuda":
-        # bitsandbytes can quantise on CPU, but it is only sensible for tests; say so rather than crawl.
-        log.warning("4-bit/8-bit weights on CPU are very slow; meant for GPUs")
+    if cfg.quant in ("nf4", "int8") and device.type != "cuda" and not _said["cpu_quant"]:
+        # bitsandbytes can quantise on CPU, but it is only sensible for tests; say so (once a process) rather than crawl.
+        log.warning("%s weights on CPU are very slow (bitsandbytes' CPU path); meant for GPUs", cfg.quant)
+        _said["cpu_quant"] = True
     processor = load_processor(name, cfg.trust_remote_code, local_only)
     try:
         # A checkpoint saved already quantised carries its own quantization_config: passing one (even None)
@@ -290,6 +291,10 @@ def fuse_kernels(model: Any, cfg: ModelConfig, family: Family, ops: kernels.Fuse
     if not ops.runs_on_cpu and next(core.parameters()).device.type != "cuda":
         return {}
     return kernels.fuse(family.text_model(core), ops, family.rms_norm_offset, rope=family.fused_rope)
+
+
+_said = {"cpu_quant": False}
+"""Warnings said once a process (a K-fold run or a tuning study loads the model many times)."""
 
 
 def _read_config(name: str, cfg: ModelConfig, local_only: bool) -> Any:

@@ -14,7 +14,8 @@ CJK_FONTS = ["Noto Sans CJK KR", "Noto Sans KR", "NanumGothic", "Malgun Gothic",
 
 @lru_cache(maxsize=1)
 def setup() -> None:
-    """Headless backend and a font list that renders Korean where such a font is installed."""
+    """Headless backend and a font list that renders Korean: a system CJK font where one is installed, else the
+    NanumGothic that the koreanize-matplotlib dependency ships (said once), else boxes (warned once)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -22,15 +23,36 @@ def setup() -> None:
 
     available = {f.name for f in font_manager.fontManager.ttflist}
     cjk = [f for f in CJK_FONTS if f in available]
+    if not cjk:
+        bundled = bundled_korean_font()
+        if bundled is not None:
+            font_manager.fontManager.addfont(str(bundled))
+            cjk = [font_manager.FontProperties(fname=str(bundled)).get_name()]
+            import logging
+
+            logging.getLogger("mcvqa").info("no system Korean font: plots use %s from koreanize-matplotlib", cjk[0])
     if not cjk:  # once per process (lru_cache): the plots still render, Korean as empty boxes
         import warnings
 
         warnings.warn(
             "no Korean font is installed, so Korean text in plots shows as boxes; install one of "
-            f"{', '.join(CJK_FONTS[:3])} (e.g. apt install fonts-noto-cjk, or fonts-nanum) and run again", stacklevel=2,
+            f"{', '.join(CJK_FONTS[:3])} (e.g. apt install fonts-noto-cjk, or fonts-nanum), or pip install "
+            "koreanize-matplotlib, and run again", stacklevel=2,
         )
     matplotlib.rcParams["font.family"] = ["DejaVu Sans", *cjk]
     matplotlib.rcParams["axes.unicode_minus"] = False
+
+
+def bundled_korean_font() -> Path | None:
+    """NanumGothic.ttf from the koreanize-matplotlib package (a dependency), without importing it (its import
+    changes matplotlib's global settings); None when it is not installed."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("koreanize_matplotlib")
+    if spec is None or spec.origin is None:
+        return None
+    font = Path(spec.origin).parent / "fonts" / "NanumGothic.ttf"
+    return font if font.is_file() else None
 
 
 def plot_loss(losses: list[list[float]], history: list[dict[str, Any]], path: Path) -> None:

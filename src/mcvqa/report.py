@@ -155,10 +155,13 @@ li.true{color:#2e7d32;font-weight:600} li.pred{color:#c62828;text-decoration:lin
 """
 
 
-def build_report(pred: str | Path, data: str | Path, out: str | Path, *, compare: str | Path | None = None, top_mistakes: int = 24, title: str | None = None) -> Path:
+def build_report(pred: str | Path, data: str | Path, out: str | Path, *, compare: str | Path | None = None, top_mistakes: int = 24, title: str | None = None,
+                 data_root: str | Path | None = None) -> Path:
+    """``data_root``: where the CSV's images may lie (default: its folder, or MCVQA_DATA), e.g. the data folder of a
+    run's ``val.csv``."""
     from mcvqa.io import atomic_write_text
 
-    ds = read_csv(data, require_answer=True)
+    ds = read_csv(data, require_answer=True, root=data_root)
     labels = {it.id: int(it.answer) for it in ds}  # type: ignore[arg-type]
     frame = read_probs(pred)
     probs, y, ids, _ = align(frame, labels, pred)

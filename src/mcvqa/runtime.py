@@ -73,3 +73,74 @@ def independent_worker() -> Worker:
     for key in LAUNCHER_VARIABLES:
         os.environ.pop(key, None)
     return Worker(env.rank, env.world_size, env.local_rank)
+
+
+# ------------------------------------------------------------------------------------------ progress
+
+
+def progress_bar(**kwargs: Any) -> Any:
+    """A tqdm bar that counts the work, fitted to where stderr goes: a redrawn bar on a terminal; in a log file or a
+    pipe (a job scheduler, ``nohup``, CI), one plain line every ``mininterval`` seconds (30 by default) and one at the
+    end, with no carriage returns or escape codes to flood the log."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    stream = kwargs.get("file") or sys.stderr
+    if getattr(stream, "isatty", lambda: False)():
+        kwargs.setdefault("dynamic_ncols", True)
+        return tqdm(**kwargs)
+    kwargs.pop("dynamic_ncols", None)
+    kwargs.setdefault("mininterval", 30.0)
+    return _LogLines(**kwargs)
+
+
+def _log_lines_class() -> Any:
+    from tqdm import tqdm
+
+    class LogLines(tqdm):  # type: ignore[misc, valid-type]
+        """tqdm writing whole lines: its status printer redraws with ``\\r``, which a log keeps as one endless line."""
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs.update(ascii=True, ncols=100, dynamic_ncols=False, leave=True)
+            self._last, self._last_t, self._final = "", float("-inf"), False
+            super().__init__(*args, **kwargs)
+
+        def display(self, msg: str | None = None, pos: int | None = None) -> bool:
+            import time
+
+            now = time.monotonic()
+            # At most one line per mininterval (set_postfix refreshes at every step), the last one always.
+            if not self._final and now - self._last_t < self.mininterval:
+                return True
+            line = (msg if msg is not None else self.__str__()).strip()
+            if line and line != self._last:  # the same state twice (a refresh at close) is not worth a line
+                self.fp.write(line + "\n")
+                self.fp.flush()
+                self._last, self._last_t = line, now
+            return True
+
+        def close(self) -> None:
+            if self.disable:
+                return
+            if not self._final:
+                self._final = True
+                self.display()
+            self.disable = True  # tqdm's own close would add a blank line
+            with self.get_lock():
+                try:
+                    self._instances.remove(self)
+                except KeyError:
+                    pass
+
+    return LogLines
+
+
+def _LogLines(**kwargs: Any) -> Any:
+    global _LOG_LINES
+    if _LOG_LINES is None:
+        _LOG_LINES = _log_lines_class()
+    return _LOG_LINES(**kwargs)
+
+
+_LOG_LINES: Any = None

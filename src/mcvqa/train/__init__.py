@@ -13,10 +13,11 @@ from pathlib import Path
 
 from mcvqa.config import Config
 from mcvqa.data import read_csv, stratified_split
+from mcvqa.runtime import distributed
 from mcvqa.train.build import build_model, fp16_scaler, make_scheduler, param_groups
 from mcvqa.train.data import TrainDataset, epoch_batches
 from mcvqa.train.kfold import train_kfold
-from mcvqa.train.loop import Run, TrainResult, fit, finish, setup, train_split
+from mcvqa.train.loop import Run, TrainResult, fit, finish, setup, train_split, write_held_out
 from mcvqa.train.loss import AnswerLoss
 
 
@@ -42,7 +43,11 @@ def train(
     else:
         train_ds, val_ds = stratified_split(ds, cfg.data.val_fraction, cfg.data.split_seed)
     log_fn(f"training on {len(train_ds)} questions, validating on {len(val_ds)}")
-    return train_split(cfg, train_ds, val_ds.items, out, resume=resume, progress=progress, log_fn=log_fn)
+    result = train_split(cfg, train_ds, val_ds.items, out, resume=resume, progress=progress, log_fn=log_fn)
+    if len(val_ds) and result.finished and distributed().main:
+        write_held_out(out, val_ds, log_fn)
+    return result
+
 
 
 __all__ = [

@@ -12,7 +12,8 @@ import numpy as np
 from mcvqa.config import Config
 from mcvqa.data import Dataset, kfold_splits
 from mcvqa.io import atomic_write_json, atomic_write_text
-from mcvqa.train.loop import TrainResult, train_split
+from mcvqa.runtime import distributed
+from mcvqa.train.loop import TrainResult, train_split, write_held_out
 
 
 def train_kfold(cfg: Config, ds: Dataset, out: Path, *, resume: bool, progress: bool, log_fn: Callable[[str], None]) -> TrainResult:
@@ -28,6 +29,8 @@ def train_kfold(cfg: Config, ds: Dataset, out: Path, *, resume: bool, progress: 
             continue
         log_fn(f"fold {k + 1}/{len(folds)}: {len(tr)} train, {len(va)} validation")
         r = train_split(cfg, tr, va.items, fold_out, resume=resume, progress=progress, log_fn=log_fn)
+        if r.finished and distributed().main:
+            write_held_out(fold_out, va, log_fn)
         results.append({"fold": k, **r.best_metrics})
     accs = np.array([r["accuracy"] for r in results])
     summary = {"folds": results, "accuracy_mean": float(accs.mean()), "accuracy_std": float(accs.std(ddof=1)) if len(accs) > 1 else 0.0}

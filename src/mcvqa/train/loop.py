@@ -28,18 +28,17 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from mcvqa.checkpoint import TrainState, checkpoint, latest_checkpoint, load_checkpoint, publish, read_state, save_model
 from mcvqa import families
 from mcvqa.config import Config
-from mcvqa.data import Dataset, Item
+from mcvqa.data import Dataset, Item, write_items
 from mcvqa.errors import McvqaError
 from mcvqa.evaluate import metrics
 from mcvqa.features import Collator, Encoder, resolve_num_workers, token_lengths
 from mcvqa.io import recover_dir
 from mcvqa.prompts import load_prompt
-from mcvqa.runtime import Dist, distributed
+from mcvqa.runtime import Dist, distributed, progress_bar
 from mcvqa.scoring import Scorer, letter_tokens
 from mcvqa.train.build import build_model, fp16_scaler, make_scheduler, param_groups
 from mcvqa.train.data import TrainDataset, epoch_batches
@@ -261,7 +260,7 @@ def fit(run: Run, on_epoch_end: Callable[[int, dict[str, Any]], None] | None = N
     invocation first (a checkpoint holds where it stopped)."""
     tc, state = run.cfg.train, run.state
     stop_at = state.global_step + tc.stop_after_steps if tc.stop_after_steps else None
-    bar = tqdm(total=run.plan.total_steps, initial=state.global_step, desc="training", unit="step", disable=not run.progress or not run.main, dynamic_ncols=True)
+    bar = progress_bar(total=run.plan.total_steps, initial=state.global_step, desc="training", unit="step", disable=not run.progress or not run.main)
     run.loss_module.train()
     try:
         while state.global_step < run.plan.total_steps and state.epoch < math.ceil(tc.epochs):
@@ -430,6 +429,13 @@ def finish(run: Run) -> TrainResult:
         publish(run.out, run.model, run.processor, run.cfg, run.cfg.train.method, run.state, summary)
     run.accelerator.wait_for_everyone()
     return _result(run, finished=True)
+
+
+def write_held_out(out: Path, val_ds: Dataset, log_fn: Callable[[str], None]) -> Path:
+    """``val.csv`` beside the run: the rows it validated on, for evaluate / report / ensemble / predict on them."""
+    path = write_items(out / "val.csv", val_ds.items)
+    log_fn(f"held-out rows: {path} (predict or report on them with --data-root {val_ds.root})")
+    return path
 
 
 def _result(run: Run, finished: bool) -> TrainResult:
