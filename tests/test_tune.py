@@ -115,3 +115,50 @@ def test_recipe_and_summary_say_what_was_measured(cfg_factory, synth_data, tmp_p
     assert abs(acc * n_val - round(acc * n_val)) < 1e-9, "an accuracy, not accuracy - 0.001 nll"
     assert summary["best_value"] < acc
     assert f"best trial {summary['best_trial']}: accuracy {acc:.4f}" in lines
+
+
+def test_workers_share_one_study_survive_a_kill_and_summarise_once(tiny_model, synth_data, tmp_path, space) -> None:
+    """Issue 29: `mcvqa tune --gpus 2` (here two CPU workers): the trials split between two processes on one study,
+    each with its own seed; a worker killed mid-trial is started again and its trial goes stale and is retried; the
+    summary is written once, by the launcher, over every trial."""
+    db = tmp_path / "study.db"
+    cmd = [sys.executable, "-m", "mcvqa", "tune", "--gpus", "2", "--trials", "4", "--data", str(synth_data / "train.csv"),
+           "--model", str(tiny_model), "--device", "cpu", "--study", str(db), "--out", str(tmp_path / "t"), "--space", str(space),
+           "--max-epochs", "1", "--pruner", "none", "--heartbeat", "1", "-q", *[a for s in BASE + ["image.size=64"] for a in ("--set", s)]]
+    proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    killed = None
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and killed is None:
+        workers = tmp_path / "t" / "workers.json"
+        if workers.exists() and _running_with_heartbeat(db) >= 2:  # both workers mid-trial: the kill cuts one
+            pid = json.loads(workers.read_text())["1"]["pid"]
+            os.kill(pid, signal.SIGKILL)
+            killed = pid
+        time.sleep(0.05)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert killed is not None
+    assert "2 workers on study 'mcvqa'" in err and "worker 0 on CPU (2 trials)" in err
+    assert "worker 1 ended with exit code -9" in err and "starting it again" in err
+    assert err.count("best trial ") == 1  # one summary, by the launcher
+    lines = [l for l in err.splitlines() if l.startswith("[worker ")]
+    assert {l[:10] for l in lines} == {"[worker 0]", "[worker 1]"}
+    with sqlite3.connect(db) as con:
+        states = [s for (s,) in con.execute("select state from trials")]
+        seeds_differ = len({tuple(r) for r in con.execute("select param_name, param_value from trial_params where param_name = 'train.lr'")})
+    assert states.count("FAIL") == 1 and states.count("RUNNING") == 0  # the killed trial, marked failed and retried
+    assert states.count("COMPLETE") >= 4 and seeds_differ >= 4
+    summary = json.loads((tmp_path / "t" / "tune_summary.json").read_text())
+    assert summary["workers"] == 2 and summary["trials"] == len(states) and summary["complete"] == states.count("COMPLETE")
+
+
+def test_workers_placement() -> None:
+    from mcvqa.errors import McvqaError
+    from mcvqa.tune import split_trials, worker_devices
+
+    assert split_trials(7, 3) == [3, 2, 2] and split_trials(1, 2) == [1, 0]
+    assert worker_devices(2, None, 4) == ["0", "1"]
+    assert worker_devices(2, "3,GPU-abc", 2) == ["3", "GPU-abc"]  # the cards the user made visible, in their order
+    assert worker_devices(3, None, 0) == [None, None, None]  # CPU workers
+    with pytest.raises(McvqaError, match="--gpus 3: only 2 GPUs visible; use --gpus 2 or fewer"):
+        worker_devices(3, None, 2)

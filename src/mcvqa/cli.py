@@ -320,22 +320,28 @@ def tune(
     pruner: Annotated[str, typer.Option(help="hyperband | sha | median | none")] = "hyperband",
     seed: Annotated[int, typer.Option(help="Sampler seed.")] = 42,
     heartbeat: Annotated[int, typer.Option(help="Seconds between trial heartbeats (a killed trial is retried after 2x).")] = 60,
+    gpus: Annotated[int, typer.Option("--gpus", "--workers", help="Start this many worker processes on the one study, one per GPU (on CPU: processes); --trials is split between them, the summary written once.")] = 0,
     model: ModelOpt = None,
     device: DeviceOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Bayesian hyperparameter search (Optuna TPE) with Hyperband pruning on per-epoch validation accuracy."""
-    from mcvqa.tune import TuneOptions
+    from mcvqa.tune import TuneOptions, run_workers
     from mcvqa.tune import tune as run_tune
 
     if pruner not in ("hyperband", "sha", "median", "none"):
         raise McvqaError(f"--pruner must be hyperband, sha, median or none, got {pruner!r}")
     if folds < 1:
         raise McvqaError("--folds must be at least 1")
+    if gpus < 0:
+        raise McvqaError(f"--gpus must be 0 (this process alone) or more, got {gpus}")
     cfg = _config(config, sets, [model], model__name_or_path=model, model__device=device)
     opts = TuneOptions(trials=trials, study=study, name=name, space=space, subsample=subsample, folds=folds, max_epochs=max_epochs,
                        timeout=timeout, pruner=pruner, seed=seed, heartbeat=heartbeat)
-    run_tune(cfg, data, out, opts, recipe=config, progress=not quiet, log=_echo)
+    if gpus <= 1:
+        run_tune(cfg, data, out, opts, recipe=config, progress=not quiet, log=_echo)
+    else:
+        run_workers(cfg, data, out, opts, gpus, recipe=config, log=_echo)
 
 
 @app.command()

@@ -9,7 +9,10 @@ that fall behind. With ``--folds K`` a trial trains K models on K folds of the s
 is their mean accuracy (each fold's epochs are successive pruning steps).
 
 The study lives in SQLite: a second ``mcvqa tune`` on the same ``--study`` resumes it, several can run at
-once (one per GPU), and a trial whose process was killed is marked failed by Optuna's heartbeat and retried.
+once, and a trial whose process was killed is marked failed by Optuna's heartbeat and retried. ``--gpus N``
+starts those processes itself (:func:`run_workers`): one worker per GPU on the one study, each pinned to its card
+with ``CUDA_VISIBLE_DEVICES`` and sampling with its own seed, a worker that dies restarted once, and the summary
+written once at the end.
 """
 
 from __future__ import annotations
@@ -57,6 +60,8 @@ class TuneOptions:
     """Seconds between trial heartbeats; a trial silent for 2 x this long is taken as killed and retried."""
     keep_trial_outputs: bool = False
     """Keep every trial's adapters and checkpoints (default: only its metrics.json)."""
+    summary: bool = True
+    """Write best_recipe.yaml, the plot and tune_summary.json at the end (off in the workers of ``--gpus N``)."""
 
 
 DEFAULT_SPACE: dict[str, dict[str, Any]] = {
@@ -263,7 +268,187 @@ def tune(
 
     t0 = time.perf_counter()
     study.optimize(objective, n_trials=opts.trials, timeout=opts.timeout, catch=(McvqaError,))
+    if not opts.summary:  # a worker of run_workers: the launcher summarises the whole study once
+        return {"new_trials": len(study.trials) - before}
     return summarise(study, base, space, out, recipe, before, time.perf_counter() - t0, log)
+
+
+@dataclass
+class Worker:
+    """One worker process of :func:`run_workers`."""
+
+    index: int
+    trials: int
+    device: str | None
+    """The ``CUDA_VISIBLE_DEVICES`` value it gets (one card), or None on CPU."""
+    done: int = 0
+    """Trials it reported finished (complete or pruned), for a restart's remaining count."""
+    restarts: int = 0
+
+
+def split_trials(total: int, workers: int) -> list[int]:
+    """``total`` trials over ``workers`` processes, the first ones taking the remainder."""
+    return [total // workers + (1 if i < total % workers else 0) for i in range(workers)]
+
+
+def worker_devices(n: int, visible: str | None, gpus_available: int) -> list[str | None]:
+    """The card each of ``n`` workers is pinned to: the i-th entry of an existing ``CUDA_VISIBLE_DEVICES`` (ids or
+    UUIDs), else GPU i; all None when there is no GPU (CPU workers). More workers than cards is refused."""
+    if gpus_available == 0:
+        return [None] * n
+    cards = [c.strip() for c in visible.split(",") if c.strip()] if visible else [str(i) for i in range(gpus_available)]
+    if n > len(cards):
+        raise McvqaError(f"--gpus {n}: only {len(cards)} GPU{'s' if len(cards) != 1 else ''} visible; use --gpus {len(cards)} or fewer")
+    return cards[:n]
+
+
+def _line(msg: str) -> None:
+    import sys
+
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _worker_main(base: Config, data: str, out: str, opts: TuneOptions, recipe: str | None, device: str | None, log_path: str) -> None:
+    """One worker of :func:`run_workers`, in its own (spawned) interpreter: pinned to its card before anything touches
+    CUDA, outside any launcher's process group, its output to its log file."""
+    import os
+    import sys
+
+    from mcvqa.config import LAUNCHER_VARIABLES
+
+    for key in LAUNCHER_VARIABLES:
+        os.environ.pop(key, None)
+    if device is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = device
+    fh = open(log_path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 - the process's stdout/stderr until it ends
+    os.dup2(fh.fileno(), 1)
+    os.dup2(fh.fileno(), 2)
+    sys.stdout = sys.stderr = fh
+    tune(base, data, out, opts, recipe=Path(recipe) if recipe else None, progress=False, log=_line)
+
+
+def run_workers(
+    base: Config,
+    data: str | Path,
+    out: str | Path,
+    opts: TuneOptions,
+    workers: int,
+    *,
+    recipe: Path | None = None,
+    log: Callable[[str], None] = print,
+    max_restarts: int = 1,
+) -> dict[str, Any]:
+    """``mcvqa tune --gpus N``: N worker processes on one study, then one summary.
+
+    Each worker runs :func:`tune` on the same study with its share of the trials and its own sampler seed, pinned to
+    one card, writing no summary; its lines are relayed here with its index in front (and kept in
+    ``OUT/worker_I.log``). A worker that dies (killed, out of memory) is started again up to ``max_restarts`` times for
+    the trials it had left; the trial it was running goes stale on Optuna's heartbeat and is retried by the next
+    worker to ask for one. Ctrl-C / SIGTERM stop every worker (their finished trials stay in the study). Returns the
+    summary of the whole study, as :func:`tune` does. Workers are started with ``multiprocessing`` (spawn), never a
+    command line.
+    """
+    import multiprocessing as mp
+    import os
+    import threading
+
+    import optuna
+    import torch
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    space = load_space(opts.space, recipe)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # Created here, once, before the workers race to create it.
+    study = optuna.create_study(study_name=opts.name, storage=storage(opts.study, opts.heartbeat), load_if_exists=True, direction="maximize")
+    before = len(study.trials)
+    gpus = torch.cuda.device_count() if base.model.device == "auto" or base.model.device.startswith("cuda") else 0
+    devices = worker_devices(workers, os.environ.get("CUDA_VISIBLE_DEVICES"), gpus)
+    if gpus:
+        base = apply(base, {"model.device": "cuda"})  # each worker sees its one card as cuda:0
+    pool = [Worker(i, n, d) for i, (n, d) in enumerate(zip(split_trials(opts.trials, workers), devices)) if n > 0]
+    where = ", ".join(f"worker {w.index} on {'GPU ' + w.device if w.device is not None else 'CPU'} ({w.trials} trials)" for w in pool)
+    log(f"{len(pool)} workers on study '{opts.name}' in {opts.study}: {where}")
+    ctx = mp.get_context("spawn")  # a fresh interpreter: no CUDA state, no launcher group inherited
+    stop = threading.Event()
+
+    def start(w: Worker) -> tuple[Any, threading.Thread]:
+        log_path = out / f"worker_{w.index}.log"
+        offset = log_path.stat().st_size if log_path.exists() else 0
+        worker_opts = dataclasses.replace(opts, trials=w.trials - w.done, seed=opts.seed + w.index + 1000 * w.restarts, summary=False)
+        proc = ctx.Process(target=_worker_main, args=(base, str(data), str(out), worker_opts, str(recipe) if recipe else None, w.device, str(log_path)),
+                           name=f"mcvqa-tune-worker-{w.index}")
+        proc.start()
+
+        def relay() -> None:  # follow the worker's log file until it has ended and the file is read
+            pending = ""
+            while True:
+                alive = proc.is_alive()
+                if log_path.exists():
+                    with log_path.open(encoding="utf-8", errors="replace") as fh:
+                        fh.seek(offset_box[0])
+                        chunk = fh.read()
+                        offset_box[0] = fh.tell()
+                    pending += chunk
+                    *lines, pending = pending.split("\n")
+                    for line in lines:
+                        if line.startswith("trial ") and (": accuracy" in line or ": pruned" in line):
+                            w.done += 1
+                        log(f"[worker {w.index}] {line}")
+                if not alive or stop.is_set():
+                    if pending:
+                        log(f"[worker {w.index}] {pending}")
+                    return
+                time.sleep(0.2)
+
+        offset_box = [offset]
+        thread = threading.Thread(target=relay, daemon=True)
+        thread.start()
+        return proc, thread
+
+    running: dict[int, tuple[Worker, Any, threading.Thread]] = {}
+
+    def record() -> None:  # which process is which worker: for a user who wants to stop one (or a test that kills one)
+        atomic_write_json(out / "workers.json", {str(i): {"pid": p.pid, "device": w.device, "restarts": w.restarts} for i, (w, p, _) in running.items()})
+
+    t0 = time.perf_counter()
+    failed: list[str] = []
+    try:
+        for w in pool:
+            running[w.index] = (w, *start(w))
+        record()
+        while running:
+            time.sleep(0.2)
+            for index, (w, proc, thread) in list(running.items()):
+                if proc.is_alive():
+                    continue
+                thread.join(timeout=5)
+                del running[index]
+                code = proc.exitcode
+                if code == 0 or w.done >= w.trials:
+                    continue
+                if w.restarts < max_restarts:
+                    w.restarts += 1
+                    log(f"worker {index} ended with exit code {code} after {w.done} of {w.trials} trials; starting it again")
+                    running[index] = (w, *start(w))
+                    record()
+                else:
+                    failed.append(f"worker {index} (exit code {code})")
+    finally:
+        stop.set()
+        for _, proc, _ in running.values():  # interrupted: stop the workers, their finished trials are in the study
+            proc.terminate()
+        for _, proc, _ in running.values():
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.kill()
+    if failed:
+        log(f"gave up on {', '.join(failed)}; the study keeps what they finished")
+    study = optuna.load_study(study_name=opts.name, storage=storage(opts.study, opts.heartbeat))
+    summary = summarise(study, base, space, out, recipe, before, time.perf_counter() - t0, log)
+    summary["workers"] = len(pool)
+    atomic_write_json(out / "tune_summary.json", summary)
+    return summary
 
 
 def summarise(study: Any, base: Config, space: dict[str, Any], out: Path, recipe: Path | None, before: int, seconds: float, log: Callable[[str], None]) -> dict[str, Any]:
