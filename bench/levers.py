@@ -56,11 +56,8 @@ def _run(scorer: Any, batches: list) -> tuple[float, torch.Tensor]:
 
 
 def predict_phase(args: argparse.Namespace, items: list, rows: list) -> None:
-    from mcvqa import fp8, kernels
-    from mcvqa.families import core_and_head
-    from mcvqa.features import Collator
-    from mcvqa.predict import build_scorer
-
+    """Each variant on a freshly loaded model (variants: ``eager``, ``liger``, ``fp8``, ``nf4``, ``compile``, ``cvision``,
+    joined with ``+``), eager's probabilities kept per batch size as the reference of the others."""
     sizes = [int(x) for x in args.batch_sizes.split(",")]
     refs: dict[int, torch.Tensor] = {}
     variants = [v for v in args.variants.split(",") if v]
@@ -79,55 +76,54 @@ def predict_phase(args: argparse.Namespace, items: list, rows: list) -> None:
 
 
 def _predict_variant(args: argparse.Namespace, items: list, rows: list, variant: str, sizes: list[int], refs: dict) -> None:
-    from mcvqa import fp8, kernels
+    from mcvqa import kernels
     from mcvqa.families import core_and_head
     from mcvqa.features import Collator
     from mcvqa.predict import build_scorer
 
-    if True:
-        parts = set(variant.split("+"))
-        quant = "nf4" if "nf4" in parts else "fp8" if "fp8" in parts else "none"
-        torch.cuda.empty_cache()
+    parts = set(variant.split("+"))
+    quant = "nf4" if "nf4" in parts else "fp8" if "fp8" in parts else "none"
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    # The production path: model.kernels and model.quant as a user sets them.
+    scorer = build_scorer(_cfg(args.build, quant, [f"model.kernels={'liger' if 'liger' in parts else 'off'}"]))
+    core, _ = core_and_head(scorer.model)
+    applied: dict[str, Any] = {}
+    if "compile" in parts:
+        applied["compiled"] = kernels.compile_blocks(core, "mlp")
+    if "cvision" in parts:
+        applied["compiled"] = kernels.compile_blocks(core, "vision")
+    load = time.perf_counter() - t0
+    enc = scorer.encoder
+    collate = Collator(enc, with_prefix=False)
+    exs = [enc.encode(it) for it in items[: args.n]]
+    order = sorted(range(len(exs)), key=lambda i: len(exs[i].suffix_ids))
+    for bs in sizes:
+        if variant != "eager" and bs not in (max(sizes), 32):
+            continue
+        batches = [collate([exs[i] for i in order[s : s + bs]]).to(scorer.device) for s in range(0, len(exs), bs)]
+        t1 = time.perf_counter()
+        scorer.logprobs(batches[0])
+        scorer.logprobs(batches[-1])
+        sync()
+        first = time.perf_counter() - t1
         torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
-        # The production path: model.kernels and model.quant as a user sets them.
-        scorer = build_scorer(_cfg(args.build, quant, [f"model.kernels={'liger' if 'liger' in parts else 'off'}"]))
-        core, _ = core_and_head(scorer.model)
-        applied: dict[str, Any] = {}
-        if "compile" in parts:
-            applied["compiled"] = kernels.compile_blocks(core, "mlp")
-        if "cvision" in parts:
-            applied["compiled"] = kernels.compile_blocks(core, "vision")
-        load = time.perf_counter() - t0
-        enc = scorer.encoder
-        collate = Collator(enc, with_prefix=False)
-        exs = [enc.encode(it) for it in items[: args.n]]
-        order = sorted(range(len(exs)), key=lambda i: len(exs[i].suffix_ids))
-        for bs in sizes:
-            if variant != "eager" and bs not in (max(sizes), 32):
-                continue
-            batches = [collate([exs[i] for i in order[s : s + bs]]).to(scorer.device) for s in range(0, len(exs), bs)]
-            t1 = time.perf_counter()
-            scorer.logprobs(batches[0])
-            scorer.logprobs(batches[-1])
-            sync()
-            first = time.perf_counter() - t1
-            torch.cuda.reset_peak_memory_stats()
-            dt, lp = _run(scorer, batches)
-            dt2, _ = _run(scorer, batches)
-            row = {"phase": "predict", "variant": variant, "batch": bs, "q_per_s": round(len(exs) / min(dt, dt2), 1),
-                   "q_per_s_runs": [round(len(exs) / dt, 1), round(len(exs) / dt2, 1)], "warmup_s": round(first, 1),
-                   "load_s": round(load, 1), "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), "applied": applied}
-            if variant == "eager":
-                refs[bs] = lp
-            elif bs in refs:
-                row.update(_agreement(refs[bs], lp))
-            rows.append(row)
-            log(row)
-            del batches
-        if args.profile_variant == variant:
-            profile(scorer, exs, order, max(sizes), args, rows)
-        del scorer, core
+        dt, lp = _run(scorer, batches)
+        dt2, _ = _run(scorer, batches)
+        row = {"phase": "predict", "variant": variant, "batch": bs, "q_per_s": round(len(exs) / min(dt, dt2), 1),
+               "q_per_s_runs": [round(len(exs) / dt, 1), round(len(exs) / dt2, 1)], "warmup_s": round(first, 1),
+               "load_s": round(load, 1), "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), "applied": applied}
+        if variant == "eager":
+            refs[bs] = lp
+        elif bs in refs:
+            row.update(_agreement(refs[bs], lp))
+        rows.append(row)
+        log(row)
+        del batches
+    if args.profile_variant == variant:
+        profile(scorer, exs, order, max(sizes), args, rows)
+    del scorer, core
 
 
 def profile(scorer: Any, exs: list, order: list, bs: int, args: argparse.Namespace, rows: list) -> None:

@@ -290,7 +290,7 @@ def test_progress_in_a_log_is_plain_lines(tiny_model: Path, synth_data: Path, tm
     assert code == 0, err
     assert "\r" not in err and "\x1b[" not in err
     n = len(pd.read_csv(synth_data / "test.csv"))
-    assert any(line.endswith("q/s]") and f"100%" in line and f"{n}/{n}" in line for line in err.splitlines()), err
+    assert any(line.endswith("q/s]") and "100%" in line and f"{n}/{n}" in line for line in err.splitlines()), err
 
 
 def test_cpu_quantisation_warning_once_a_process(tiny_model: Path, synth_data: Path, tmp_path: Path, capsys, caplog, monkeypatch) -> None:
