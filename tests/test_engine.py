@@ -171,3 +171,35 @@ def test_blend_through_the_cli_weighs_the_base_model_as_told(tiny_model: Path, a
     half = probs("w03", *blend, "--set", "tta.blend_weight=0.3")
     mixed = np.exp(0.7 * np.log(adapted) + 0.3 * np.log(base))
     np.testing.assert_allclose(half, mixed / mixed.sum(1, keepdims=True), atol=1e-6)
+
+
+def test_a_batch_is_recorded_after_the_next_is_queued_and_before_a_failure(encoder, synth_data: Path, tmp_path: Path) -> None:
+    """Results stay on the device until the next batch is queued (the copy back overlaps it); a batch that fails
+    must not take the finished one before it along: the journal holds every batch scored before the failure, and a
+    resumed run scores only the rest."""
+    import numpy as np
+    import torch
+
+    from mcvqa.data import read_csv
+    from mcvqa.engine import Engine, Journal, Scored
+
+    items = read_csv(synth_data / "train.csv").items[:8]
+    journal = Journal(tmp_path / "journal.jsonl", "f")
+    journal.start()
+    calls: list[list[str]] = []
+
+    def fn(questions) -> Scored:
+        calls.append([q.id for q in questions])
+        if len(calls) == 3:
+            raise RuntimeError("the third batch fails")
+        return Scored(torch.full((len(questions), 4), 0.25))  # a tensor, as the plain step returns
+
+    engine = Engine(items[:8], encoder, batch_size=2, journal=journal, progress=False)
+    with pytest.raises(RuntimeError, match="third"):
+        engine.map("p", range(8), fn)
+    assert sorted(journal.load()) == [("p", 0), ("p", 1)]
+    calls.clear()
+    engine = Engine(items[:8], encoder, batch_size=2, journal=journal, done=journal.load(), progress=False)
+    out = engine.map("p", range(8), lambda qs: calls.append([q.id for q in qs]) or Scored(np.full((len(qs), 4), 0.25)))
+    assert calls == [[it.id for it in items[4:6]], [it.id for it in items[6:8]]] and out.probs.shape == (8, 4) and np.allclose(out.probs, 0.25)
+    assert sorted(journal.load()) == [("p", b) for b in range(4)]

@@ -174,3 +174,46 @@ def test_compiled_blocks_score_like_eager(cfg_factory, encoder, items, scope) ->
     shorter = Scorer(model, encoder).logprobs(collate(exs[:3], encoder.pad_id))  # another shape
     torch.testing.assert_close(after, before, atol=1e-5, rtol=0)
     torch.testing.assert_close(shorter, before[:3], atol=1e-4, rtol=0)
+
+
+def test_vision_tower_on_a_host_grid_equals_transformers_forward(tiny_loaded) -> None:
+    """The grid-derived tensors computed once on the host (and cached per grid), ``cu_seqlens`` kept there, one
+    attention call per run of equal-size images and the patch embedding as a matrix product: the same image
+    features and DeepStack features as transformers' own forward (its helpers, its per-image SDPA, its Conv3d),
+    for a letterboxed batch and then a mixed one (which must not reuse the first one's cached tensors)."""
+    from PIL import Image
+
+    from mcvqa.families import core_and_head
+    from mcvqa.kernels import VISION_ATTENTION
+
+    model, processor = tiny_loaded
+    visual = core_and_head(model)[0].visual
+    assert visual.reads_host_grid and "forward" in vars(visual.patch_embed)
+    same = [Image.new("RGB", (64, 64), (40 * i, 90, 200)) for i in range(3)]
+    mixed = same[:2] + [Image.effect_noise((96, 64), 40).convert("RGB")] + same[2:]
+    for images in (same, mixed, same):
+        px = processor.image_processor(images=images, return_tensors="pt")
+        with torch.no_grad():
+            fast = visual(px["pixel_values"], grid_thw=px["image_grid_thw"])
+            visual.config._attn_implementation = "sdpa"
+            patch_forward = vars(visual.patch_embed).pop("forward")
+            try:
+                stock = type(visual).forward(visual, px["pixel_values"], grid_thw=px["image_grid_thw"])
+            finally:
+                visual.config._attn_implementation = VISION_ATTENTION
+                visual.patch_embed.forward = patch_forward
+        torch.testing.assert_close(fast.pooler_output, stock.pooler_output, atol=1e-5, rtol=0)
+        for a, b in zip(fast.deepstack_features, stock.deepstack_features, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_a_moved_batch_reads_positions_and_grids_from_its_host_copy(tiny_loaded, encoder, items) -> None:
+    """``Batch.to`` keeps the CPU batch it came from, and ``rows`` cuts that copy too (the out-of-memory halves):
+    scoring a moved half equals scoring the half of the CPU batch."""
+    scorer = Scorer(tiny_loaded[0], encoder)
+    exs = _long_short(encoder, items)
+    batch = collate(exs, encoder.pad_id)
+    moved = batch.to("cpu")
+    assert moved.host is batch and moved.rows(1, 3).host is not None
+    torch.testing.assert_close(scorer.logprobs(moved.rows(1, 3)), scorer.logprobs(batch.rows(1, 3)), atol=1e-6, rtol=0)
+    torch.testing.assert_close(scorer.logprobs(moved.rows(0, 2)), scorer.logprobs(collate(exs[:2], encoder.pad_id)), atol=1e-5, rtol=0)

@@ -217,10 +217,39 @@ def score_items_generate(model: Any, encoder: Encoder, questions: Sequence[Loade
 class Scored:
     """What a method returns for a batch of questions."""
 
-    probs: np.ndarray
-    """(B, 4) probabilities by original option."""
-    per_order: np.ndarray | None = None
-    """(B, V, 4) probabilities under each option order, when the method scores several."""
+    probs: np.ndarray | torch.Tensor
+    """(B, 4) probabilities by original option; a tensor may still be on the GPU (see :meth:`on_host`)."""
+    per_order: np.ndarray | torch.Tensor | None = None
+    """(B, V, 4) probabilities under each option order, when the method scores several (a tensor: as ``probs``)."""
+    ready: Any = None
+    """A CUDA event recorded after the copy of ``probs`` to the host was queued (see :meth:`copy_to_host`)."""
+
+    def copy_to_host(self) -> Scored:
+        """Queue the copy of GPU ``probs`` into pinned host memory and return at once: the engine reads it (in
+        :meth:`on_host`) only after queueing the next batch, so the GPU never idles while the host journals this
+        batch and prepares the next."""
+        def pinned(t: Any) -> Any:
+            if not isinstance(t, torch.Tensor) or not t.is_cuda:
+                return t
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            return host.copy_(t.detach(), non_blocking=True)
+
+        if not any(isinstance(t, torch.Tensor) and t.is_cuda for t in (self.probs, self.per_order)):
+            return self
+        probs, per_order = pinned(self.probs), pinned(self.per_order)
+        event = torch.cuda.Event()
+        event.record()
+        return Scored(probs, per_order, event)
+
+    def on_host(self) -> Scored:
+        """This result as float64 numpy arrays (waiting for its copy, if one is in flight)."""
+        if self.ready is not None:
+            self.ready.synchronize()
+
+        def array(t: Any) -> Any:
+            return t.detach().double().cpu().numpy() if isinstance(t, torch.Tensor) else t
+
+        return Scored(array(self.probs), array(self.per_order))
 
 
 @dataclass
@@ -282,8 +311,9 @@ class Engine:
             works = iterate_prepared(self.items, chosen, load, self.num_workers)
         with progress_bar(total=total, initial=total - sum(len(slices[b]) for b in todo), desc=desc or phase, unit="q",
                           disable=not self.progress or not self.dist.main, leave=leave) as bar:
-            for b, work in zip(todo, works):
-                out, bad = self._scored(fn, work)
+
+            def record(b: int, out: Scored, bad: list[list[str]]) -> None:
+                out = out.on_host()
                 p = out.probs / out.probs.sum(axis=1, keepdims=True)
                 po = None if out.per_order is None else out.per_order.tolist()
                 results[b] = (slices[b], p.tolist(), po, bad)
@@ -291,6 +321,19 @@ class Engine:
                     ids = [self.items[i].id for i in slices[b]]
                     self.journal.append({"phase": phase, "batch": b, "ids": ids, "probs": p.tolist(), "per_order": po, "bad": bad})
                 bar.update(len(slices[b]))
+
+            # A batch is recorded once the next one is queued on the GPU (its copy back overlaps that batch); when the
+            # next one fails, the one before is recorded first, so no finished work is lost.
+            pending: tuple[int, Scored, list[list[str]]] | None = None
+            try:
+                for b, work in zip(todo, works):
+                    out, bad = self._scored(fn, work)
+                    if pending is not None:
+                        record(*pending)
+                    pending = (b, out.copy_to_host(), bad)
+            finally:
+                if pending is not None:
+                    record(*pending)
         return self._assemble(indices, results)
 
     def score(
@@ -355,7 +398,7 @@ class Engine:
         st.oom_halvings += 1
         half = len(work) // 2
         st.batch_size_used = half if st.batch_size_used == 0 else min(st.batch_size_used, half)
-        outs = [self._with_backoff(fn, w) for w in _halves(work)]
+        outs = [self._with_backoff(fn, w).on_host() for w in _halves(work)]
         per_order = None if outs[0].per_order is None else np.concatenate([o.per_order for o in outs])  # type: ignore[misc]
         return Scored(np.concatenate([o.probs for o in outs]), per_order)
 
@@ -370,7 +413,7 @@ class Engine:
 def logits_step(scorer: Scorer) -> Callable[[Batch], Scored]:
     """One encoded batch -> its (B, 4) probabilities: the plain scoring step."""
     def step(batch: Batch) -> Scored:
-        return Scored(scorer.logprobs(batch).exp().double().cpu().numpy())
+        return Scored(scorer.logprobs(batch).exp())  # left on the GPU: the engine copies it back (Scored.copy_to_host)
 
     return step
 

@@ -106,6 +106,9 @@ class Batch:
     prefix_len: int = 0
     """Tokens of the shared prefix included at the start of every row (0: the prefix comes from a cache)."""
     bad_images: list[str | None] = field(default_factory=list)
+    host: Batch | None = field(default=None, repr=False, compare=False)
+    """The batch this one was moved from (see :meth:`to`): what is read on the host (M-RoPE positions, image grids,
+    row lengths) is read there, so the GPU is never waited for before the batch's kernels are queued."""
 
     def to(self, device: torch.device | str) -> Batch:
         def mv(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -118,11 +121,17 @@ class Batch:
             lengths=mv(self.lengths),
             vision={k: v.to(device, non_blocking=True) for k, v in self.vision.items()},
             labels=mv(self.labels),
+            host=self.host if self.host is not None else (self if self.input_ids.device.type == "cpu" else None),
         )
+
+    @property
+    def on_host(self) -> Batch:
+        """The CPU copy of this batch (itself when it is one)."""
+        return self.host if self.host is not None else self
 
     def rows(self, a: int, b: int) -> Batch:
         """Questions ``a:b`` as a batch of their own, trimmed to their longest row."""
-        width = int(self.lengths[a:b].max())
+        width = int(self.on_host.lengths[a:b].max())
         vision = {}
         for k, v in self.vision.items():
             counts = self.vision_rows.get(k) or [v.shape[0] // len(self)] * len(self)
@@ -137,6 +146,7 @@ class Batch:
             vision_rows={k: c[a:b] for k, c in self.vision_rows.items()},
             labels=None if self.labels is None else self.labels[a:b],
             bad_images=self.bad_images[a:b],
+            host=None if self.host is None else self.host.rows(a, b),
         )
 
     def __len__(self) -> int:

@@ -76,7 +76,12 @@ def _vision_sdpa(module: Any, query: torch.Tensor, key: torch.Tensor, value: tor
     total = query.shape[2]
     if cu_seq_lens_q is None:
         cu_seq_lens_q = torch.tensor([0, total], device=query.device)
-    lengths = (cu_seq_lens_q[1:] - cu_seq_lens_q[:-1]).tolist()
+    lengths = (cu_seq_lens_q[1:] - cu_seq_lens_q[:-1]).tolist()  # on the host: see host_grid_vision
+    if lengths and all(n == lengths[0] for n in lengths):  # one size (a letterboxed batch): one call, no copy back
+        n, length = len(lengths), lengths[0]
+        q, k, v = (t[0].reshape(t.shape[1], n, length, t.shape[3]).transpose(0, 1) for t in (query, key, value))
+        o = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout if module.training else 0.0, scale=scaling)
+        return o.permute(0, 2, 1, 3).reshape(1, n * length, query.shape[1], query.shape[3]), None
     out = torch.empty_like(query)
     start = 0
     i = 0
@@ -113,19 +118,106 @@ def register() -> None:
 _registered = False
 
 
+_QWEN3_VISION = ("Qwen3VL", "Qwen3_5")
+"""Model class prefixes whose vision tower is Qwen3-VL's (2-D RoPE, learned positions resampled per grid, packed
+images with ``cu_seqlens``)."""
+
+
 def use_causal_attention(core: Any) -> bool:
     """Switch ``core``'s language model (the model inside ``ForConditionalGeneration``) from ``sdpa`` to :func:`_causal_sdpa` (exact; faster with a cached prefix).
 
-    Only the text decoder changes; the vision tower keeps its own attention. Returns whether it switched.
+    A Qwen3-VL-style vision tower gets :func:`_vision_sdpa` (one call per run of equal-size images) and
+    :func:`host_grid_vision`. Returns whether anything switched.
     """
     register()
     cfg = core.language_model.config
     if cfg._attn_implementation != "sdpa":
         return False
     cfg._attn_implementation = CAUSAL_ATTENTION
-    vision_cfg = getattr(core, "visual", None) and core.visual.config
-    if vision_cfg is not None and vision_cfg._attn_implementation == "sdpa" and type(core).__name__.startswith("Qwen3VL"):
-        vision_cfg._attn_implementation = VISION_ATTENTION
+    visual = getattr(core, "visual", None)
+    if visual is not None and type(core).__name__.startswith(_QWEN3_VISION):
+        if visual.config._attn_implementation == "sdpa":
+            visual.config._attn_implementation = VISION_ATTENTION
+        host_grid_vision(visual)
+        patch_embed_as_matmul(visual)
+    return True
+
+
+def host_grid_vision(visual: Any) -> bool:
+    """Let a Qwen3-VL-style vision tower take its image grid on the host, with nothing computed per batch that the grid fixes.
+
+    transformers' forward derives four things from ``grid_thw`` before the blocks run: the learned position table's
+    resampling indices and weights, the 2-D RoPE positions and ``cu_seqlens``, each with a Python loop over images
+    and ``tolist()`` reads, and the attention reads ``cu_seqlens`` again in every block. With the grid on the GPU
+    each read waits for the GPU (27 blocks: 27 waits a batch). This forward computes them on the host, once per
+    distinct grid (a letterboxed batch has one), keeps ``cu_seqlens`` there for :func:`_vision_sdpa`, and hands
+    them to transformers' own forward, whose helpers take precomputed values from its keyword arguments.
+    Same tensors, same arithmetic. A grid on the GPU is read once (one wait instead of ~30). Returns whether it
+    applied (the forward must have the helpers this relies on; other versions keep theirs).
+    """
+    import sys
+
+    namespace = sys.modules.get(type(visual).__module__)
+    names = ("get_vision_interpolation_indices_and_weights", "get_vision_position_ids", "get_vision_attention_seqlens")
+    helpers = [getattr(namespace, n, None) for n in names]
+    attrs = ("num_grid_per_side", "interpolation_mode", "interpolation_align_corners", "spatial_merge_size")
+    if any(h is None for h in helpers) or not all(hasattr(visual, a) for a in attrs) or getattr(visual, "reads_host_grid", False):
+        return False
+    interpolation, vision_positions, seqlens = helpers
+    original = type(visual).forward
+    cache: dict[tuple[Any, ...], dict[str, Any]] = {}
+
+    def precomputed(grid: tuple[tuple[int, ...], ...], device: torch.device) -> dict[str, Any]:
+        host = torch.tensor(grid, dtype=torch.long)
+        indices, weights = interpolation(
+            host, num_grid_per_side=visual.num_grid_per_side, mode=visual.interpolation_mode,
+            align_corners=visual.interpolation_align_corners, spatial_merge_size=visual.config.spatial_merge_size,
+        )
+        cu_seqlens, max_seqlen = seqlens(host, visual.config)
+        if max_seqlen is None:  # transformers only measures it for flash attention; ours reads it on the host
+            max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if len(grid) else 0
+        ours = visual.config._attn_implementation == VISION_ATTENTION or "flash" not in str(visual.config._attn_implementation)
+        return {
+            "interp_indices": indices.to(device, non_blocking=True),
+            "interp_weights": weights.to(device, non_blocking=True),
+            "position_ids": vision_positions(host, visual.spatial_merge_size).to(device, non_blocking=True),
+            # Kept on the host for attention that reads it there (ours, SDPA's per-image loop); a flash kernel needs it on the GPU.
+            "cu_seqlens": cu_seqlens if ours else cu_seqlens.to(device, non_blocking=True),
+            "max_seqlen": max_seqlen,
+        }
+
+    def forward(hidden_states: torch.Tensor, grid_thw: torch.Tensor, **kwargs: Any) -> Any:
+        if any(k in kwargs for k in ("interp_indices", "position_ids", "cu_seqlens")):  # the caller precomputed them
+            return original(visual, hidden_states, grid_thw, **kwargs)
+        grid = tuple(tuple(int(x) for x in row) for row in grid_thw.tolist())  # no wait for a host grid
+        key = (grid, hidden_states.device, str(visual.config._attn_implementation))
+        pre = cache.get(key)
+        if pre is None:
+            if len(cache) >= 16:  # native-resolution batches rarely repeat a grid: keep the cache small
+                cache.clear()
+            pre = cache[key] = precomputed(grid, hidden_states.device)
+        return original(visual, hidden_states, grid_thw, **pre, **kwargs)
+
+    visual.forward = forward
+    visual.reads_host_grid = True
+    return True
+
+
+def patch_embed_as_matmul(visual: Any) -> bool:
+    """The vision tower's patch embedding (a Conv3d whose kernel equals its stride, over inputs already cut into
+    patches) as the one matrix product it is: cuDNN's 3-D convolution is several times slower for this shape.
+    Exact up to summation order. Returns whether it applied."""
+    embed = getattr(visual, "patch_embed", None)
+    proj = getattr(embed, "proj", None)
+    if not isinstance(proj, torch.nn.Conv3d) or tuple(proj.kernel_size) != tuple(proj.stride) or proj.padding != (0, 0, 0) or proj.groups != 1:
+        return False
+    width = proj.in_channels * int(torch.tensor(proj.kernel_size).prod())
+
+    def forward(hidden_states: torch.Tensor) -> torch.Tensor:
+        w = proj.weight
+        return F.linear(hidden_states.reshape(-1, width).to(w.dtype), w.reshape(w.shape[0], width), proj.bias)
+
+    embed.forward = forward
     return True
 
 

@@ -246,10 +246,34 @@ def answer_hidden(model: Any, batch: Batch, prefix: PrefixKV | None = None, fami
     if prefix is not None and batch.prefix_len:
         raise ValueError("batch already contains the prefix")
     offset = prefix.length if prefix is not None else 0
-    positions = family.positions(core, batch.input_ids, batch.mm_token_type_ids, batch.vision, offset)
-    hidden = _forward(family, core, batch.input_ids, batch.mm_token_type_ids, batch.vision, positions, prefix, None)
+    positions = _positions(family, core, batch, offset)
+    hidden = _forward(family, core, batch.input_ids, batch.mm_token_type_ids, _vision(core, batch), positions, prefix, None)
     rows = torch.arange(hidden.shape[0], device=hidden.device)
     return hidden[rows, batch.lengths.to(hidden.device) - 1]
+
+
+def _positions(family: Family, core: Any, batch: Batch, offset: int) -> torch.Tensor | None:
+    """The family's positions for ``batch``, computed from its host copy and sent to its device.
+
+    M-RoPE's index walks each row in Python (``tolist``, ``item``); on CUDA tensors every such read waits for the
+    GPU to finish the batch before it, on the host copy none does, so the next batch's kernels queue while this
+    one runs.
+    """
+    src = batch.on_host
+    pos = family.positions(core, src.input_ids, src.mm_token_type_ids, src.vision, offset)
+    return None if pos is None else pos.to(batch.input_ids.device, non_blocking=True)
+
+
+def _vision(core: Any, batch: Batch) -> dict[str, torch.Tensor]:
+    """The batch's image tensors for ``core``; the image grid from the host copy when the vision tower reads it
+    there (:func:`mcvqa.kernels.host_grid_vision`), so its per-image bookkeeping never waits for the GPU."""
+    return host_grid(core, batch.vision, batch.on_host.vision)
+
+
+def host_grid(core: Any, vision: dict[str, torch.Tensor], host: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    if not getattr(getattr(core, "visual", None), "reads_host_grid", False) or "image_grid_thw" not in host:
+        return vision
+    return {**vision, "image_grid_thw": host["image_grid_thw"]}
 
 
 def packed_answer_hidden(model: Any, batch: Batch, prefix_ids: Sequence[int], family: Family | None = None) -> torch.Tensor:
@@ -268,8 +292,9 @@ def packed_answer_hidden(model: Any, batch: Batch, prefix_ids: Sequence[int], fa
     device = batch.input_ids.device
     p = len(prefix_ids)
     b = batch.input_ids.shape[0]
-    lengths = batch.lengths.tolist()
-    pos = family.positions(core, batch.input_ids, batch.mm_token_type_ids, batch.vision, p)
+    lengths = batch.on_host.lengths.tolist()
+    pos = _positions(family, core, batch, p)
+    assert pos is not None
     prefix_t = torch.tensor(list(prefix_ids), dtype=torch.long, device=device)
     ids = torch.cat([prefix_t] + [batch.input_ids[i, : lengths[i]] for i in range(b)])[None]
     mm = torch.cat([torch.zeros(p, dtype=batch.mm_token_type_ids.dtype, device=device)] + [batch.mm_token_type_ids[i, : lengths[i]] for i in range(b)])[None]
@@ -282,7 +307,7 @@ def packed_answer_hidden(model: Any, batch: Batch, prefix_ids: Sequence[int], fa
     t = segment.shape[0]
     idx = torch.arange(t, device=device)
     allowed = (idx[None, :] <= idx[:, None]) & ((segment[None, :] == 0) | (segment[None, :] == segment[:, None]))
-    hidden = _forward(family, core, ids, mm, batch.vision, positions, None, allowed[None])
+    hidden = _forward(family, core, ids, mm, _vision(core, batch), positions, None, allowed[None])
     ends = p + torch.cumsum(batch.lengths.to(device), 0) - 1
     return hidden[0, ends]
 
@@ -391,8 +416,8 @@ def shared_prefix_logprobs(
     if any(len(ex.option_variants) != V for ex in examples):
         raise ValueError("every question needs the same number of option orders")
     P = prefix.length
-    vision, _ = cat_vision([ex.vision for ex in examples], family.vision_pad)
-    vision = {k: v.to(device) for k, v in vision.items()}
+    vision_host, _ = cat_vision([ex.vision for ex in examples], family.vision_pad)
+    vision = host_grid(core, {k: v.to(device, non_blocking=True) for k, v in vision_host.items()}, vision_host)
     # Positions of image + question (real lengths) as the single-order path computes them.
     stage1 = [ex.image_ids + ex.question_ids for ex in examples]
     len1 = [len(r) for r in stage1]
@@ -402,8 +427,7 @@ def shared_prefix_logprobs(
     for i, (r, ex) in enumerate(zip(stage1, examples)):
         ids1[i, : len(r)] = torch.tensor(r)
         mm1[i, : len(ex.image_types)] = torch.tensor(ex.image_types, dtype=torch.int32)
-    ids1, mm1 = ids1.to(device), mm1.to(device)
-    pos1 = family.positions(core, ids1, mm1, vision, P)  # (4, B, l1) M-RoPE or (B, l1)
+    pos1 = family.positions(core, ids1, mm1, vision_host, P).to(device, non_blocking=True)  # (4, B, l1) M-RoPE or (B, l1), on the host (see _positions)
     pos1 = pos1 if pos1.dim() == 3 else pos1[None]
     rows_ids: list[list[int]] = []
     segs: list[list[int]] = []  # 0: image + question; v + 1: options under order v; -1: padding

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import torch
 
 from mcvqa.data import Item
 from mcvqa.engine import Scored
@@ -37,8 +38,9 @@ class OrdersEncoding:
 def orders_batch(scorer: Scorer, examples: list[OrderedExample]) -> Scored:
     """One batch under every order (image and question shared): the log-probabilities averaged over orders, mapped
     back to option content, and each order's probabilities (for CircularEval and PriDe)."""
-    lp = scorer.logprobs_orders(examples).double().cpu().numpy()
-    return Scored(normalise(lp.mean(axis=1)), np.exp(lp))
+    lp = scorer.logprobs_orders(examples).double()
+    # On the GPU, copied back by the engine while the next batch runs (Scored.copy_to_host).
+    return Scored(torch.softmax(lp.mean(dim=1), dim=-1), lp.exp())
 
 
 def estimate_prior(order_logprobs: np.ndarray, orders: np.ndarray) -> np.ndarray:
