@@ -17,6 +17,7 @@ import functools
 import hashlib
 import json
 import os
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -127,6 +128,8 @@ class ScoreStats:
     oom_halvings: int = 0
     bad_images: list[tuple[str, str]] = field(default_factory=list)
     generate_unparsed: int = 0
+    first_batch_seconds: float | None = None
+    """From the first ``map`` call to its first batch's result on the host: worker start, decoding, kernel warm-up."""
 
 
 def _is_oom(e: BaseException) -> bool:
@@ -312,8 +315,12 @@ class Engine:
         with progress_bar(total=total, initial=total - sum(len(slices[b]) for b in todo), desc=desc or phase, unit="q",
                           disable=not self.progress or not self.dist.main, leave=leave) as bar:
 
+            started = time.perf_counter()
+
             def record(b: int, out: Scored, bad: list[list[str]]) -> None:
                 out = out.on_host()
+                if self.stats.first_batch_seconds is None:
+                    self.stats.first_batch_seconds = round(time.perf_counter() - started, 3)
                 p = out.probs / out.probs.sum(axis=1, keepdims=True)
                 po = None if out.per_order is None else out.per_order.tolist()
                 results[b] = (slices[b], p.tolist(), po, bad)

@@ -28,7 +28,7 @@ from mcvqa.features import Encoder
 from mcvqa.io import Staged
 from mcvqa.outputs import write_outputs, write_per_order
 from mcvqa.prompts import load_prompt
-from mcvqa.runtime import distributed
+from mcvqa.runtime import distributed, seconds_since_process_start
 from mcvqa.scoring import Scorer
 
 __all__ = ["JOURNAL", "PredictResult", "build_scorer", "predict"]
@@ -68,7 +68,7 @@ def build_scorer(cfg: Config, adapter: str | Path | None = None, model: Any = No
 
 def _stage_summary(
     staged: Staged, out: Path, cfg: Config, ds: Dataset, seconds: float, load_seconds: float, stats: ScoreStats,
-    adapter: str | Path | None, done: dict[int, Any], tta_result: Any,
+    adapter: str | Path | None, done: dict[int, Any], tta_result: Any, timeline: dict[str, float | None] | None = None,
 ) -> None:
     staged.json(
         out / "predict_summary.json",
@@ -88,6 +88,7 @@ def _stage_summary(
             "tta": list(cfg.tta.methods),
             "tta_cost_per_question": None if tta_result is None else {"forwards": tta_result.cost.forwards, "backwards": tta_result.cost.backwards},
             "tta_notes": None if tta_result is None else tta_result.notes,
+            "timeline": timeline or {},
         },
     )
 
@@ -105,12 +106,15 @@ def predict(
     log: Callable[[str], None] = print,
 ) -> PredictResult:
     """Read -> journal -> load -> score through the engine -> write (rank 0) -> close the journal."""
+    timeline: dict[str, float | None] = {"process_start_to_predict": seconds_since_process_start()}
+    t_read = time.perf_counter()
     out = Path(out)
     if adapter is not None and scorer is None:
         from mcvqa.model import check_adapter_folder
 
         check_adapter_folder(adapter)  # a full-model folder passed as --adapter is refused before anything loads
     ds = dataset if dataset is not None else read_csv(data, cfg=cfg.data, on_bad_image=cfg.predict.on_bad_image)
+    timeline["read"] = round(time.perf_counter() - t_read, 3)
     dist = distributed()
     out.mkdir(parents=True, exist_ok=True)
     journal = _journal(out, cfg, ds, adapter, dist)
@@ -140,9 +144,10 @@ def predict(
     probs, tta_result = _score(cfg, scorer, engine)
     seconds = time.perf_counter() - t0
     stats = engine.stats
+    timeline |= {"load": round(load_seconds, 3), "first_batch": stats.first_batch_seconds, "score": round(seconds - load_seconds, 3)}
     result = PredictResult(out, out / "submission.csv", out / "probs.csv", len(ds), seconds, stats, len(done))
     if dist.main:  # rank 0 writes the one submission; the others only close their journals
-        _write(out, cfg, ds, probs, tta_result, adapter, seconds, load_seconds, stats, done)
+        _write(out, cfg, ds, probs, tta_result, adapter, seconds, load_seconds, stats, done, timeline)
     else:
         dist.barrier()
     # The run is complete and its outputs are on disk: the journal has done its job.
@@ -197,7 +202,7 @@ def _score(cfg: Config, scorer: Scorer, engine: Engine) -> tuple[np.ndarray, Any
 
 def _write(
     out: Path, cfg: Config, ds: Dataset, probs: np.ndarray, tta_result: Any, adapter: str | Path | None, seconds: float,
-    load_seconds: float, stats: ScoreStats, done: dict[Any, Any],
+    load_seconds: float, stats: ScoreStats, done: dict[Any, Any], timeline: dict[str, float | None] | None = None,
 ) -> None:
     """Every output staged and renamed into place together: a full disk leaves none of them, and the journal stays,
     so ``--resume`` writes them once there is space (the scoring is not repeated)."""
@@ -210,7 +215,7 @@ def _write(
             staged.csv(out / "bad_images.csv", pd.DataFrame(stats.bad_images, columns=["id", "problem"]))
         if tta_result is not None and tta_result.per_order is not None:
             write_per_order(out / "per_order.csv", ids, tta_result.per_order, staged)
-        _stage_summary(staged, out, cfg, ds, seconds, load_seconds, stats, adapter, done, tta_result)
+        _stage_summary(staged, out, cfg, ds, seconds, load_seconds, stats, adapter, done, tta_result, timeline)
     except BaseException:
         staged.discard()
         raise

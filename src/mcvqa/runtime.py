@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -144,3 +145,14 @@ def _LogLines(**kwargs: Any) -> Any:
 
 
 _LOG_LINES: Any = None
+
+
+def seconds_since_process_start() -> float | None:
+    """Seconds since this process was started (Linux ``/proc``; None elsewhere): a command's timeline begins when the
+    user pressed enter, before Python and torch were imported, not when ``main`` ran."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return round(uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK"), 3)
+    except (OSError, ValueError, IndexError):
+        return None
