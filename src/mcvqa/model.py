@@ -195,9 +195,22 @@ def load_processor(name_or_path: str, trust_remote_code: bool = False, local_fil
         raise ModelError(f"{name_or_path}: cannot load the tokenizer and processor ({first}); if a file there is damaged, re-copy it") from None
 
 
-def load_model(cfg: ModelConfig, adapter: str | Path | None = None) -> tuple[Any, Any]:
-    """(model, processor) on the configured device, in eval mode; with a LoRA adapter when given."""
+def load_model(cfg: ModelConfig, adapter: str | Path | None = None, laps: dict[str, float] | None = None) -> tuple[Any, Any]:
+    """(model, processor) on the configured device, in eval mode; with a LoRA adapter when given.
+
+    ``laps``, when given, receives the seconds each part took (checks, processor, weights, adapter, kernels).
+    """
+    import time
+
     from transformers import AutoModelForImageTextToText
+
+    laps = {} if laps is None else laps
+    mark = [time.perf_counter()]
+
+    def lap(name: str) -> None:
+        now = time.perf_counter()
+        laps[name] = round(now - mark[0], 3)
+        mark[0] = now
 
     if adapter is not None:
         check_adapter_folder(adapter)  # before minutes of loading: is it an adapter at all?
@@ -225,7 +238,9 @@ def load_model(cfg: ModelConfig, adapter: str | Path | None = None) -> tuple[Any
         # bitsandbytes can quantise on CPU, but it is only sensible for tests; say so (once a process) rather than crawl.
         log.warning("%s weights on CPU are very slow (bitsandbytes' CPU path); meant for GPUs", cfg.quant)
         _said["cpu_quant"] = True
+    lap("checks")
     processor = load_processor(name, cfg.trust_remote_code, local_only)
+    lap("processor")
     try:
         # A checkpoint saved already quantised carries its own quantization_config: passing one (even None)
         # would override it and load the packed 4-bit tensors into full-size layers.
@@ -248,10 +263,12 @@ def load_model(cfg: ModelConfig, adapter: str | Path | None = None) -> tuple[Any
     if pre is not None:
         settle_dtypes(model, dtype)
     model.eval()
+    lap("weights")
     if cfg.attn_implementation == "sdpa" and family.first_class:
         kernels.use_causal_attention(core_and_head(model)[0])  # same results, fused kernels with a cached prefix
     if adapter is not None:
         model = load_adapter(model, adapter)
+        lap("adapter")
     if cfg.quant == "fp8":
         if adapter is not None:
             model = model.merge_and_unload()  # the adapter folded into the bf16 weights, then both go to FP8 together
@@ -259,6 +276,7 @@ def load_model(cfg: ModelConfig, adapter: str | Path | None = None) -> tuple[Any
         if device.type == "cuda":
             torch.cuda.empty_cache()
     fuse_kernels(model, cfg, family)
+    lap("kernels")
     return model, processor
 
 

@@ -52,11 +52,11 @@ class PredictResult:
         return self.n / self.seconds if self.seconds > 0 else float("inf")
 
 
-def build_scorer(cfg: Config, adapter: str | Path | None = None, model: Any = None, processor: Any = None) -> Scorer:
+def build_scorer(cfg: Config, adapter: str | Path | None = None, model: Any = None, processor: Any = None, laps: dict[str, float] | None = None) -> Scorer:
     from mcvqa.model import load_model
 
     if model is None:
-        model, processor = load_model(cfg.model, adapter)
+        model, processor = load_model(cfg.model, adapter, laps)
     encoder = Encoder(processor, load_prompt(cfg.prompt.name), cfg.image, families.for_model(model))
     if cfg.predict.compile != "off":
         from mcvqa.kernels import compile_blocks
@@ -131,7 +131,8 @@ def predict(
         log(f"no unfinished run in {out} to resume; starting fresh")
     done = journal.load() if resume else {}
     t_load = time.perf_counter()
-    scorer = scorer or build_scorer(cfg, adapter)
+    laps: dict[str, float] = {}
+    scorer = scorer or build_scorer(cfg, adapter, laps=laps)
     load_seconds = time.perf_counter() - t_load
     journal.start()  # after loading: a model that fails to load leaves no journal to trip over
     if done:
@@ -144,7 +145,7 @@ def predict(
     probs, tta_result = _score(cfg, scorer, engine)
     seconds = time.perf_counter() - t0
     stats = engine.stats
-    timeline |= {"load": round(load_seconds, 3), "first_batch": stats.first_batch_seconds, "score": round(seconds - load_seconds, 3)}
+    timeline |= {"load": round(load_seconds, 3), **{f"load_{k}": v for k, v in laps.items()}, "first_batch": stats.first_batch_seconds, "score": round(seconds - load_seconds, 3)}
     result = PredictResult(out, out / "submission.csv", out / "probs.csv", len(ds), seconds, stats, len(done))
     if dist.main:  # rank 0 writes the one submission; the others only close their journals
         _write(out, cfg, ds, probs, tta_result, adapter, seconds, load_seconds, stats, done, timeline)
