@@ -87,6 +87,14 @@ def cli(args: list[str], env_extra: dict[str, str] | None = None) -> tuple[float
     return wall, r.stderr[-400:]
 
 
+def in_run_rate(summary: dict[str, Any]) -> float | None:
+    """Questions per second after the first batch, from a run's own timeline (predict_summary.json)."""
+    t, bs = summary.get("timeline") or {}, summary.get("batch_size_used") or summary.get("batch_size") or 0
+    if not t.get("score") or t.get("first_batch") is None:
+        return None
+    return round((summary["questions"] - bs) / (t["score"] - t["first_batch"]), 2)
+
+
 def predict_rows(model: Path, data: Path, out: Path, quant: str, tag: str) -> list[dict[str, Any]]:
     rows = []
     walls = {}
@@ -100,7 +108,9 @@ def predict_rows(model: Path, data: Path, out: Path, quant: str, tag: str) -> li
     steady = (n_full - n_small) / (w_full - w_small)
     rows.append({"setting": tag, "path": f"mcvqa predict, {n_full} questions (CLI, from process start)", "seconds": round(w_full, 1),
                  "q_per_s": n_full / w_full, "steady_q_per_s": steady, "load_seconds": s_full.get("load_seconds"),
-                 "batch_size": s_full.get("batch_size_used")})
+                 "batch_size": s_full.get("batch_size_used"), "timeline": s_full.get("timeline"),
+                 # Within the full run alone (no second run whose warm-up may differ): after its first batch.
+                 "steady_in_run_q_per_s": in_run_rate(s_full)})
     log(rows[-1])
     return rows
 
