@@ -24,3 +24,41 @@ def test_nf4_loads_and_scores_on_cpu(tiny_model, cfg_factory, synth_data) -> Non
     items = read_csv(synth_data / "test.csv").items[:4]
     p = Scorer(model, enc).logprobs(collate([enc.encode(it) for it in items], enc.pad_id)).exp()
     torch.testing.assert_close(p.sum(-1), torch.ones(4), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("with_adapter", [False, True])
+def test_unpacked_4bit_weights_score_like_the_packed_ones(tiny_model, cfg_factory, synth_data, with_adapter) -> None:
+    """``predict.unpack_4bit``: every 4-bit linear becomes a plain one holding the dequantised weight (the same values
+    bitsandbytes dequantises in each product), so the probabilities are the packed model's up to float rounding,
+    also under a LoRA adapter's wrapper; ``auto`` leaves a CPU model packed, ``off`` leaves anything packed."""
+    from mcvqa.data import read_csv
+    from mcvqa.features import Encoder, collate
+    from mcvqa.model import attach_lora, load_model, unpack_4bit
+    from mcvqa.prompts import load_prompt
+    from mcvqa.scoring import Scorer
+
+    cfg = cfg_factory("model.quant=nf4", "lora.r=4")
+    model, processor = load_model(cfg.model)
+    if with_adapter:
+        model = attach_lora(model, cfg.lora)
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.3)
+        model.eval()
+    enc = Encoder(processor, load_prompt("plain_ko"), cfg.image)
+    items = read_csv(synth_data / "test.csv").items[:4]
+    batch = collate([enc.encode(it) for it in items], enc.pad_id)
+    for m in model.modules():  # bitsandbytes' AVX512-BF16 CPU kernel rounds on its own; GPUs take the generic path
+        if isinstance(m, bnb.nn.Linear4bit):
+            m.support_avx512bf16_for_cpu = False
+    packed = Scorer(model, enc).logprobs(batch)
+    n4 = sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    assert unpack_4bit(model, "auto") == 0 and unpack_4bit(model, "off") == 0  # a CPU model stays packed under auto
+    assert unpack_4bit(model, "on") == n4 > 0
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    unpacked = Scorer(model, enc).logprobs(batch)
+    torch.testing.assert_close(unpacked, packed, atol=1e-5, rtol=0)
+    if with_adapter:
+        assert any("lora_A" in n for n, _ in model.named_parameters()), "the adapter still wraps the unpacked layers"

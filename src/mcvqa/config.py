@@ -248,10 +248,13 @@ class PredictConfig:
     """generate scoring only: tokens to generate before parsing the letter."""
     compile: str = "off"
     """torch.compile the repeated blocks: off | vision (the vision tower's norms and MLPs) | mlp (norms and MLPs) | layers (whole decoder layers; vision norms and MLPs). GPU; first batches compile."""
+    unpack_4bit: str = "auto"
+    """4-bit (nf4/fp4) weights dequantised once after loading instead of in every matrix product: the same weights, plain bf16 matrix products, the memory of bf16 weights. auto: on a GPU with room for them and 8 GiB to spare | on | off."""
 
     def __post_init__(self) -> None:
         _positive("predict.batch_size", self.batch_size)
         _choice("predict.compile", self.compile, COMPILE_SCOPES)
+        _choice("predict.unpack_4bit", self.unpack_4bit, ("auto", "on", "off"))
         if self.num_workers < -1:
             raise ConfigError(f"predict.num_workers must be -1 (auto), 0 or more, got {self.num_workers}")
         _choice("predict.scoring", self.scoring, ("logits", "generate"))

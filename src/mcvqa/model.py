@@ -350,6 +350,54 @@ def _say_prequantised(name: str, cfg: ModelConfig, pre: str) -> None:
         cfg.quant = pre
 
 
+UNPACK_HEADROOM = 8 << 30
+"""GPU memory ``predict.unpack_4bit=auto`` leaves free after unpacking (activations of a batch, the prefix cache)."""
+
+
+def _is_bnb_4bit(module: Any) -> bool:
+    """A bitsandbytes 4-bit linear (not peft's LoRA wrapper of one, which shares the class name)."""
+    return type(module).__name__ == "Linear4bit" and type(module).__module__.startswith("bitsandbytes")
+
+
+def unpack_4bit(model: Any, mode: str = "auto") -> int:
+    """``predict.unpack_4bit``: each bitsandbytes 4-bit linear replaced by a plain linear holding its weight dequantised
+    once, in the layer's compute dtype; returns how many were replaced (0 when ``mode`` or the memory says no).
+
+    The weights are the quantised ones, exactly: the values bitsandbytes dequantises before every product. What
+    changes is the kernel (cuBLAS on bf16 weights instead of a dequantise-and-multiply per call, per batch), so
+    results agree up to float rounding, and the weights take bf16's memory. Prediction only: training keeps the
+    4-bit base (QLoRA's memory is the point there). A LoRA adapter's wrapper keeps working around the new layer.
+    Layers are replaced one at a time, so the peak is the packed model plus one unpacked layer.
+    """
+    if mode == "off":
+        return 0
+    layers = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children() if _is_bnb_4bit(child)]
+    if not layers:
+        return 0
+    device = layers[0][2].weight.device
+    if mode == "auto":
+        if device.type != "cuda":
+            return 0
+        extra = sum(c.in_features * c.out_features * 2 for _, _, c in layers)
+        if torch.cuda.mem_get_info(device)[0] - extra < UNPACK_HEADROOM:
+            return 0
+    import bitsandbytes.functional as bnbf
+
+    for parent, name, child in layers:
+        data, state = child.weight.data, child.weight.quant_state
+        if getattr(state, "packing_format_for_cpu", False):  # repacked for AVX512 at its first CPU product: undo it
+            data, state = bnbf._convert_weight_packed_for_cpu_inverse(data, state)
+        dtype = child.compute_dtype or torch.bfloat16
+        weight = bnbf.dequantize_4bit(data, state).to(dtype).reshape(child.out_features, child.in_features)
+        plain = torch.nn.Linear(child.in_features, child.out_features, bias=child.bias is not None, device="meta")
+        plain.weight = torch.nn.Parameter(weight, requires_grad=False)
+        if child.bias is not None:
+            plain.bias = torch.nn.Parameter(child.bias.data.to(dtype), requires_grad=False)
+        setattr(parent, name, plain)
+        del child
+    return len(layers)
+
+
 def settle_dtypes(model: Any, dtype: torch.dtype) -> None:
     """A pre-quantised checkpoint loaded in the run's dtype, as when quantising at load: transformers keeps such a
     checkpoint's unquantised weights in the dtype they were saved in, except some (a conv bias) that it casts, so a

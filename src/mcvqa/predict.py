@@ -57,6 +57,14 @@ def build_scorer(cfg: Config, adapter: str | Path | None = None, model: Any = No
 
     if model is None:
         model, processor = load_model(cfg.model, adapter, laps)
+        if cfg.model.quant in ("nf4", "fp4"):
+            import time
+
+            from mcvqa.model import unpack_4bit
+
+            t = time.perf_counter()
+            if unpack_4bit(model, cfg.predict.unpack_4bit) and laps is not None:
+                laps["unpack_4bit"] = round(time.perf_counter() - t, 3)
     encoder = Encoder(processor, load_prompt(cfg.prompt.name), cfg.image, families.for_model(model))
     if cfg.predict.compile != "off":
         from mcvqa.kernels import compile_blocks
