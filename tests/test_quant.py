@@ -63,6 +63,9 @@ def test_unpacked_4bit_weights_score_like_the_packed_ones(tiny_model, cfg_factor
     assert unpack_4bit(model, "on") == n4 > 0
     assert not any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
     unpacked = Scorer(model, enc).logprobs(batch)
-    torch.testing.assert_close(unpacked, packed, atol=1e-5, rtol=0)
+    # Repacking for the AVX512-BF16 kernel rounds the block scales to bf16 (bitsandbytes' own choice, CPU only): the
+    # unpacked weights then carry that rounding (~3e-4 here; unpacking the repacked layout wrongly is ~0.3 off).
+    repacked = bnb.functional.has_avx512bf16()
+    torch.testing.assert_close(unpacked, packed, atol=2e-3 if repacked else 1e-5, rtol=0)
     if with_adapter:
         assert any("lora_A" in n for n, _ in model.named_parameters()), "the adapter still wraps the unpacked layers"
