@@ -201,3 +201,24 @@ def test_outputs_that_cannot_be_written_are_one_line_before_any_work(readonly: P
         assert code == 2 and "Traceback" not in out + err, (name, err)
         assert err.count("\n") == 1 and err.startswith("error: --out ") and message in err, (name, err)
     assert afile.read_text() == "keep me"
+
+
+def test_a_processor_that_fails_beside_the_weights_is_one_line(tiny_model: Path, synth_data: Path, tmp_path: Path, capsys) -> None:
+    """The processor loads in a thread while the weights load; when it fails (a tokenizer.json that parses but is no
+    tokenizer), its one-line error still reaches the user, and nothing was started."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    (model / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "nonsense"}}', encoding="utf-8")
+    code, out, err = run(["predict", "--model", str(model), "--data", str(synth_data / "test.csv"), "--out", str(tmp_path / "o"), "-q"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in out + err, err
+    assert err.startswith(f"error: {model}: cannot load the tokenizer and processor"), err
+    assert not (tmp_path / "o" / "journal.jsonl").exists()
+
+
+def test_load_reports_its_parts(tiny_model: Path, cfg_factory) -> None:
+    """load_model's laps: the processor timed in its own thread, the other parts one after the other."""
+    from mcvqa.model import load_model
+
+    laps: dict[str, float] = {}
+    load_model(cfg_factory().model, laps=laps)
+    assert set(laps) == {"checks", "processor", "weights", "kernels"} and all(v >= 0 for v in laps.values())
