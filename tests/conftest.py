@@ -154,3 +154,27 @@ def photo_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("data") / "photos"
     synthesize(out, SynthConfig(train=24, test=8, seed=5, size=(720, 540)))
     return out
+
+
+def assert_vision_like_stock(visual, pixel_values, grid_thw) -> None:
+    """A vision tower mcvqa's loader rewired (host grid, one-call attention, patch embedding as a product) gives the
+    image and DeepStack features of transformers' own forward: its helpers, its per-image SDPA, its Conv3d (1e-5)."""
+    import torch
+
+    from mcvqa.kernels import VISION_ATTENTION
+
+    assert getattr(visual, "reads_host_grid", False) and "forward" in vars(visual.patch_embed)
+    attention = visual.config._attn_implementation
+    with torch.no_grad():
+        fast = visual(pixel_values, grid_thw=grid_thw)
+        visual.config._attn_implementation = "sdpa"
+        patch_forward = vars(visual.patch_embed).pop("forward")
+        try:
+            stock = type(visual).forward(visual, pixel_values, grid_thw=grid_thw)
+        finally:
+            visual.config._attn_implementation = attention
+            visual.patch_embed.forward = patch_forward
+    assert attention in (VISION_ATTENTION, "sdpa")
+    torch.testing.assert_close(fast.pooler_output, stock.pooler_output, atol=1e-5, rtol=0)
+    for a, b in zip(getattr(fast, "deepstack_features", None) or [], getattr(stock, "deepstack_features", None) or [], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)

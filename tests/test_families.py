@@ -135,6 +135,16 @@ def test_fast_paths_equal_the_models_own_forward(family_models, prompt_file, key
     _make_sensitive(model)
     family = families.for_model(model)
     assert family.name == FAMILIES[key][1] and family.first_class
+    core = family.core_and_head(model)[0]
+    visual = getattr(core, "visual", None)
+    assert getattr(visual, "reads_host_grid", False) == type(core).__name__.startswith(("Qwen3VL", "Qwen3_5"))
+    if getattr(visual, "reads_host_grid", False):  # Qwen3.5's tower is Qwen3-VL's, rewired the same way
+        from PIL import Image
+
+        from conftest import assert_vision_like_stock
+
+        px = processor.image_processor(images=[Image.new("RGB", (64, 64), (90, 20, 200)), Image.effect_noise((96, 64), 40).convert("RGB")], return_tensors="pt")
+        assert_vision_like_stock(visual, px["pixel_values"], px["image_grid_thw"])
     if not key.startswith("local_"):  # the processor alone tells the family too (an Encoder built without the model)
         assert families.for_processor(processor).name == family.name
     enc = Encoder(processor, load_prompt(str(prompt_file)), ImageConfig(mode="letterbox", size=256), family)

@@ -183,28 +183,16 @@ def test_vision_tower_on_a_host_grid_equals_transformers_forward(tiny_loaded) ->
     for a letterboxed batch and then a mixed one (which must not reuse the first one's cached tensors)."""
     from PIL import Image
 
+    from conftest import assert_vision_like_stock
     from mcvqa.families import core_and_head
-    from mcvqa.kernels import VISION_ATTENTION
 
     model, processor = tiny_loaded
     visual = core_and_head(model)[0].visual
-    assert visual.reads_host_grid and "forward" in vars(visual.patch_embed)
     same = [Image.new("RGB", (64, 64), (40 * i, 90, 200)) for i in range(3)]
     mixed = same[:1] + [Image.effect_noise((96, 64), 40).convert("RGB")] + same[2:]  # as many images, another grid
     for images in (same, mixed, same):
         px = processor.image_processor(images=images, return_tensors="pt")
-        with torch.no_grad():
-            fast = visual(px["pixel_values"], grid_thw=px["image_grid_thw"])
-            visual.config._attn_implementation = "sdpa"
-            patch_forward = vars(visual.patch_embed).pop("forward")
-            try:
-                stock = type(visual).forward(visual, px["pixel_values"], grid_thw=px["image_grid_thw"])
-            finally:
-                visual.config._attn_implementation = VISION_ATTENTION
-                visual.patch_embed.forward = patch_forward
-        torch.testing.assert_close(fast.pooler_output, stock.pooler_output, atol=1e-5, rtol=0)
-        for a, b in zip(fast.deepstack_features, stock.deepstack_features, strict=True):
-            torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+        assert_vision_like_stock(visual, px["pixel_values"], px["image_grid_thw"])
 
 
 def test_a_moved_batch_reads_positions_and_grids_from_its_host_copy(tiny_loaded, encoder, items) -> None:
