@@ -202,6 +202,10 @@ def _fused_wiring_is_exact(model, family, scorer, batch, reference, key, monkeyp
     namespace = sys.modules[type(attn).__module__]
     if hasattr(namespace, "apply_rotary_pos_emb"):  # the swap is process-wide: undone after the test
         monkeypatch.setattr(namespace, "apply_rotary_pos_emb", namespace.apply_rotary_pos_emb)
+    visual = getattr(core, "visual", None)
+    vision = sys.modules[type(visual.blocks[0].attn).__module__] if visual is not None else None
+    if hasattr(vision, "apply_rotary_pos_emb_vision"):
+        monkeypatch.setattr(vision, "apply_rotary_pos_emb_vision", vision.apply_rotary_pos_emb_vision)
     fused = fuse_kernels(model, ModelConfig(kernels="liger", device="cpu"), family, ops=kernels.TORCH_OPS)
     if family.rms_norm_offset is None:
         assert fused == {}, key
@@ -209,6 +213,8 @@ def _fused_wiring_is_exact(model, family, scorer, batch, reference, key, monkeyp
     layers = len(family.decoder_layers(core))
     assert fused["rms_norm"] > layers and fused["swiglu"] == layers, (key, fused)
     assert fused["rope"] == (sum(hasattr(l, "self_attn") for l in family.decoder_layers(core)) if family.fused_rope else 0), (key, fused)
+    # Qwen-VL towers (Qwen2/2.5/3-VL, and Qwen3.5, whose tower is Qwen3-VL's): 2-D RoPE fused too; the others have none.
+    assert fused.get("vision_rope", 0) == (len(visual.blocks) if family.name in ("qwen_vl", "qwen3_5") else 0), (key, fused)
     scorer.invalidate()
     with torch.no_grad():
         got = scorer.logprobs(batch).exp()

@@ -25,6 +25,8 @@ def _restore_rope(model, monkeypatch) -> None:
     core = core_and_head(model)[0]
     namespace = sys.modules[type(core.language_model.layers[0].self_attn).__module__]
     monkeypatch.setattr(namespace, "apply_rotary_pos_emb", namespace.apply_rotary_pos_emb)  # undone after the test
+    vision = sys.modules[type(core.visual.blocks[0].attn).__module__]
+    monkeypatch.setattr(vision, "apply_rotary_pos_emb_vision", vision.apply_rotary_pos_emb_vision)
 
 
 def test_fused_kernels_on_qwen3_vl_change_no_probability(cfg_factory, encoder, synth_data, monkeypatch) -> None:
@@ -39,11 +41,33 @@ def test_fused_kernels_on_qwen3_vl_change_no_probability(cfg_factory, encoder, s
         before = Scorer(model, encoder).logprobs(batch).exp()
     _restore_rope(model, monkeypatch)
     fused = fuse_kernels(model, cfg.model, for_model(model), ops=kernels.TORCH_OPS)
-    layers = len(core_and_head(model)[0].language_model.layers)
-    assert fused == {"rms_norm": 4 * layers + 1, "swiglu": layers, "rope": layers}
+    core = core_and_head(model)[0]
+    layers = len(core.language_model.layers)
+    assert fused == {"rms_norm": 4 * layers + 1, "swiglu": layers, "rope": layers, "vision_rope": len(core.visual.blocks)}
+    vision = sys.modules[type(core.visual.blocks[0].attn).__module__]
+    assert getattr(vision.apply_rotary_pos_emb_vision, "_mcvqa_fused", False)  # the tower's attention calls the wrapper
     with torch.no_grad():
         after = Scorer(model, encoder).logprobs(batch).exp()
     torch.testing.assert_close(after, before, atol=1e-5, rtol=0)
+
+
+def test_fused_vision_rope_is_transformers_rotation_in_bf16() -> None:
+    """The vision wrapper on the strided q/k a fused qkv projection gives, in bf16 with fp32 tables: bit for bit
+    transformers' rotation (computed in fp32, cast back), in the layout and dtype the attention expects."""
+    from transformers.models.qwen3_vl import modeling_qwen3_vl as m
+
+    torch.manual_seed(0)
+    patches, heads, d = 40, 3, 12
+    qkv = torch.randn(patches, 3, heads, d).to(torch.bfloat16).permute(1, 0, 2, 3)
+    q, k = qkv[0], qkv[1]  # not contiguous, as in the tower
+    freqs = torch.randn(patches, d // 2) * 3
+    emb = torch.cat((freqs, freqs), dim=-1)
+    wrapped = kernels._vision_rope_wrapper(kernels.TORCH_OPS, m.apply_rotary_pos_emb_vision)
+    want = m.apply_rotary_pos_emb_vision(q, k, emb.cos(), emb.sin())
+    got = wrapped(q, k, emb.cos(), emb.sin())
+    for g, w in zip(got, want):
+        assert g.dtype == torch.bfloat16 and g.shape == (patches, heads, d)
+        torch.testing.assert_close(g, w, atol=0, rtol=0)
 
 
 class _Refuses(kernels.FusedOps):
@@ -67,7 +91,9 @@ def test_gpu_kernels_leave_cpu_tensors_to_the_model(cfg_factory, encoder, synth_
     with torch.no_grad():
         before = Scorer(model, encoder).logprobs(batch)
     _restore_rope(model, monkeypatch)
-    kernels.fuse(core_and_head(model)[0].language_model, _Refuses(), norm_offset=0.0, rope=True)
+    core = core_and_head(model)[0]
+    kernels.fuse(core.language_model, _Refuses(), norm_offset=0.0, rope=True)
+    assert kernels.fuse_vision_rope(core.visual, _Refuses()) == len(core.visual.blocks)
     with torch.no_grad():
         torch.testing.assert_close(Scorer(model, encoder).logprobs(batch), before, atol=0, rtol=0)
 

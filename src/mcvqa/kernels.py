@@ -369,6 +369,43 @@ def _rope_wrapper(ops: FusedOps, original: Any) -> Any:
     return apply_rotary_pos_emb
 
 
+_VISION_ROPE_MODULES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5")
+"""Model modules whose ``apply_rotary_pos_emb_vision`` rotates full-width heads with duplicated halves of
+``cos``/``sin`` (``cat(freqs, freqs)``), in fp32, and casts back: what :meth:`FusedOps.rope` computes (Liger's kernel
+reads only the left half of ``cos``, so a table with unequal halves would be wrong under it)."""
+
+
+def _vision_rope_wrapper(ops: FusedOps, original: Any) -> Any:
+    def apply_rotary_pos_emb_vision(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> Any:
+        # (patches, heads, d) with (patches, d) tables, as (1, heads, patches, d): the language model's layout, so one
+        # fused kernel replaces transformers' ~14 passes over q and k in fp32 (casts, rotate_half's slices, neg and
+        # cat, four products, two sums, casts back). The tables stay fp32: the rotation is computed in fp32 as before.
+        if not (ops.applies(q) and q.dim() == 3 and cos.dim() == 2 and q.shape[-1] == cos.shape[-1] == k.shape[-1]):
+            return original(q, k, cos, sin)
+        rq, rk = ops.rope(q.unsqueeze(0).transpose(1, 2), k.unsqueeze(0).transpose(1, 2), cos.float().unsqueeze(0), sin.float().unsqueeze(0))
+        return rq.transpose(1, 2)[0].to(q.dtype), rk.transpose(1, 2)[0].to(k.dtype)
+
+    apply_rotary_pos_emb_vision._mcvqa_fused = True  # type: ignore[attr-defined]
+    return apply_rotary_pos_emb_vision
+
+
+def fuse_vision_rope(visual: Any, ops: FusedOps) -> int:
+    """Route a Qwen-VL-style vision tower's 2-D RoPE through ``ops.rope`` (swapped in its attention's module namespace,
+    process-wide, like :func:`fuse`'s). Returns how many blocks it reaches (0 for other towers)."""
+    import sys
+
+    blocks = list(getattr(visual, "blocks", []) or [])
+    attn = getattr(blocks[0], "attn", None) if blocks else None
+    module = type(attn).__module__ if attn is not None else ""
+    namespace = sys.modules.get(module)
+    original = getattr(namespace, "apply_rotary_pos_emb_vision", None)
+    if original is None or module.rsplit(".", 1)[-1].removeprefix("modeling_") not in _VISION_ROPE_MODULES:
+        return 0
+    if not getattr(original, "_mcvqa_fused", False):
+        namespace.apply_rotary_pos_emb_vision = _vision_rope_wrapper(ops, original)  # type: ignore[union-attr]
+    return len(blocks)
+
+
 def fuse(text_model: Any, ops: FusedOps, norm_offset: float | None, rope: bool = False) -> dict[str, int]:
     """Route ``text_model``'s RMSNorms, SwiGLU MLPs (and, with ``rope``, its RoPE) through ``ops``, in place.
 

@@ -311,7 +311,8 @@ def to_fp8(model: Any, family: Family) -> int:
 
 
 def fuse_kernels(model: Any, cfg: ModelConfig, family: Family, ops: kernels.FusedOps | None = None) -> dict[str, int]:
-    """Route the language model's RMSNorms, SwiGLU MLPs and RoPE through Liger's fused kernels (``model.kernels``).
+    """Route the language model's RMSNorms, SwiGLU MLPs and RoPE, and a Qwen-VL vision tower's RoPE, through Liger's
+    fused kernels (``model.kernels``).
 
     Only for families that declare their norm's form (:attr:`Family.rms_norm_offset`) and only on a CUDA device;
     ``auto`` quietly keeps transformers' own kernels when liger-kernel is not installed, ``liger`` refuses to.
@@ -327,7 +328,10 @@ def fuse_kernels(model: Any, cfg: ModelConfig, family: Family, ops: kernels.Fuse
     core = core_and_head(model)[0]
     if not ops.runs_on_cpu and next(core.parameters()).device.type != "cuda":
         return {}
-    return kernels.fuse(family.text_model(core), ops, family.rms_norm_offset, rope=family.fused_rope)
+    fused = kernels.fuse(family.text_model(core), ops, family.rms_norm_offset, rope=family.fused_rope)
+    if getattr(core, "visual", None) is not None:
+        fused["vision_rope"] = kernels.fuse_vision_rope(core.visual, ops)
+    return fused
 
 
 _said = {"cpu_quant": False}
