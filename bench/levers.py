@@ -121,12 +121,12 @@ def _predict_variant(args: argparse.Namespace, items: list, rows: list, variant:
         rows.append(row)
         log(row)
         del batches
-    if args.profile_variant == variant:
-        profile(scorer, exs, order, max(sizes), args, rows)
+    if variant in args.profile_variant.split(","):
+        profile(scorer, exs, order, max(sizes), args, rows, variant)
     del scorer, core
 
 
-def profile(scorer: Any, exs: list, order: list, bs: int, args: argparse.Namespace, rows: list) -> None:
+def profile(scorer: Any, exs: list, order: list, bs: int, args: argparse.Namespace, rows: list, variant: str) -> None:
     from torch.profiler import ProfilerActivity, profile as prof_ctx
 
     from mcvqa.families import core_and_head
@@ -162,7 +162,7 @@ def profile(scorer: Any, exs: list, order: list, bs: int, args: argparse.Namespa
         scorer.logprobs(b)
     sync()
     total = time.perf_counter() - t
-    rows.append({"phase": "breakdown", "variant": args.profile_variant, "batch": bs, "total_ms": round(1000 * total / len(batches), 1),
+    rows.append({"phase": "breakdown", "variant": variant, "batch": bs, "total_ms": round(1000 * total / len(batches), 1),
                  **{f"{k}_ms": round(1000 * v / len(batches), 1) for k, v in times.items()}})
     log(rows[-1])
     with prof_ctx(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -170,7 +170,7 @@ def profile(scorer: Any, exs: list, order: list, bs: int, args: argparse.Namespa
             scorer.logprobs(b)
         sync()
     table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=45)
-    (args.out / f"levers_profile_{args.profile_variant}.txt").write_text(table)
+    (args.out / f"levers_profile_{variant}.txt").write_text(table)
     log(table)
 
 
@@ -252,7 +252,7 @@ def main() -> None:
     ap.add_argument("--n-test", type=int, default=3887)
     ap.add_argument("--batch-sizes", default="16,32,64")
     ap.add_argument("--variants", default="eager,liger,liger+cvision,compile,fp8+liger,nf4,nf4+liger")
-    ap.add_argument("--profile-variant", default="liger")
+    ap.add_argument("--profile-variant", default="liger", help="variants to profile, comma-separated")
     ap.add_argument("--train-variants", default="peft:8,peft:16,liger:8,liger:16")
     ap.add_argument("--train-steps", type=int, default=6)
     ap.add_argument("--workers", default="4,8,12")
