@@ -46,7 +46,7 @@ class ModelConfig:
     backend: str = "auto"
     """Training backend: auto = peft (transformers + peft) | peft | unsloth (only when asked for; needs a GPU and the unsloth package)."""
     kernels: str = "auto"
-    """Fused RMSNorm / SwiGLU / RoPE in the language model: auto (Liger's Triton kernels on a CUDA GPU when liger-kernel is installed) | liger (required) | off (transformers' own)."""
+    """Fused RMSNorm / SwiGLU / RoPE in the language model (and the 2-D RoPE of a Qwen-VL vision tower): auto (Liger's Triton kernels on a CUDA GPU when liger-kernel is installed) | liger (required) | off (transformers' own)."""
 
     def __post_init__(self) -> None:
         _choice("model.quant", self.quant, ("none", "nf4", "int8", "fp8"))
