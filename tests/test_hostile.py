@@ -203,20 +203,24 @@ def test_outputs_that_cannot_be_written_are_one_line_before_any_work(readonly: P
     assert afile.read_text() == "keep me"
 
 
-def test_a_processor_that_fails_beside_the_weights_is_one_line(tiny_model: Path, synth_data: Path, tmp_path: Path, capsys) -> None:
-    """The processor loads in a thread while the weights load; when it fails (a tokenizer.json that parses but is no
-    tokenizer), its one-line error still reaches the user, and nothing was started."""
+def test_a_processor_that_fails_is_one_line_before_any_weight_loads(tiny_model: Path, synth_data: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    """A tokenizer.json that parses but is no tokenizer: one line naming the folder, and the weights were never
+    started (the processor loads first, so a broken one costs seconds, not the minutes of an 8B load)."""
+    import transformers
+
+    started: list[str] = []
+    monkeypatch.setattr(transformers.AutoModelForImageTextToText, "from_pretrained", lambda *a, **k: started.append("weights"))
     model = tmp_path / "model"
     shutil.copytree(tiny_model, model)
     (model / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "nonsense"}}', encoding="utf-8")
     code, out, err = run(["predict", "--model", str(model), "--data", str(synth_data / "test.csv"), "--out", str(tmp_path / "o"), "-q"], capsys)
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in out + err, err
     assert err.startswith(f"error: {model}: cannot load the tokenizer and processor"), err
-    assert not (tmp_path / "o" / "journal.jsonl").exists()
+    assert started == [] and not (tmp_path / "o" / "journal.jsonl").exists()
 
 
 def test_load_reports_its_parts(tiny_model: Path, cfg_factory) -> None:
-    """load_model's laps: the processor timed in its own thread, the other parts one after the other."""
+    """load_model's laps: each part of the load, one after the other."""
     from mcvqa.model import load_model
 
     laps: dict[str, float] = {}

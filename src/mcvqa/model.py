@@ -14,7 +14,6 @@ import logging
 import socket
 import warnings
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -239,21 +238,11 @@ def load_model(cfg: ModelConfig, adapter: str | Path | None = None, laps: dict[s
         log.warning("%s weights on CPU are very slow (bitsandbytes' CPU path); meant for GPUs", cfg.quant)
         _said["cpu_quant"] = True
     lap("checks")
-    # The processor (tokenizer, image and video processors) loads in a thread while the weights load: seconds of a
-    # command's start otherwise spent one after the other. A damaged tokenizer.json is still refused before any of
-    # it (check_files parses every JSON file). Remote code loads in order: its module cache is not for two threads.
-    processor_seconds: list[float] = []
-
-    def timed_processor() -> Any:
-        t = time.perf_counter()
-        try:
-            return load_processor(name, cfg.trust_remote_code, local_only)
-        finally:
-            processor_seconds.append(time.perf_counter() - t)
-
-    pool = None if cfg.trust_remote_code else ThreadPoolExecutor(1, thread_name_prefix="mcvqa-processor")
-    pending = pool.submit(timed_processor) if pool is not None else None
-    processor = timed_processor() if pending is None else None
+    # The processor first: a broken tokenizer stops the command before minutes of loading weights. Loading it in a
+    # thread beside the weights was tried and measured slower on a GPU machine (BENCHMARKS.md, "Speed II"): its
+    # Python work holds the interpreter lock that the weights' loading loop needs.
+    processor = load_processor(name, cfg.trust_remote_code, local_only)
+    lap("processor")
     try:
         # A checkpoint saved already quantised carries its own quantization_config: passing one (even None)
         # would override it and load the packed 4-bit tensors into full-size layers.
@@ -273,16 +262,10 @@ def load_model(cfg: ModelConfig, adapter: str | Path | None = None, laps: dict[s
         if "trust_remote_code" in str(e):
             raise ModelError(f"{name}: needs custom code; set model.trust_remote_code=true only if you trust it") from None
         raise
-    finally:
-        if pool is not None:
-            pool.shutdown(wait=True)
-    if pending is not None:
-        processor = pending.result()  # its ModelError, if it failed
     if pre is not None:
         settle_dtypes(model, dtype)
     model.eval()
     lap("weights")
-    laps["processor"] = round(processor_seconds[0], 3)  # overlapped with the weights (parallel unless remote code)
     if cfg.attn_implementation == "sdpa" and family.first_class:
         kernels.use_causal_attention(core_and_head(model)[0])  # same results, fused kernels with a cached prefix
     if adapter is not None:
