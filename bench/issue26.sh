@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Issue 26's GPU runs, one device call per argument, most important first; every script writes its JSON as it goes,
+# so a call cut by its time limit still brings back the rows it finished. Run from the repository root through the
+# device tool (no package index there, hence the wheel folders; see BENCHMARKS.md for how each folder is filled):
+#
+#   bash bench/issue26.sh predict    # carry .whl .fixtures      e2e bf16 (+ reference loop), nf4 (+ orders), fp8
+#   bash bench/issue26.sh train      # carry .whl-u .fixtures    stack.py: mcvqa vs the Unsloth backend vs plain peft
+#   bash bench/issue26.sh families   # carry .whl-f .fixtures    families.py with Liger and flash-linear-attention
+#   bash bench/issue26.sh profile    # carry .whl .fixtures      levers.py: eager vs Liger, stage breakdown, kernels
+#
+# .fixtures holds qwen3-vl-8b-instruct (all calls) and families.tar.xz (families only). `train` runs on the
+# machine's own transformers: the Unsloth release accepts no newer one, and both backends must run on the same.
+set -euo pipefail
+what=${1:?predict, train, families or profile}
+OUT=${OUT:-bench_out}; mkdir -p "$OUT"
+install() {
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$1"/*.whl
+    export PYTHONPATH=/tmp/site:$PWD/src
+}
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/device.txt"
+case "$what" in
+predict)
+    install .whl
+    python bench/e2e.py --out "$OUT" --quants none --phases predict,reference --json e2e_bf16.json
+    python bench/e2e.py --out "$OUT" --quants nf4 --phases predict,orders --json e2e_nf4.json
+    python bench/e2e.py --out "$OUT" --quants fp8 --phases predict --json e2e_fp8.json
+    ;;
+train)
+    install .whl-u
+    HF_HUB_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 python bench/stack.py --out "$OUT" --phases train --json stack_train.json
+    ;;
+families)
+    install .whl-f
+    mkdir -p /tmp/fam && tar -xJf .fixtures/families.tar.xz -C /tmp/fam
+    python bench/families.py --families /tmp/fam/families --which Qwen3.5-9B,gemma-4-E4B-it \
+        --n-test 400 --n-small 100 --n-plain 128 --n-train 128 --peft-steps 4 --json families_qwen35_gemma4.json
+    ;;
+profile)
+    install .whl
+    python bench/levers.py --out "$OUT" --phases predict --n 256 --batch-sizes 16 \
+        --variants eager,liger,nf4+liger --profile-variant liger,nf4+liger --json levers.json
+    ;;
+*)
+    echo "unknown: $what (predict, train, families or profile)" >&2
+    exit 2
+    ;;
+esac
