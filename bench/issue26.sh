@@ -8,7 +8,10 @@
 #   bash bench/issue26.sh families   # carry .whl-f .fixtures    families.py with Liger and flash-linear-attention
 #   bash bench/issue26.sh profile    # carry .whl .fixtures      levers.py: eager vs Liger, stage breakdown, kernels
 #
-# .fixtures holds qwen3-vl-8b-instruct (all calls) and families.tar.xz (families only). `train` runs on the
+# Wheel folders: .whl = ../shared/tools/device-wheels.sh peft==0.21.2 liger-kernel==0.8.5; .whl-f = the same plus
+# fla-core==0.6.0 flash-linear-attention==0.6.0 einops; .whl-u = the Unsloth list of BENCHMARKS.md's issue-25 section
+# without its transformers wheel (each under 64 MiB with .fixtures). .fixtures holds qwen3-vl-8b-instruct (all calls)
+# and families.tar.xz (families only: copy it from ../shared/fixtures, and leave it out of the other calls). `train` runs on the
 # machine's own transformers: the Unsloth release accepts no newer one, and both backends must run on the same.
 set -euo pipefail
 what=${1:?predict, train, families or profile}
