@@ -1,0 +1,126 @@
+"""Where ``mcvqa predict`` loses the GPU's time between the model alone and the CLI (issue 26).
+
+    python bench/profile_cli.py --out "$OUT" [--quant none|nf4] [--n 1000] [--skip 20] [--active 8]
+
+The real command (``mcvqa.cli.main``, in this process, on ``bench/e2e.py``'s model and data) with torch.profiler
+recording CPU and CUDA activity over ``--active`` batches after ``--skip`` batches (the loader warm, the first
+batch's compile and the prefix done). ``Scorer.logprobs`` is wrapped only to step the profiler's schedule, so the
+engine loop, the loader, the journal and the copies back run as a user's run does. Writes:
+
+* ``cli_profile_<quant>.json``: the window's wall time, the GPU's busy time in it (the union of kernel and copy
+  intervals on the device), so the idle share, and the host's biggest CPU ops;
+* ``cli_profile_<quant>.txt``: torch.profiler's table, sorted by CPU total (what the host spends its time on);
+* ``cli_trace_<quant>.json.gz``: the Chrome trace of the window (open in Perfetto): where the gaps are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "src"))
+sys.path.insert(0, str(HERE))
+
+from gpu_bench import log, versions  # noqa: E402
+
+
+def busy_seconds(events: list[dict[str, Any]]) -> float:
+    """The union of the device's kernel and memcpy/memset intervals in a Chrome trace, in seconds."""
+    spans = sorted((e["ts"], e["ts"] + e.get("dur", 0)) for e in events
+                   if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"))
+    busy, end = 0.0, float("-inf")
+    for start, stop in spans:
+        if start > end:
+            busy += stop - start
+            end = stop
+        elif stop > end:
+            busy += stop - end
+            end = stop
+    return busy / 1e6
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--like", type=Path, default=HERE.parent / ".fixtures" / "qwen3-vl-8b-instruct")
+    ap.add_argument("--build", type=Path, default=Path("/tmp/q8b_real"))
+    ap.add_argument("--data", type=Path, default=Path("/tmp/e2e_data"))
+    ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench_out")))
+    ap.add_argument("--quant", default="none")
+    ap.add_argument("--n", type=int, default=1000, help="200, 1000 or more (all 3,887)")
+    ap.add_argument("--skip", type=int, default=20, help="batches before the profiled window")
+    ap.add_argument("--active", type=int, default=8, help="batches profiled")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    from e2e import make_data
+    from mcvqa.cli import main as cli
+    from mcvqa.scoring import Scorer
+
+    if not (args.build / "config.json").exists():
+        from random_8b import build_random_8b
+
+        build_random_8b(args.build, like=args.like)
+    make_data(args.data, 3887, 480)  # e2e.py's set (reused when there): test.csv and its first 200 / 1,000 rows
+    csv = args.data / ("test_200.csv" if args.n <= 200 else "test_1000.csv" if args.n <= 1000 else "test.csv")
+    run = Path(f"/tmp/profile_cli_{args.quant}")
+    shutil.rmtree(run, ignore_errors=True)
+
+    marks: list[float] = []
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    prof = profile(activities=activities,
+                   schedule=schedule(wait=max(args.skip - 2, 0), warmup=2, active=args.active, repeat=1))
+    original = Scorer.logprobs
+
+    def stepped(self: Any, *a: Any, **k: Any) -> Any:
+        out = original(self, *a, **k)
+        marks.append(time.perf_counter())
+        prof.step()
+        return out
+
+    Scorer.logprobs = stepped  # type: ignore[method-assign]
+    argv = ["predict", "--model", str(args.build), "--data", str(csv), "--out", str(run), "-q"]
+    if args.quant != "none":
+        argv += ["--quant", args.quant]
+    t = time.perf_counter()
+    with prof:
+        try:
+            cli(argv)
+        except SystemExit as e:
+            if e.code:
+                raise
+    wall = time.perf_counter() - t
+    Scorer.logprobs = original  # type: ignore[method-assign]
+    trace = args.out / f"cli_trace_{args.quant}.json"
+    prof.export_chrome_trace(str(trace))
+    events = json.loads(trace.read_text()).get("traceEvents", [])
+    with open(trace, "rb") as src, gzip.open(str(trace) + ".gz", "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    trace.unlink()
+    first = args.skip  # the window: from the step that opened it to the last active step
+    window = marks[first + args.active - 1] - marks[first - 1] if len(marks) >= first + args.active else None
+    busy = busy_seconds(events)
+    table = prof.key_averages().table(sort_by="cpu_time_total", row_limit=40)
+    (args.out / f"cli_profile_{args.quant}.txt").write_text(table)
+    summary = json.loads((run / "predict_summary.json").read_text())
+    row = {"versions": versions(), "date": time.strftime("%Y-%m-%d"), "quant": args.quant, "questions": summary["questions"],
+           "wall_s": round(wall, 1), "batches_profiled": args.active, "window_s": round(window, 3) if window else None,
+           "gpu_busy_s": round(busy, 3), "gpu_idle_share": round(1 - busy / window, 3) if window else None,
+           "q_per_s_in_window": round(args.active * summary["batch_size"] / window, 1) if window else None,
+           "timeline": summary.get("timeline")}
+    (args.out / f"cli_profile_{args.quant}.json").write_text(json.dumps(row, indent=2))
+    log(row)
+
+
+if __name__ == "__main__":
+    main()
