@@ -53,7 +53,8 @@ def test_fused_kernels_on_qwen3_vl_change_no_probability(cfg_factory, encoder, s
 
 def test_fused_vision_rope_is_transformers_rotation_in_bf16() -> None:
     """The vision wrapper on the strided q/k a fused qkv projection gives, in bf16 with fp32 tables: bit for bit
-    transformers' rotation (computed in fp32, cast back), in the layout and dtype the attention expects."""
+    transformers' rotation (computed in fp32, cast back), in the layout and dtype the attention expects (the wiring,
+    with transformers' arithmetic in the kernel's place; on a GPU Liger's kernel may round differently)."""
     from transformers.models.qwen3_vl import modeling_qwen3_vl as m
 
     torch.manual_seed(0)
@@ -68,6 +69,38 @@ def test_fused_vision_rope_is_transformers_rotation_in_bf16() -> None:
     for g, w in zip(got, want):
         assert g.dtype == torch.bfloat16 and g.shape == (patches, heads, d)
         torch.testing.assert_close(g, w, atol=0, rtol=0)
+    # Liger reads only the tables' left half, and the CPU restatement does the same: tables with unequal halves
+    # (which no Qwen tower makes) must not match, so the wiring tests would catch a model that made them.
+    uneven = torch.randn(patches, d) * 3
+    assert not torch.equal(wrapped(q, k, uneven.cos(), uneven.sin())[0], m.apply_rotary_pos_emb_vision(q, k, uneven.cos(), uneven.sin())[0])
+
+    class _OnCpuRefuses(kernels.FusedOps):
+        runs_on_cpu = True
+
+        @staticmethod
+        def rope(*_a, **_k):
+            raise AssertionError("a table that is not one row per patch reached the kernel")
+
+    # A broadcast table (one row for every patch) is transformers' business: the kernel indexes rows by position.
+    one_row = emb[:1]
+    guarded = kernels._vision_rope_wrapper(_OnCpuRefuses(), m.apply_rotary_pos_emb_vision)
+    for g, w in zip(guarded(q, k, one_row.cos(), one_row.sin()), m.apply_rotary_pos_emb_vision(q, k, one_row.cos(), one_row.sin())):
+        torch.testing.assert_close(g, w, atol=0, rtol=0)
+
+
+def test_fused_vision_rope_leaves_remote_code_towers_alone(monkeypatch) -> None:
+    """A checkpoint's own code may name its file modeling_qwen2_vl with other tables: only transformers' modules
+    are rewired."""
+    import types
+
+    for name, reached in (("transformers_modules.someone.modeling_qwen2_vl", 0), ("transformers.models.qwen2_vl.modeling_qwen2_vl", 1)):
+        namespace = types.ModuleType(name)
+        namespace.apply_rotary_pos_emb_vision = lambda q, k, cos, sin: (q, k)
+        attn_class = type("Attention", (), {"__module__": name})
+        monkeypatch.setitem(sys.modules, name, namespace)
+        tower = types.SimpleNamespace(blocks=[types.SimpleNamespace(attn=attn_class())])
+        assert kernels.fuse_vision_rope(tower, kernels.TORCH_OPS) == reached, name
+        assert getattr(namespace.apply_rotary_pos_emb_vision, "_mcvqa_fused", False) == bool(reached), name
 
 
 class _Refuses(kernels.FusedOps):

@@ -295,7 +295,11 @@ class FusedOps:
             half = x.shape[-1] // 2
             return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        # Liger's kernel reads only the left half of the tables (it assumes ``cat(freqs, freqs)``): so does this
+        # restatement, so a model whose tables have unequal halves fails the CPU wiring tests instead of rotating
+        # wrongly on the GPU alone.
+        half = cos.shape[-1] // 2
+        cos, sin = (torch.cat((t[..., :half], t[..., :half]), dim=-1).unsqueeze(1) for t in (cos, sin))
         return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
     def applies(self, t: torch.Tensor) -> bool:
@@ -380,7 +384,9 @@ def _vision_rope_wrapper(ops: FusedOps, original: Any) -> Any:
         # (patches, heads, d) with (patches, d) tables, as (1, heads, patches, d): the language model's layout, so one
         # fused kernel replaces transformers' ~14 passes over q and k in fp32 (casts, rotate_half's slices, neg and
         # cat, four products, two sums, casts back). The tables stay fp32: the rotation is computed in fp32 as before.
-        if not (ops.applies(q) and q.dim() == 3 and cos.dim() == 2 and q.shape[-1] == cos.shape[-1] == k.shape[-1]):
+        # One table row per patch (Liger indexes rows by position, unchecked), full-width heads: otherwise as it was.
+        plain = q.dim() == 3 and cos.dim() == 2 and sin.shape == cos.shape and k.shape[:1] == q.shape[:1] == cos.shape[:1]
+        if not (ops.applies(q) and plain and q.shape[-1] == cos.shape[-1] == k.shape[-1]):
             return original(q, k, cos, sin)
         rq, rk = ops.rope(q.unsqueeze(0).transpose(1, 2), k.unsqueeze(0).transpose(1, 2), cos.float().unsqueeze(0), sin.float().unsqueeze(0))
         return rq.transpose(1, 2)[0].to(q.dtype), rk.transpose(1, 2)[0].to(k.dtype)
@@ -399,7 +405,8 @@ def fuse_vision_rope(visual: Any, ops: FusedOps) -> int:
     module = type(attn).__module__ if attn is not None else ""
     namespace = sys.modules.get(module)
     original = getattr(namespace, "apply_rotary_pos_emb_vision", None)
-    if original is None or module.rsplit(".", 1)[-1].removeprefix("modeling_") not in _VISION_ROPE_MODULES:
+    # transformers' own modules only: a checkpoint's remote code may reuse the file name with other tables.
+    if original is None or not module.startswith("transformers.models.") or module.rsplit(".", 1)[-1].removeprefix("modeling_") not in _VISION_ROPE_MODULES:
         return 0
     if not getattr(original, "_mcvqa_fused", False):
         namespace.apply_rotary_pos_emb_vision = _vision_rope_wrapper(ops, original)  # type: ignore[union-attr]

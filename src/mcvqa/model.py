@@ -239,8 +239,8 @@ def load_model(cfg: ModelConfig, adapter: str | Path | None = None, laps: dict[s
         _said["cpu_quant"] = True
     lap("checks")
     # The processor first: a broken tokenizer stops the command before minutes of loading weights. Loading it in a
-    # thread beside the weights was tried and measured slower on a GPU machine (BENCHMARKS.md, "Speed II"): its
-    # Python work holds the interpreter lock that the weights' loading loop needs.
+    # thread beside the weights was tried and the whole load measured slower (BENCHMARKS.md, "Speed II"); both
+    # parts are mostly Python (transformers' imports, the loading loop), so they gain little from a second thread.
     processor = load_processor(name, cfg.trust_remote_code, local_only)
     lap("processor")
     try:
