@@ -3,11 +3,11 @@
 # so a call cut by its time limit still brings back the rows it finished. Run from the repository root through the
 # device tool (no package index there, hence the wheel folders; see BENCHMARKS.md for how each folder is filled):
 #
-#   bash bench/issue26.sh predict    # carry .whl .fixtures      e2e bf16 (+ reference loop), nf4 (+ orders), fp8
+#   bash bench/issue26.sh predict    # carry .whl .fixtures      e2e bf16 (+ reference loop), nf4 (+ orders)
 #   bash bench/issue26.sh train      # carry .whl-u .fixtures    stack.py: mcvqa vs the Unsloth backend vs plain peft
 #   bash bench/issue26.sh families   # carry .whl-f .fixtures    families.py with Liger and flash-linear-attention
-#   bash bench/issue26.sh profile    # carry .whl .fixtures      levers.py (eager vs Liger, stages, kernels) and the
-#                                                                CLI's own loop under the profiler (profile_cli.py)
+#   bash bench/issue26.sh profile    # carry .whl .fixtures      levers.py (eager vs Liger, stages, kernels), the
+#                                                                CLI's own loop under the profiler (profile_cli.py), fp8
 #
 # Wheel folders: .whl = ../shared/tools/device-wheels.sh peft==0.21.2 liger-kernel==0.8.5; .whl-f = the same plus
 # fla-core==0.6.0 flash-linear-attention==0.6.0 einops; .whl-u = the Unsloth list of BENCHMARKS.md's issue-25 section
@@ -27,7 +27,6 @@ predict)
     install .whl
     python bench/e2e.py --out "$OUT" --quants none --phases predict,reference --json e2e_bf16.json
     python bench/e2e.py --out "$OUT" --quants nf4 --phases predict,orders --json e2e_nf4.json
-    python bench/e2e.py --out "$OUT" --quants fp8 --phases predict --json e2e_fp8.json
     ;;
 train)
     install .whl-u
@@ -44,6 +43,7 @@ profile)
     python bench/levers.py --out "$OUT" --phases predict --n 256 --batch-sizes 16 \
         --variants eager,liger,nf4+liger --profile-variant liger,nf4+liger --json levers.json
     python bench/profile_cli.py --out "$OUT" --quant none --n 1000
+    python bench/e2e.py --out "$OUT" --quants fp8 --phases predict --json e2e_fp8.json
     ;;
 *)
     echo "unknown: $what (predict, train, families or profile)" >&2

@@ -170,7 +170,7 @@ def profile(scorer: Any, exs: list, order: list, bs: int, args: argparse.Namespa
             scorer.logprobs(b)
         sync()
     table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=45)
-    (args.out / f"levers_profile_{variant}.txt").write_text(table)
+    (args.out / f"levers_profile_{variant.replace('+', '_')}.txt").write_text(table)
     log(table)
 
 

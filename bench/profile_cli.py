@@ -7,8 +7,9 @@ recording CPU and CUDA activity over ``--active`` batches after ``--skip`` batch
 batch's compile and the prefix done). ``Scorer.logprobs`` is wrapped only to step the profiler's schedule, so the
 engine loop, the loader, the journal and the copies back run as a user's run does. Writes:
 
-* ``cli_profile_<quant>.json``: the window's wall time, the GPU's busy time in it (the union of kernel and copy
-  intervals on the device), so the idle share, and the host's biggest CPU ops;
+* ``cli_profile_<quant>.json``: the window's wall time (host clock, between the logprobs calls that open and close
+  it), the GPU's busy time in it (the union of kernel and copy intervals on the device), so the idle share: an
+  estimate, as the device runs behind the host and the profiler's own CPU cost lengthens the window;
 * ``cli_profile_<quant>.txt``: torch.profiler's table, sorted by CPU total (what the host spends its time on);
 * ``cli_trace_<quant>.json.gz``: the Chrome trace of the window (open in Perfetto): where the gaps are.
 """
@@ -56,10 +57,12 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=Path("/tmp/e2e_data"))
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench_out")))
     ap.add_argument("--quant", default="none")
-    ap.add_argument("--n", type=int, default=1000, help="200, 1000 or more (all 3,887)")
+    ap.add_argument("--n", type=int, default=1000, help="200, 1000 or more (all 3,887); at least (skip + active) batches' worth")
     ap.add_argument("--skip", type=int, default=20, help="batches before the profiled window")
     ap.add_argument("--active", type=int, default=8, help="batches profiled")
     args = ap.parse_args()
+    if args.skip < 2 or args.active < 1:
+        ap.error("--skip must be at least 2 (the profiler warms up over two batches) and --active at least 1")
     args.out.mkdir(parents=True, exist_ok=True)
     from torch.profiler import ProfilerActivity, profile, schedule
 
@@ -101,6 +104,8 @@ def main() -> None:
                 raise
     wall = time.perf_counter() - t
     Scorer.logprobs = original  # type: ignore[method-assign]
+    if len(marks) < args.skip + args.active:
+        raise SystemExit(f"only {len(marks)} batches ran: --skip {args.skip} + --active {args.active} needs more questions (--n)")
     trace = args.out / f"cli_trace_{args.quant}.json"
     prof.export_chrome_trace(str(trace))
     events = json.loads(trace.read_text()).get("traceEvents", [])
