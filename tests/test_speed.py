@@ -88,6 +88,26 @@ def test_fused_vision_rope_is_transformers_rotation_in_bf16() -> None:
         torch.testing.assert_close(g, w, atol=0, rtol=0)
 
 
+def test_a_load_without_fused_kernels_undoes_an_earlier_loads_rope_swap(cfg_factory, monkeypatch) -> None:
+    """The RoPE swaps live in transformers' module namespaces, for the whole process: the last load's model.kernels
+    holds (a benchmark or a tuning study loads several models in turn), and swaps never nest."""
+    from mcvqa.model import load_model
+
+    model, _ = load_model(cfg_factory().model)  # its own copy: fusing rewires the model's modules too
+    _restore_rope(model, monkeypatch)
+    core = core_and_head(model)[0]
+    text = sys.modules[type(core.language_model.layers[0].self_attn).__module__]
+    vision = sys.modules[type(core.visual.blocks[0].attn).__module__]
+    originals = (text.apply_rotary_pos_emb, vision.apply_rotary_pos_emb_vision)
+    family = for_model(model)
+    for _ in range(2):  # fused twice: one wrapper around transformers' function, not a wrapper of a wrapper
+        fuse_kernels(model, ModelConfig(kernels="liger", device="cpu"), family, ops=kernels.TORCH_OPS)
+    fused = (text.apply_rotary_pos_emb, vision.apply_rotary_pos_emb_vision)
+    assert all(f is not o and f._mcvqa_original is o for f, o in zip(fused, originals))
+    assert fuse_kernels(model, ModelConfig(kernels="off"), family, ops=kernels.TORCH_OPS) == {}
+    assert (text.apply_rotary_pos_emb, vision.apply_rotary_pos_emb_vision) == originals
+
+
 def test_fused_vision_rope_leaves_remote_code_towers_alone(monkeypatch) -> None:
     """A checkpoint's own code may name its file modeling_qwen2_vl with other tables: only transformers' modules
     are rewired."""

@@ -370,6 +370,7 @@ def _rope_wrapper(ops: FusedOps, original: Any) -> Any:
         return original(q, k, cos, sin, *args, **kwargs)
 
     apply_rotary_pos_emb._mcvqa_fused = True  # type: ignore[attr-defined]
+    apply_rotary_pos_emb._mcvqa_original = original  # type: ignore[attr-defined]
     return apply_rotary_pos_emb
 
 
@@ -392,6 +393,7 @@ def _vision_rope_wrapper(ops: FusedOps, original: Any) -> Any:
         return rq.transpose(1, 2)[0].to(q.dtype), rk.transpose(1, 2)[0].to(k.dtype)
 
     apply_rotary_pos_emb_vision._mcvqa_fused = True  # type: ignore[attr-defined]
+    apply_rotary_pos_emb_vision._mcvqa_original = original  # type: ignore[attr-defined]
     return apply_rotary_pos_emb_vision
 
 
@@ -408,9 +410,26 @@ def fuse_vision_rope(visual: Any, ops: FusedOps) -> int:
     # transformers' own modules only: a checkpoint's remote code may reuse the file name with other tables.
     if original is None or not module.startswith("transformers.models.") or module.rsplit(".", 1)[-1].removeprefix("modeling_") not in _VISION_ROPE_MODULES:
         return 0
-    if not getattr(original, "_mcvqa_fused", False):
-        namespace.apply_rotary_pos_emb_vision = _vision_rope_wrapper(ops, original)  # type: ignore[union-attr]
+    namespace.apply_rotary_pos_emb_vision = _vision_rope_wrapper(ops, getattr(original, "_mcvqa_original", original))  # type: ignore[union-attr]
     return len(blocks)
+
+
+def unfuse_rope(text_model: Any, visual: Any = None) -> int:
+    """Put transformers' own RoPE functions back where :func:`fuse` or :func:`fuse_vision_rope` swapped them (in the
+    module namespaces of ``text_model``'s and ``visual``'s attention). Returns how many it restored."""
+    import sys
+
+    owners = [next((layer.self_attn for layer in getattr(text_model, "layers", []) if hasattr(layer, "self_attn")), None)]
+    blocks = list(getattr(visual, "blocks", []) or []) if visual is not None else []
+    owners.append(getattr(blocks[0], "attn", None) if blocks else None)
+    restored = 0
+    for owner, name in zip(owners, ("apply_rotary_pos_emb", "apply_rotary_pos_emb_vision")):
+        namespace = sys.modules.get(type(owner).__module__) if owner is not None else None
+        fn = getattr(namespace, name, None)
+        if getattr(fn, "_mcvqa_original", None) is not None:
+            setattr(namespace, name, fn._mcvqa_original)
+            restored += 1
+    return restored
 
 
 def fuse(text_model: Any, ops: FusedOps, norm_offset: float | None, rope: bool = False) -> dict[str, int]:
@@ -438,8 +457,7 @@ def fuse(text_model: Any, ops: FusedOps, norm_offset: float | None, rope: bool =
         attn = next((layer.self_attn for layer in getattr(text_model, "layers", []) if hasattr(layer, "self_attn")), None)
         namespace = sys.modules.get(type(attn).__module__) if attn is not None else None
         original = getattr(namespace, "apply_rotary_pos_emb", None)
-        if original is not None:
-            if not getattr(original, "_mcvqa_fused", False):
-                namespace.apply_rotary_pos_emb = _rope_wrapper(ops, original)  # type: ignore[union-attr]
+        if original is not None:  # the last call's ops hold (a later load may ask for others)
+            namespace.apply_rotary_pos_emb = _rope_wrapper(ops, getattr(original, "_mcvqa_original", original))  # type: ignore[union-attr]
             counts["rope"] = sum(hasattr(layer, "self_attn") for layer in text_model.layers)
     return counts

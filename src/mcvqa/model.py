@@ -301,20 +301,31 @@ def fuse_kernels(model: Any, cfg: ModelConfig, family: Family, ops: kernels.Fuse
     ``auto`` quietly keeps transformers' own kernels when liger-kernel is not installed, ``liger`` refuses to.
     ``ops`` replaces Liger (the tests pass :data:`mcvqa.kernels.TORCH_OPS`, which runs on the CPU too).
     """
-    if cfg.kernels == "off" or family.rms_norm_offset is None:
-        return {}
-    ops = ops or kernels.liger_ops()
-    if ops is None:
-        if cfg.kernels == "liger":
-            raise ModelError("model.kernels=liger needs liger-kernel (pip install 'mcvqa[gpu]'); or model.kernels=auto")
-        return {}
     core = core_and_head(model)[0]
-    if not ops.runs_on_cpu and next(core.parameters()).device.type != "cuda":
+    ops = _kernel_ops(cfg, family, core, ops)
+    if ops is None:
+        # The RoPE swaps are process-wide (see kernels.fuse): a model loaded without the fused kernels undoes an
+        # earlier load's, so the last load's setting holds (a tuning study or a benchmark loads several in turn).
+        kernels.unfuse_rope(family.text_model(core), getattr(core, "visual", None))
         return {}
     fused = kernels.fuse(family.text_model(core), ops, family.rms_norm_offset, rope=family.fused_rope)
     if getattr(core, "visual", None) is not None:
         fused["vision_rope"] = kernels.fuse_vision_rope(core.visual, ops)
     return fused
+
+
+def _kernel_ops(cfg: ModelConfig, family: Family, core: Any, ops: kernels.FusedOps | None) -> kernels.FusedOps | None:
+    """The fused ops ``model.kernels`` asks for and this model can take, or None."""
+    if cfg.kernels == "off" or family.rms_norm_offset is None:
+        return None
+    ops = ops or kernels.liger_ops()
+    if ops is None:
+        if cfg.kernels == "liger":
+            raise ModelError("model.kernels=liger needs liger-kernel (pip install 'mcvqa[gpu]'); or model.kernels=auto")
+        return None
+    if not ops.runs_on_cpu and next(core.parameters()).device.type != "cuda":
+        return None
+    return ops
 
 
 _said = {"cpu_quant": False}
