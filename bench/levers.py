@@ -57,7 +57,7 @@ def _run(scorer: Any, batches: list) -> tuple[float, torch.Tensor]:
 
 def predict_phase(args: argparse.Namespace, items: list, rows: list) -> None:
     """Each variant on a freshly loaded model (variants: ``eager``, ``liger``, ``fp8``, ``nf4``, ``compile``, ``cvision``,
-    joined with ``+``), eager's probabilities kept per batch size as the reference of the others."""
+    ``syncmerge``, joined with ``+``), eager's probabilities kept per batch size as the reference of the others."""
     sizes = [int(x) for x in args.batch_sizes.split(",")]
     refs: dict[int, torch.Tensor] = {}
     variants = [v for v in args.variants.split(",") if v]
@@ -94,6 +94,8 @@ def _predict_variant(args: argparse.Namespace, items: list, rows: list, variant:
         applied["compiled"] = kernels.compile_blocks(core, "mlp")
     if "cvision" in parts:
         applied["compiled"] = kernels.compile_blocks(core, "vision")
+    if "syncmerge" in parts:  # transformers' image merge, which waits for the GPU (the A/B of merge_without_sync)
+        kernels.restore_merge(core)
     load = time.perf_counter() - t0
     enc = scorer.encoder
     collate = Collator(enc, with_prefix=False)

@@ -11,12 +11,16 @@ engine loop, the loader, the journal and the copies back run as a user's run doe
   it), the GPU's busy time in it (the union of kernel and copy intervals on the device), so the idle share: an
   estimate, as the device runs behind the host and the profiler's own CPU cost lengthens the window;
 * ``cli_profile_<quant>.txt``: torch.profiler's table, sorted by CPU total (what the host spends its time on);
-* ``cli_trace_<quant>.json.gz``: the Chrome trace of the window (open in Perfetto): where the gaps are.
+* ``cli_trace_<quant>.json.gz``: the Chrome trace of the window (open in Perfetto): where the gaps are;
+* ``cli_gaps_<quant>.json``: the device's idle gaps, each blamed on the host op that launched the work ending it
+  and on any synchronising call made during it (``python bench/profile_cli.py --analyse TRACE`` redoes this on a
+  trace already fetched).
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
 import gzip
 import json
 import os
@@ -50,6 +54,63 @@ def busy_seconds(events: list[dict[str, Any]]) -> float:
     return busy / 1e6
 
 
+def _innermost(ops: list[tuple[float, float, str]], starts: list[float], t: float, look: int = 400) -> list[str]:
+    """Names of the (at most four) innermost host ops whose interval holds ``t``, outermost first; ``ops`` are one
+    thread's, sorted by start. Looks back over ``look`` ops only: enough for the nesting around one launch."""
+    i = bisect.bisect_right(starts, t)
+    chain = [ops[j][2] for j in range(i - 1, max(i - 1 - look, -1), -1) if ops[j][1] >= t]
+    return chain[:4][::-1]
+
+
+def gaps(events: list[dict[str, Any]], min_us: float = 20.0, top: int = 20) -> dict[str, Any]:
+    """The device's idle gaps in a torch.profiler Chrome trace, blamed on host ops.
+
+    A gap ends when the host launches the next piece of work: the host op around that launch is what the GPU waited
+    for (``waited_for``). A synchronising runtime call inside the gap (a stream or device synchronise, a blocking
+    copy) means the host itself waited before it could launch (``synced_by``: the host op around that call).
+    """
+    device = sorted((e["ts"], e["ts"] + e.get("dur", 0), e.get("args", {}).get("correlation")) for e in events
+                    if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"))
+    runtime = [e for e in events if e.get("ph") == "X" and e.get("cat") in ("cuda_runtime", "cuda_driver")]
+    launch = {e.get("args", {}).get("correlation"): e for e in runtime}
+    syncs = sorted(((e["ts"], e["ts"] + e.get("dur", 0), e) for e in runtime
+                    if "Synchronize" in e["name"] or e["name"] == "cudaMemcpy"), key=lambda s: s[0])
+    by_thread: dict[Any, list[tuple[float, float, str]]] = {}
+    for e in events:
+        if e.get("ph") == "X" and e.get("cat") in ("cpu_op", "user_annotation", "python_function"):
+            by_thread.setdefault(e.get("tid"), []).append((e["ts"], e["ts"] + e.get("dur", 0), e["name"]))
+    threads = {tid: (sorted(v), sorted(o[0] for o in v)) for tid, v in by_thread.items()}
+
+    def around(e: dict[str, Any]) -> str:
+        ops, starts = threads.get(e.get("tid"), ([], []))
+        return " > ".join(_innermost(ops, starts, e["ts"])) or "(no host op)"
+
+    syncs.sort(key=lambda s: s[1])
+    sync_ends = [s[1] for s in syncs]
+    waited: dict[str, float] = {}
+    synced: dict[str, float] = {}
+    total, count, end = 0.0, 0, None
+    for start, stop, corr in device:
+        if end is not None and start - end >= min_us:
+            idle = start - end
+            total += idle
+            count += 1
+            at = launch.get(corr)
+            key = around(at) if at is not None else "(launch not in trace)"
+            waited[key] = waited.get(key, 0.0) + idle
+            j = bisect.bisect_left(sync_ends, end)  # the first synchronising call still running when the gap opened
+            if j < len(syncs) and syncs[j][0] < start:
+                k = syncs[j][2]["name"] + " in " + around(syncs[j][2])
+                synced[k] = synced.get(k, 0.0) + idle
+        end = stop if end is None else max(end, stop)
+
+    def ranked(d: dict[str, float]) -> list[list[Any]]:
+        return [[k, round(v / 1e3, 3)] for k, v in sorted(d.items(), key=lambda kv: -kv[1])[:top]]
+
+    return {"min_gap_us": min_us, "gaps": count, "idle_ms": round(total / 1e3, 3),
+            "waited_for_ms": ranked(waited), "synced_by_ms": ranked(synced)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--like", type=Path, default=HERE.parent / ".fixtures" / "qwen3-vl-8b-instruct")
@@ -60,7 +121,15 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=1000, help="200, 1000 or more (all 3,887); at least (skip + active) batches' worth")
     ap.add_argument("--skip", type=int, default=20, help="batches before the profiled window")
     ap.add_argument("--active", type=int, default=8, help="batches profiled")
+    ap.add_argument("--stack", action="store_true", help="record Python frames too: the gaps name the Python function "
+                    "around each launch and sync (the host runs slower, so the idle share grows)")
+    ap.add_argument("--analyse", type=Path, help="only analyse this Chrome trace (.json or .json.gz) and print its gaps")
     args = ap.parse_args()
+    if args.analyse:
+        opener = gzip.open if args.analyse.suffix == ".gz" else open
+        with opener(args.analyse, "rt") as f:
+            print(json.dumps(gaps(json.load(f).get("traceEvents", [])), indent=2, ensure_ascii=False))
+        return
     if args.skip < 2 or args.active < 1:
         ap.error("--skip must be at least 2 (the profiler warms up over two batches) and --active at least 1")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -81,7 +150,7 @@ def main() -> None:
 
     marks: list[float] = []
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    prof = profile(activities=activities,
+    prof = profile(activities=activities, with_stack=args.stack,
                    schedule=schedule(wait=max(args.skip - 2, 0), warmup=2, active=args.active, repeat=1))
     original = Scorer.logprobs
 
@@ -124,6 +193,7 @@ def main() -> None:
            "q_per_s_in_window": round(args.active * summary["batch_size"] / window, 1) if window else None,
            "timeline": summary.get("timeline")}
     (args.out / f"cli_profile_{args.quant}.json").write_text(json.dumps(row, indent=2))
+    (args.out / f"cli_gaps_{args.quant}.json").write_text(json.dumps(gaps(events), indent=2, ensure_ascii=False))
     log(row)
 
 

@@ -205,3 +205,44 @@ def test_a_moved_batch_reads_positions_and_grids_from_its_host_copy(tiny_loaded,
     assert moved.host is batch and moved.rows(1, 3).host is not None
     torch.testing.assert_close(scorer.logprobs(moved.rows(1, 3)), scorer.logprobs(batch.rows(1, 3)), atol=1e-6, rtol=0)
     torch.testing.assert_close(scorer.logprobs(moved.rows(0, 2)), scorer.logprobs(collate(exs[:2], encoder.pad_id)), atol=1e-5, rtol=0)
+
+
+def test_merging_image_features_without_waits_is_transformers_merge(tiny_loaded, encoder, items) -> None:
+    """The placeholder check asserted on the device and DeepStack as an added zero-filled scatter: the production
+    load applies it, the letter scores equal transformers' merge bit for bit, and so does DeepStack's sum in bf16
+    with its gradients; a feature count that disagrees with the image tokens still raises (on the CPU at once)."""
+    from mcvqa.families import core_and_head
+    from mcvqa.kernels import merge_without_sync, restore_merge
+
+    core = core_and_head(tiny_loaded[0])[0]
+    assert core.merges_without_sync and "_deepstack_process" in vars(core.language_model)
+    batch = collate(_long_short(encoder, items), encoder.pad_id)
+    ours = Scorer(tiny_loaded[0], encoder).logprobs(batch)
+    restore_merge(core)
+    try:
+        assert "get_placeholder_mask" not in vars(core)
+        stock = Scorer(tiny_loaded[0], encoder).logprobs(batch)
+    finally:
+        assert merge_without_sync(core)
+    assert torch.equal(ours, stock)
+
+    text = core.language_model
+    g = torch.Generator().manual_seed(0)
+    mask = torch.rand(2, 9, generator=g) < 0.4
+    hidden = torch.randn(2, 9, 16, generator=g).bfloat16().requires_grad_()
+    embeds = torch.randn(int(mask.sum()), 16, generator=g).bfloat16().requires_grad_()
+    out = text._deepstack_process(hidden, mask, embeds)
+    ref = type(text)._deepstack_process(text, hidden, mask, embeds)
+    assert torch.equal(out, ref) and not torch.equal(out, hidden)
+    up = torch.randn(out.shape, generator=g).bfloat16()
+    grads = torch.autograd.grad(out, (hidden, embeds), up)
+    ref_grads = torch.autograd.grad(ref, (hidden, embeds), up)
+    assert all(torch.equal(a, b) for a, b in zip(grads, ref_grads))
+
+    ids = batch.input_ids
+    embeds = torch.zeros(*ids.shape, 8)
+    n = int((ids == core.config.image_token_id).sum())
+    image_mask, _ = core.get_placeholder_mask(ids, embeds, image_features=torch.zeros(n, 8))
+    assert torch.equal(image_mask[..., 0], ids == core.config.image_token_id)
+    with pytest.raises(RuntimeError):
+        core.get_placeholder_mask(ids, embeds, image_features=torch.zeros(n - 1, 8))

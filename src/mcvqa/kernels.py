@@ -140,7 +140,64 @@ def use_causal_attention(core: Any) -> bool:
             visual.config._attn_implementation = VISION_ATTENTION
         host_grid_vision(visual)
         patch_embed_as_matmul(visual)
+    merge_without_sync(core)
     return True
+
+
+_QWEN_MERGE = ("Qwen2VL", "Qwen2_5_VL", "Qwen3VL", "Qwen3_5")
+"""Model class prefixes whose image features are merged into the text by transformers' Qwen placeholder mask (and,
+for Qwen3-VL, DeepStack): the forwards :func:`merge_without_sync` replaces."""
+
+
+def merge_without_sync(core: Any) -> bool:
+    """Merge a Qwen model's image features into its text without the host waiting for the GPU.
+
+    transformers' merge waits for the GPU up to eight times a forward: the placeholder check formats a CUDA count
+    into its message and reads the check back, and each of Qwen3-VL's three DeepStack layers indexes the hidden
+    states with a boolean mask twice (a read to count it, a write). After each wait the GPU idles until the host
+    has queued the next kernels. Here the check is asserted on the device (on the CPU it still raises at once) and
+    DeepStack adds ``masked_scatter``'s zero-filled copy of the features, which is the same bf16 sum at image
+    positions and ``x + 0 = x`` elsewhere: bit for bit transformers' result, gradients included. Returns whether
+    it applied (a Qwen core whose forwards have these methods); :func:`restore_merge` undoes it.
+    """
+    if not type(core).__name__.startswith(_QWEN_MERGE) or getattr(core, "merges_without_sync", False):
+        return False
+    if not hasattr(type(core), "get_placeholder_mask"):
+        return False
+    original = type(core).get_placeholder_mask
+
+    def get_placeholder_mask(input_ids: Any, inputs_embeds: torch.Tensor, image_features: torch.Tensor | None = None,
+                             video_features: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if input_ids is None:  # masks from embeddings: transformers' own way
+            return original(core, input_ids, inputs_embeds, image_features, video_features)
+        masks = []
+        for token, features in ((core.config.image_token_id, image_features), (core.config.video_token_id, video_features)):
+            mask = input_ids == token
+            if features is not None:  # image tokens and features must agree (transformers checks it with a wait)
+                torch._assert_async(mask.sum() * inputs_embeds.shape[-1] == features.numel())
+            masks.append(mask.unsqueeze(-1).to(inputs_embeds.device))
+        return masks[0], masks[1]
+
+    core.get_placeholder_mask = get_placeholder_mask
+    text = getattr(core, "language_model", None)
+    if text is not None and hasattr(type(text), "_deepstack_process"):
+
+        def _deepstack_process(hidden_states: torch.Tensor, visual_pos_masks: torch.Tensor, visual_embeds: torch.Tensor) -> torch.Tensor:
+            mask = visual_pos_masks.to(hidden_states.device).unsqueeze(-1).expand_as(hidden_states)
+            added = torch.zeros_like(hidden_states).masked_scatter_(mask, visual_embeds.to(hidden_states.device, hidden_states.dtype))
+            return hidden_states + added
+
+        text._deepstack_process = _deepstack_process
+    core.merges_without_sync = True
+    return True
+
+
+def restore_merge(core: Any) -> None:
+    """Undo :func:`merge_without_sync` on ``core`` (transformers' methods back)."""
+    for owner, name in ((core, "get_placeholder_mask"), (getattr(core, "language_model", None), "_deepstack_process")):
+        if owner is not None and name in vars(owner):
+            delattr(owner, name)
+    core.merges_without_sync = False
 
 
 def host_grid_vision(visual: Any) -> bool:
