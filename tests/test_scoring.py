@@ -246,3 +246,42 @@ def test_merging_image_features_without_waits_is_transformers_merge(tiny_loaded,
     assert torch.equal(image_mask[..., 0], ids == core.config.image_token_id)
     with pytest.raises(RuntimeError):
         core.get_placeholder_mask(ids, embeds, image_features=torch.zeros(n - 1, 8))
+
+
+def test_image_tensors_cast_in_the_workers_score_like_the_processors(cfg_factory, items) -> None:
+    """A bf16 model's encoder casts the pixels to bf16 where they are made (half the bytes to pin and copy): the
+    patch embedding's first step casts them to bf16 anyway, so the scores are the fp32 pixels' bit for bit."""
+    from mcvqa.features import Encoder
+    from mcvqa.predict import build_scorer
+
+    scorer = build_scorer(cfg_factory("model.dtype=bf16"))
+    enc = scorer.encoder
+    assert enc.pixel_dtype == torch.bfloat16
+    cast = [enc.encode(it) for it in items[:4]]
+    assert all(v.dtype == torch.bfloat16 for ex in cast for k, v in ex.vision.items() if k == "pixel_values")
+    twin = Encoder(enc.processor, enc.prompt, enc.image_cfg, enc.family)
+    kept = [twin.encode(it) for it in items[:4]]
+    assert kept[0].vision["pixel_values"].dtype == torch.float32
+    assert torch.equal(scorer.logprobs(collate(cast, enc.pad_id)), scorer.logprobs(collate(kept, enc.pad_id)))
+
+
+def test_a_lora_on_the_patch_embedding_is_used_and_keeps_fp32_pixels(cfg_factory) -> None:
+    """With ``lora.vision`` peft wraps the patch embedding's Conv3d too: the matrix-product rewrite must then run
+    the wrapper (not the bare convolution it captured at load), and the pixels stay as the processor made them."""
+    from PIL import Image
+
+    from mcvqa.families import core_and_head, for_model
+    from mcvqa.model import attach_lora, load_model
+
+    cfg = cfg_factory("lora.vision=true")
+    model = attach_lora(load_model(cfg.model)[0], cfg.lora)
+    core = core_and_head(model)[0]
+    wrapped = core.visual.patch_embed.proj
+    assert not isinstance(wrapped, torch.nn.Conv3d) and for_model(model).pixel_dtype(core) is None
+    torch.nn.init.normal_(wrapped.lora_B["default"].weight)
+    px = torch.randn(16, wrapped.base_layer.weight[0].numel())
+    with torch.no_grad():
+        adapted = core.visual.patch_embed(px)
+        with model.disable_adapter():
+            base = core.visual.patch_embed(px)
+    assert not torch.allclose(adapted, base)

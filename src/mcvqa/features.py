@@ -175,8 +175,11 @@ class Encoder:
     Picklable (tokenizer and image processor are), so it can run inside DataLoader workers.
     """
 
-    def __init__(self, processor: Any, prompt: Prompt, image_cfg: ImageConfig, family: Family | None = None) -> None:
+    def __init__(self, processor: Any, prompt: Prompt, image_cfg: ImageConfig, family: Family | None = None,
+                 pixel_dtype: torch.dtype | None = None) -> None:
         self.prompt = prompt
+        self.pixel_dtype = pixel_dtype
+        """Floating image tensors are cast to this in the workers (see :meth:`Family.pixel_dtype`); None keeps them."""
         self.image_cfg = image_cfg
         self.processor = processor
         self.family = family or families.for_processor(processor)
@@ -202,7 +205,10 @@ class Encoder:
 
     def pixels(self, image: Image.Image) -> tuple[list[int], list[int], dict[str, torch.Tensor]]:
         """The image segment's token ids, their multimodal types and the image tensors, for a prepared image."""
-        return self.family.encode_image(self.processor, image)
+        ids, types, tensors = self.family.encode_image(self.processor, image)
+        if self.pixel_dtype is not None:
+            tensors = {k: v.to(self.pixel_dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+        return ids, types, tensors
 
     def collate(self, examples: Sequence[Example], with_prefix: bool = False) -> Batch:
         return collate(examples, self.pad_id, self.prefix_ids if with_prefix else None, self.family.vision_pad)

@@ -271,6 +271,8 @@ def patch_embed_as_matmul(visual: Any) -> bool:
     width = proj.in_channels * int(torch.tensor(proj.kernel_size).prod())
 
     def forward(hidden_states: torch.Tensor) -> torch.Tensor:
+        if embed.proj is not proj:  # replaced since (a LoRA wrapper on the patch embedding): the module's own forward
+            return type(embed).forward(embed, hidden_states)
         w = proj.weight
         return F.linear(hidden_states.reshape(-1, width).to(w.dtype), w.reshape(w.shape[0], width), proj.bias)
 

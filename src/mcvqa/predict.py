@@ -65,7 +65,8 @@ def build_scorer(cfg: Config, adapter: str | Path | None = None, model: Any = No
             t = time.perf_counter()
             if unpack_4bit(model, cfg.predict.unpack_4bit) and laps is not None:
                 laps["unpack_4bit"] = round(time.perf_counter() - t, 3)
-    encoder = Encoder(processor, load_prompt(cfg.prompt.name), cfg.image, families.for_model(model))
+    family = families.for_model(model)
+    encoder = Encoder(processor, load_prompt(cfg.prompt.name), cfg.image, family, family.pixel_dtype(family.core_and_head(model)[0]))
     if cfg.predict.compile != "off":
         from mcvqa.kernels import compile_blocks
         from mcvqa.families import core_and_head

@@ -118,6 +118,12 @@ class Family:
         tensors = {k: v for k, v in out.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids") and isinstance(v, torch.Tensor)}
         return ids, types, tensors
 
+    def pixel_dtype(self, core: Any) -> torch.dtype | None:
+        """The dtype the image tensors may be cast to in the loader's workers without changing any result: the
+        vision tower's when its first operation casts them to it anyway (half the bytes to pin and copy to the
+        GPU), else None (kept as the processor makes them)."""
+        return None
+
     def native_image_tokens(self, width: int, height: int, factor: int) -> int | None:
         """Tokens of an image at native resolution ``width`` x ``height`` (already fitted to the pixel budget), without
         running the processor; None when the family cannot tell that cheaply (used to sort batches by length)."""

@@ -39,6 +39,14 @@ class QwenVL(Family):
         ids = [tok.convert_tokens_to_ids("<|vision_start|>")] + [self.image_token_id(tok)] * n + [tok.convert_tokens_to_ids("<|vision_end|>")]
         return ids, [0] + [1] * n + [0], {"pixel_values": out["pixel_values"], "image_grid_thw": grid}
 
+    def pixel_dtype(self, core: Any) -> torch.dtype | None:
+        # The patch embedding's first step casts the pixels to its weight's dtype (transformers' Conv3d path and
+        # kernels.patch_embed_as_matmul alike). A LoRA wrapper on it (lora.vision) reads them at its own dtype first.
+        proj = getattr(getattr(getattr(core, "visual", None), "patch_embed", None), "proj", None)
+        if not isinstance(proj, torch.nn.Conv3d) or not proj.weight.is_floating_point():
+            return None
+        return proj.weight.dtype
+
     def native_image_tokens(self, width: int, height: int, factor: int) -> int | None:
         return (width // factor) * (height // factor) + 2  # merged patches between <|vision_start|> and <|vision_end|>
 

@@ -216,7 +216,8 @@ def setup(
         if dist.main:
             log_fn(f"base model {cfg.model.name_or_path} (stored in the adapter as an absolute path)")
     model, processor = build_model(cfg, log_fn)
-    encoder = Encoder(processor, load_prompt(cfg.prompt.name), cfg.image, families.for_model(model))
+    family = families.for_model(model)
+    encoder = Encoder(processor, load_prompt(cfg.prompt.name), cfg.image, family, family.pixel_dtype(family.core_and_head(model)[0]))
     shared = tc.shared_prefix
     if shared == "auto":
         # Measured (BENCHMARKS.md, "Training step" and "Model families"): packed wins with 4-bit weights (one dequantisation per layer
