@@ -89,8 +89,10 @@ def gaps(events: list[dict[str, Any]], min_us: float = 20.0, top: int = 20) -> d
     sync_ends = [s[1] for s in syncs]
     waited: dict[str, float] = {}
     synced: dict[str, float] = {}
-    total, count, end = 0.0, 0, None
+    total, count, small, end = 0.0, 0, 0.0, None
     for start, stop, corr in device:
+        if end is not None and 0 < start - end < min_us:
+            small += start - end  # the device's own launch-to-launch gaps, even with work queued (CUDA graphs' share)
         if end is not None and start - end >= min_us:
             idle = start - end
             total += idle
@@ -107,7 +109,8 @@ def gaps(events: list[dict[str, Any]], min_us: float = 20.0, top: int = 20) -> d
     def ranked(d: dict[str, float]) -> list[list[Any]]:
         return [[k, round(v / 1e3, 3)] for k, v in sorted(d.items(), key=lambda kv: -kv[1])[:top]]
 
-    return {"min_gap_us": min_us, "gaps": count, "idle_ms": round(total / 1e3, 3),
+    return {"min_gap_us": min_us, "gaps": count, "idle_ms": round(total / 1e3, 3), "idle_in_smaller_gaps_ms": round(small / 1e3, 3),
+            "kernels": len(device),
             "waited_for_ms": ranked(waited), "synced_by_ms": ranked(synced)}
 
 
