@@ -43,6 +43,7 @@ profile)
     python bench/levers.py --out "$OUT" --phases predict --n 256 --batch-sizes 16 \
         --variants eager,liger,liger+syncmerge,nf4+liger --profile-variant liger,nf4+liger --json levers.json
     python bench/profile_cli.py --out "$OUT" --quant none --n 1000 --stack
+    python bench/check_kernels.py --out "$OUT"
     python bench/e2e.py --out "$OUT" --quants fp8 --phases predict --json e2e_fp8.json
     ;;
 *)
