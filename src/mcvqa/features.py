@@ -23,6 +23,7 @@ from mcvqa.images import load_image, load_prepared, prepare
 from mcvqa import families
 from mcvqa.families import Family
 from mcvqa.prompts import Frame, Prompt
+from mcvqa.runtime import to_device
 
 
 @dataclass
@@ -112,16 +113,32 @@ class Batch:
 
     def to(self, device: torch.device | str) -> Batch:
         def mv(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.to(device, non_blocking=True)
+            return None if t is None else to_device(t, device)
 
         return replace(
             self,
             input_ids=mv(self.input_ids),
             mm_token_type_ids=mv(self.mm_token_type_ids),
             lengths=mv(self.lengths),
-            vision={k: v.to(device, non_blocking=True) for k, v in self.vision.items()},
+            vision={k: to_device(v, device) for k, v in self.vision.items()},
             labels=mv(self.labels),
             host=self.host if self.host is not None else (self if self.input_ids.device.type == "cpu" else None),
+        )
+
+    def pin_memory(self) -> Batch:
+        """This batch in page-locked host memory. The DataLoader's ``pin_memory`` thread calls it (it pins tensors,
+        mappings and sequences itself, and leaves any other object alone unless it has this method), so the main
+        thread's :meth:`to` queues its copies without waiting for the GPU."""
+        def pin(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.pin_memory()
+
+        return replace(
+            self,
+            input_ids=pin(self.input_ids),
+            mm_token_type_ids=pin(self.mm_token_type_ids),
+            lengths=pin(self.lengths),
+            vision={k: v.pin_memory() for k, v in self.vision.items()},
+            labels=pin(self.labels),
         )
 
     @property

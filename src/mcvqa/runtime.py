@@ -1,4 +1,4 @@
-"""Process-wide runtime: where this process stands among the others of a launch.
+"""Process-wide runtime: where this process stands among the others of a launch, and how its tensors reach its GPU.
 
 The one place that reads it: ``predict`` shards its batches with :func:`distributed`, ``train`` takes its rank and
 world from it (beside the ``Accelerator`` that wraps its model: both read the same process group), and ``tune``'s
@@ -156,3 +156,17 @@ def seconds_since_process_start() -> float | None:
         return round(uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK"), 3)
     except (OSError, ValueError, IndexError):
         return None
+
+
+def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``t`` on ``device``, queued behind the GPU's work rather than waiting for it.
+
+    A copy from pageable host memory to a GPU first waits for everything already queued on the stream (CUDA stages
+    it through a buffer of its own), so a batch's copies and positions would make the host wait for the previous
+    batch to finish before it can queue this one. From page-locked memory the copy is queued like a kernel: a CPU
+    tensor bound for a GPU is pinned first (the DataLoader's batches arrive pinned: :meth:`mcvqa.features.Batch.pin_memory`).
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and t.device.type == "cpu" and not t.is_pinned():
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)

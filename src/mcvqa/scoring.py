@@ -28,6 +28,7 @@ from mcvqa.errors import ModelError
 from mcvqa.features import Batch, Encoder, OrderedExample, cat_vision
 from mcvqa import families
 from mcvqa.families import Family
+from mcvqa.runtime import to_device
 
 # ------------------------------------------------------------------------------------------ letter tokens
 
@@ -207,7 +208,7 @@ def compute_prefix(model: Any, prefix_ids: Sequence[int], device: torch.device |
     family = _family(model, family)
     core, _ = family.core_and_head(model)
     device = device or next(core.parameters()).device
-    ids = torch.tensor([list(prefix_ids)], dtype=torch.long, device=device)
+    ids = to_device(torch.tensor([list(prefix_ids)], dtype=torch.long), device)
     mm = torch.zeros_like(ids, dtype=torch.int32)
     kinds = family.layer_kinds(core)
     cache = PrefixCache.recorder(kinds)
@@ -261,7 +262,7 @@ def _positions(family: Family, core: Any, batch: Batch, offset: int) -> torch.Te
     """
     src = batch.on_host
     pos = family.positions(core, src.input_ids, src.mm_token_type_ids, src.vision, offset)
-    return None if pos is None else pos.to(batch.input_ids.device, non_blocking=True)
+    return None if pos is None else to_device(pos, batch.input_ids.device)
 
 
 def _vision(core: Any, batch: Batch) -> dict[str, torch.Tensor]:
@@ -295,7 +296,7 @@ def packed_answer_hidden(model: Any, batch: Batch, prefix_ids: Sequence[int], fa
     lengths = batch.on_host.lengths.tolist()
     pos = _positions(family, core, batch, p)
     assert pos is not None
-    prefix_t = torch.tensor(list(prefix_ids), dtype=torch.long, device=device)
+    prefix_t = to_device(torch.tensor(list(prefix_ids), dtype=torch.long), device)
     ids = torch.cat([prefix_t] + [batch.input_ids[i, : lengths[i]] for i in range(b)])[None]
     mm = torch.cat([torch.zeros(p, dtype=batch.mm_token_type_ids.dtype, device=device)] + [batch.mm_token_type_ids[i, : lengths[i]] for i in range(b)])[None]
     if pos.dim() == 3:  # M-RoPE (4, B, S)
@@ -417,7 +418,7 @@ def shared_prefix_logprobs(
         raise ValueError("every question needs the same number of option orders")
     P = prefix.length
     vision_host, _ = cat_vision([ex.vision for ex in examples], family.vision_pad)
-    vision = host_grid(core, {k: v.to(device, non_blocking=True) for k, v in vision_host.items()}, vision_host)
+    vision = host_grid(core, {k: to_device(v, device) for k, v in vision_host.items()}, vision_host)
     # Positions of image + question (real lengths) as the single-order path computes them.
     stage1 = [ex.image_ids + ex.question_ids for ex in examples]
     len1 = [len(r) for r in stage1]
@@ -427,7 +428,7 @@ def shared_prefix_logprobs(
     for i, (r, ex) in enumerate(zip(stage1, examples)):
         ids1[i, : len(r)] = torch.tensor(r)
         mm1[i, : len(ex.image_types)] = torch.tensor(ex.image_types, dtype=torch.int32)
-    pos1 = family.positions(core, ids1, mm1, vision_host, P).to(device, non_blocking=True)  # (4, B, l1) M-RoPE or (B, l1), on the host (see _positions)
+    pos1 = to_device(family.positions(core, ids1, mm1, vision_host, P), device)  # (4, B, l1) M-RoPE or (B, l1), on the host (see _positions)
     pos1 = pos1 if pos1.dim() == 3 else pos1[None]
     rows_ids: list[list[int]] = []
     segs: list[list[int]] = []  # 0: image + question; v + 1: options under order v; -1: padding
@@ -450,8 +451,8 @@ def shared_prefix_logprobs(
         n = len(rows_ids[i])
         ids[i, :n], seg[i, :n], step[i, :n] = torch.tensor(rows_ids[i]), torch.tensor(segs[i]), torch.tensor(steps[i])
         mm[i, : len(examples[i].image_types)] = torch.tensor(examples[i].image_types, dtype=torch.int32)
-    ids, seg, step, mm = ids.to(device), seg.to(device), step.to(device), mm.to(device)
-    n1_t = torch.tensor(len1, device=device)
+    ids, seg, step, mm = (to_device(t, device) for t in (ids, seg, step, mm))
+    n1_t = to_device(torch.tensor(len1), device)
     rows = torch.arange(B, device=device)
     # Segments continue where the question ends: text position P + len1 + i; M-RoPE axes (max so far) + 1 + i.
     text_next = (P + n1_t)[:, None] + step

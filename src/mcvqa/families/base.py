@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from mcvqa.errors import ModelError
+from mcvqa.runtime import to_device
 
 
 def unwrap(model: Any) -> Any:
@@ -160,7 +161,7 @@ class Family:
             return head(hidden)
         weight = getattr(head, "weight", None)
         if isinstance(head, torch.nn.Linear) and weight is not None and weight.dtype.is_floating_point and weight.dim() == 2:
-            idx = torch.tensor(list(token_ids), device=weight.device)
+            idx = to_device(torch.tensor(list(token_ids)), weight.device)  # pinned: no wait for the GPU
             bias = head.bias[idx] if head.bias is not None else None
             return F.linear(hidden.to(weight.dtype), weight[idx], bias)
         return head(hidden)[:, list(token_ids)]

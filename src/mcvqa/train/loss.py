@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from mcvqa import families
 from mcvqa.features import Batch
+from mcvqa.runtime import to_device
 from mcvqa.scoring import answer_hidden, compute_prefix, packed_answer_hidden
 
 
@@ -50,5 +51,5 @@ class AnswerLoss(torch.nn.Module):
             hidden = answer_hidden(self.model, batch, compute_prefix(self.model, self.prefix_ids, device, family), family)
         logits = family.head_logits(head, hidden).float()
         assert batch.labels is not None
-        loss = F.cross_entropy(logits, self.target_ids.to(device)[batch.labels.to(device)])
+        loss = F.cross_entropy(logits, to_device(self.target_ids, device)[to_device(batch.labels, device)])
         return loss, logits
