@@ -473,7 +473,7 @@ def shared_prefix_logprobs(
     allowed = torch.cat([torch.ones((B, L, P), dtype=torch.bool, device=device), allowed], dim=-1)
     hidden_all = _forward(family, core, ids, mm, vision, positions, prefix, allowed)
     # The answer of order v is read at the last token of its segment.
-    lengths = torch.tensor([[len(o) for o in ex.option_variants] for ex in examples], device=device)  # (B, V)
+    lengths = to_device(torch.tensor([[len(o) for o in ex.option_variants] for ex in examples]), device)  # (B, V)
     ends = n1_t[:, None] + torch.cumsum(lengths, dim=1) - 1
     hidden = hidden_all[rows[:, None], ends].reshape(B * V, -1)
     lp = letter_logprobs(head_rows(head, hidden, letters.all_ids, family), letters)
