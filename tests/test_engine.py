@@ -230,7 +230,15 @@ def test_the_loaders_batches_arrive_pinned_and_move_without_waiting(encoder, syn
     batch = collate([encoder.encode(it) for it in items], encoder.pad_id)
     batch.labels = torch.tensor([0, 1, 2])
     out = loader_pin(batch)
-    tensors = [out.input_ids, out.mm_token_type_ids, out.lengths, out.labels, *out.vision.values()]
+
+    def tensors_of(b):  # every tensor a Batch carries, whatever fields it gains later
+        import dataclasses
+
+        values = [getattr(b, f.name) for f in dataclasses.fields(b) if f.name != "host"]
+        return [t for v in values for t in (v.values() if isinstance(v, dict) else [v]) if isinstance(t, torch.Tensor)]
+
+    tensors = tensors_of(out)
+    assert len(tensors) == 4 + len(batch.vision)
     assert all(getattr(t, "_fake_pinned", False) for t in tensors)
     assert torch.equal(out.input_ids, batch.input_ids) and out.ids == batch.ids
 

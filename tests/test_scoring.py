@@ -208,32 +208,36 @@ def test_a_moved_batch_reads_positions_and_grids_from_its_host_copy(tiny_loaded,
 
 
 def test_merging_image_features_without_waits_is_transformers_merge(tiny_loaded, encoder, items) -> None:
-    """The placeholder check asserted on the device and DeepStack as an added zero-filled scatter: the production
-    load applies it, the letter scores equal transformers' merge bit for bit, and so does DeepStack's sum in bf16
-    with its gradients; a feature count that disagrees with the image tokens still raises (on the CPU at once)."""
+    """The placeholder check asserted on the device after a first checked forward, and DeepStack as a gather added
+    to the hidden states: the production load applies it, the letter scores equal transformers' merge bit for bit,
+    and so do DeepStack's sum in bf16 (signed zeros included) and its gradients. A feature count that disagrees with
+    the image tokens gets transformers' readable error on the first forward, the device's assert after it."""
     from mcvqa.families import core_and_head
     from mcvqa.kernels import merge_without_sync, restore_merge
 
     core = core_and_head(tiny_loaded[0])[0]
     assert core.merges_without_sync and "_deepstack_process" in vars(core.language_model)
     batch = collate(_long_short(encoder, items), encoder.pad_id)
-    ours = Scorer(tiny_loaded[0], encoder).logprobs(batch)
+    scorer = Scorer(tiny_loaded[0], encoder)
+    first, ours = scorer.logprobs(batch), scorer.logprobs(batch)  # transformers' check, then the device's
     restore_merge(core)
     try:
         assert "get_placeholder_mask" not in vars(core)
         stock = Scorer(tiny_loaded[0], encoder).logprobs(batch)
     finally:
         assert merge_without_sync(core)
-    assert torch.equal(ours, stock)
+    assert torch.equal(ours, stock) and torch.equal(first, stock)
 
     text = core.language_model
     g = torch.Generator().manual_seed(0)
     mask = torch.rand(2, 9, generator=g) < 0.4
-    hidden = torch.randn(2, 9, 16, generator=g).bfloat16().requires_grad_()
+    hidden = torch.randn(2, 9, 16, generator=g).bfloat16()
+    hidden[(~mask).nonzero()[0].tolist()] = -0.0  # a text position: transformers keeps its sign
+    hidden.requires_grad_()
     embeds = torch.randn(int(mask.sum()), 16, generator=g).bfloat16().requires_grad_()
     out = text._deepstack_process(hidden, mask, embeds)
     ref = type(text)._deepstack_process(text, hidden, mask, embeds)
-    assert torch.equal(out, ref) and not torch.equal(out, hidden)
+    assert torch.equal(out.view(torch.int16), ref.view(torch.int16)) and not torch.equal(out, hidden)
     up = torch.randn(out.shape, generator=g).bfloat16()
     grads = torch.autograd.grad(out, (hidden, embeds), up)
     ref_grads = torch.autograd.grad(ref, (hidden, embeds), up)
@@ -242,9 +246,15 @@ def test_merging_image_features_without_waits_is_transformers_merge(tiny_loaded,
     ids = batch.input_ids
     embeds = torch.zeros(*ids.shape, 8)
     n = int((ids == core.config.image_token_id).sum())
+    restore_merge(core)
+    assert merge_without_sync(core)  # a fresh merge: its first forward with features is transformers' check
+    with pytest.raises(ValueError, match="do not match"):
+        core.get_placeholder_mask(ids, embeds, image_features=torch.zeros(n - 1, 8))
     image_mask, _ = core.get_placeholder_mask(ids, embeds, image_features=torch.zeros(n, 8))
     assert torch.equal(image_mask[..., 0], ids == core.config.image_token_id)
-    with pytest.raises(RuntimeError):
+    image_mask, video_mask = core.get_placeholder_mask(ids, embeds, image_features=torch.zeros(n, 8))  # the device's
+    assert torch.equal(image_mask[..., 0], ids == core.config.image_token_id) and not video_mask.any()
+    with pytest.raises(RuntimeError, match="image tokens and image features disagree"):
         core.get_placeholder_mask(ids, embeds, image_features=torch.zeros(n - 1, 8))
 
 

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from mcvqa.config import COMPILE_SCOPES
+from mcvqa.runtime import to_device
 
 CAUSAL_ATTENTION = "mcvqa_sdpa"
 
@@ -155,37 +156,53 @@ def merge_without_sync(core: Any) -> bool:
     transformers' merge waits for the GPU up to eight times a forward: the placeholder check formats a CUDA count
     into its message and reads the check back, and each of Qwen3-VL's three DeepStack layers indexes the hidden
     states with a boolean mask twice (a read to count it, a write). After each wait the GPU idles until the host
-    has queued the next kernels. Here the check is asserted on the device (on the CPU it still raises at once) and
-    DeepStack adds ``masked_scatter``'s zero-filled copy of the features, which is the same bf16 sum at image
-    positions and ``x + 0 = x`` elsewhere: bit for bit transformers' result, gradients included. Returns whether
-    it applied (a Qwen core whose forwards have these methods); :func:`restore_merge` undoes it.
+    has queued the next kernels.
+
+    * The placeholder check runs as transformers' on the first forward with image features (a processor that
+      disagrees with the model gets transformers' readable error, not a CUDA assert that ends the process) and on
+      devices without ``torch._assert_async`` (MPS); after that it is asserted on the device.
+    * DeepStack adds each visual row to its position through a gather and ``where``: the same bf16 sum at image
+      positions, ``x + (-0.0) = x`` everywhere else (signed zeros and NaNs kept), so bit for bit transformers'
+      result, gradients included.
+
+    Returns whether it applied (a Qwen core whose forwards have these methods); :func:`restore_merge` undoes it.
     """
     if not type(core).__name__.startswith(_QWEN_MERGE) or getattr(core, "merges_without_sync", False):
         return False
     if not hasattr(type(core), "get_placeholder_mask"):
         return False
     original = type(core).get_placeholder_mask
+    checked = [False]
 
     def get_placeholder_mask(input_ids: Any, inputs_embeds: torch.Tensor, image_features: torch.Tensor | None = None,
                              video_features: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        if input_ids is None:  # masks from embeddings: transformers' own way
-            return original(core, input_ids, inputs_embeds, image_features, video_features)
-        masks = []
-        for token, features in ((core.config.image_token_id, image_features), (core.config.video_token_id, video_features)):
+        features = (image_features, video_features)
+        # CPU and CUDA have the device-side assert (on the CPU it raises at once); other devices keep transformers' check.
+        if input_ids is None or input_ids.device.type not in ("cpu", "cuda") or (not checked[0] and any(f is not None for f in features)):
+            masks = original(core, input_ids, inputs_embeds, image_features, video_features)
+            checked[0] = checked[0] or (input_ids is not None and any(f is not None for f in features))
+            return masks
+        out = []
+        for token, feats, kind in ((core.config.image_token_id, image_features, "image"), (core.config.video_token_id, video_features, "video")):
             mask = input_ids == token
-            if features is not None:  # image tokens and features must agree (transformers checks it with a wait)
-                torch._assert_async(mask.sum() * inputs_embeds.shape[-1] == features.numel())
-            masks.append(mask.unsqueeze(-1).to(inputs_embeds.device))
-        return masks[0], masks[1]
+            if feats is not None:
+                torch._assert_async(mask.sum() * inputs_embeds.shape[-1] == feats.numel(), f"{kind} tokens and {kind} features disagree")
+            out.append(mask.unsqueeze(-1).to(inputs_embeds.device))
+        return out[0], out[1]
 
     core.get_placeholder_mask = get_placeholder_mask
     text = getattr(core, "language_model", None)
     if text is not None and hasattr(type(text), "_deepstack_process"):
 
         def _deepstack_process(hidden_states: torch.Tensor, visual_pos_masks: torch.Tensor, visual_embeds: torch.Tensor) -> torch.Tensor:
-            mask = visual_pos_masks.to(hidden_states.device).unsqueeze(-1).expand_as(hidden_states)
-            added = torch.zeros_like(hidden_states).masked_scatter_(mask, visual_embeds.to(hidden_states.device, hidden_states.dtype))
-            return hidden_states + added
+            embeds = visual_embeds.to(hidden_states.device, hidden_states.dtype)
+            if embeds.shape[0] == 0:
+                return hidden_states
+            flat = visual_pos_masks.to(hidden_states.device).reshape(-1)
+            row = (torch.cumsum(flat, 0) - 1).clamp_min(0)  # the visual row of each image position (0 elsewhere)
+            zero = torch.tensor(-0.0, dtype=hidden_states.dtype, device=hidden_states.device)
+            added = torch.where(flat[:, None], embeds[row], zero)
+            return hidden_states + added.view_as(hidden_states)
 
         text._deepstack_process = _deepstack_process
     core.merges_without_sync = True
@@ -235,11 +252,11 @@ def host_grid_vision(visual: Any) -> bool:
             max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if len(grid) else 0
         ours = visual.config._attn_implementation == VISION_ATTENTION or "flash" not in str(visual.config._attn_implementation)
         return {
-            "interp_indices": indices.to(device, non_blocking=True),
-            "interp_weights": weights.to(device, non_blocking=True),
-            "position_ids": vision_positions(host, visual.spatial_merge_size).to(device, non_blocking=True),
+            "interp_indices": to_device(indices, device),
+            "interp_weights": to_device(weights, device),
+            "position_ids": to_device(vision_positions(host, visual.spatial_merge_size), device),
             # Kept on the host for attention that reads it there (ours, SDPA's per-image loop); a flash kernel needs it on the GPU.
-            "cu_seqlens": cu_seqlens if ours else cu_seqlens.to(device, non_blocking=True),
+            "cu_seqlens": cu_seqlens if ours else to_device(cu_seqlens, device),
             "max_seqlen": max_seqlen,
         }
 

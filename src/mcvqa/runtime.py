@@ -167,6 +167,6 @@ def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     tensor bound for a GPU is pinned first (the DataLoader's batches arrive pinned: :meth:`mcvqa.features.Batch.pin_memory`).
     """
     device = torch.device(device)
-    if device.type == "cuda" and t.device.type == "cpu" and not t.is_pinned():
-        t = t.pin_memory()
-    return t.to(device, non_blocking=True)
+    if device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)  # no copy a host thread would have to wait for: a GPU-to-host copy stays blocking
+    return (t if t.is_pinned() else t.pin_memory()).to(device, non_blocking=True)

@@ -378,11 +378,10 @@ class Scorer:
             with torch.set_grad_enabled(grad):
                 prefix = self.prefix() if not grad else compute_prefix(self.model, self.encoder.prefix_ids, self.device, self.family)
                 lp = shared_prefix_logprobs(self.model, self.encoder, examples, prefix, self.letters, self.head, self.device, self.family)
-        out = torch.empty_like(lp)
-        for b, ex in enumerate(examples):
-            for v, order in enumerate(ex.orders):
-                out[b, v, list(order)] = lp[b, v]  # the option shown at letter j is original option order[j]
-        return out
+        # The option shown at letter j is original option order[j]: one scatter with an index built on the host (a
+        # Python list as a CUDA index is copied from pageable memory per row, each copy waiting for the GPU).
+        index = to_device(torch.tensor([list(ex.orders) for ex in examples], dtype=torch.long), lp.device)
+        return torch.empty_like(lp).scatter(2, index, lp)
 
     @property
     def with_prefix_in_batch(self) -> bool:
