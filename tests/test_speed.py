@@ -259,3 +259,11 @@ def test_fused_accumulation_trains_the_same_adapter(cfg_factory, synth_data, tmp
         assert got.keys() == on.keys()
         for k in on:
             torch.testing.assert_close(got[k], on[k], atol=1e-5, rtol=1e-4, msg=f"{other}: {k}")
+
+    def step_losses(run: str) -> torch.Tensor:  # each optimiser step's logged loss: the mean over its rows
+        import json
+
+        return torch.tensor([loss for _, loss in json.loads((tmp_path / run / "metrics.json").read_text())["losses"]])
+
+    assert len(step_losses("on")) == 6
+    torch.testing.assert_close(step_losses("off"), step_losses("on"), atol=1e-5, rtol=1e-4)

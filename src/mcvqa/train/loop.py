@@ -331,7 +331,7 @@ def train_epoch(run: Run, bar: Any, stop_at: int | None) -> bool:
     or the whole schedule ended."""
     tc, state, acc = run.cfg.train, run.state, run.accelerator
     batches, units, loader = epoch_loader(run, state.epoch)
-    running: list[float] = []
+    running: list[torch.Tensor] = []  # read once a step: a float() per micro-batch would make the host wait for each
     for batch, (_, first, covered) in zip(loader, units):
         micro = first + covered - 1  # the last micro-batch this unit runs
         last_micro = (micro + 1) % tc.grad_accum == 0 or micro + 1 == len(batches)
@@ -341,12 +341,13 @@ def train_epoch(run: Run, bar: Any, stop_at: int | None) -> bool:
             # Mean over the micro-batches of one optimiser step (the last step of an epoch may have fewer).
             group = tc.grad_accum if micro // tc.grad_accum < len(batches) // tc.grad_accum else len(batches) % tc.grad_accum
             acc.backward(run.scaler.scale(loss * covered / max(1, group)))
-        running += [float(loss.detach())] * covered
+        running += [loss.detach()] * covered
         run.samples_seen += len(batch)
         state.micro_in_epoch = micro + 1
         if not last_micro:
             continue
-        optimizer_step(run, sum(running) / len(running), bar)
+        losses = torch.stack(running).tolist()  # the same floats float(loss) gave, one wait a step
+        optimizer_step(run, sum(losses) / len(losses), bar)
         running = []
         if tc.checkpoint_every_steps and state.global_step % tc.checkpoint_every_steps == 0 and micro + 1 < len(batches):
             checkpoint(acc, run.out, run.loss_module, run.optimizer, run.scheduler, state, tc.save_total_limit)
