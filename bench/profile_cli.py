@@ -73,8 +73,11 @@ def gaps(events: list[dict[str, Any]], min_us: float = 20.0, top: int = 20) -> d
                     if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"))
     runtime = [e for e in events if e.get("ph") == "X" and e.get("cat") in ("cuda_runtime", "cuda_driver")]
     launch = {e.get("args", {}).get("correlation"): e for e in runtime}
+    # Calls that hold the host until the GPU catches up: synchronisations, and copies that block (a blocking
+    # cudaMemcpy, or a cudaMemcpyAsync from pageable memory, which waits for the stream: seen as a long call).
     syncs = sorted(((e["ts"], e["ts"] + e.get("dur", 0), e) for e in runtime
-                    if "Synchronize" in e["name"] or e["name"] == "cudaMemcpy"), key=lambda s: s[0])
+                    if "Synchronize" in e["name"] or e["name"] == "cudaMemcpy"
+                    or (e["name"].startswith("cudaMemcpy") and e.get("dur", 0) >= min_us)), key=lambda s: s[0])
     by_thread: dict[Any, list[tuple[float, float, str]]] = {}
     for e in events:
         if e.get("ph") == "X" and e.get("cat") in ("cpu_op", "user_annotation", "python_function"):
@@ -100,8 +103,10 @@ def gaps(events: list[dict[str, Any]], min_us: float = 20.0, top: int = 20) -> d
             at = launch.get(corr)
             key = around(at) if at is not None else "(launch not in trace)"
             waited[key] = waited.get(key, 0.0) + idle
-            j = bisect.bisect_left(sync_ends, end)  # the first synchronising call still running when the gap opened
-            if j < len(syncs) and syncs[j][0] < start:
+            j = bisect.bisect_left(sync_ends, end)  # calls still running when the gap opened, by end time
+            while j < len(syncs) and syncs[j][0] >= start:  # the first of them that began before the gap closed
+                j += 1
+            if j < len(syncs):
                 k = syncs[j][2]["name"] + " in " + around(syncs[j][2])
                 synced[k] = synced.get(k, 0.0) + idle
         end = stop if end is None else max(end, stop)
