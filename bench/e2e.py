@@ -83,7 +83,10 @@ def cli(args: list[str], env_extra: dict[str, str] | None = None) -> tuple[float
     r = subprocess.run([sys.executable, "-m", "mcvqa", *args], env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t
     if r.returncode != 0:
-        raise RuntimeError(f"mcvqa {' '.join(args)} failed ({r.returncode}):\n{r.stderr[-3000:]}")
+        err = r.stderr
+        at = err.find("Traceback (most recent call last)")  # the Python error first: a crash at exit buries it in frames
+        shown = err[-3000:] if at < 0 or len(err) <= 3000 else err[at:at + 2200] + "\n...\n" + err[-800:]
+        raise RuntimeError(f"mcvqa {' '.join(args)} failed ({r.returncode}):\n{shown}")
     return wall, r.stderr[-400:]
 
 

@@ -258,7 +258,7 @@ def main() -> None:
                 row.update(plain_peft(args.build, args.data, args.peft_steps, args.train_quant, args.device))
                 log(row)
         except Exception as e:  # keep the other families' figures; say what failed
-            row["error"] = f"{type(e).__name__}: {str(e)[-1500:]}"
+            row["error"] = f"{type(e).__name__}: {str(e)[:3500]}"
             log(row)
         finally:
             shutil.rmtree(args.build, ignore_errors=True)

@@ -219,8 +219,8 @@ def test_the_loaders_batches_arrive_pinned_and_move_without_waiting(encoder, syn
 
     pinned: list[int] = []
 
-    def fake_pin(self, *a, **k):  # this machine has no GPU to page-lock for: mark the copies instead
-        out = self.clone()
+    def fake_pin(self, *a, **k):  # this machine has no GPU to page-lock for: copy as pinning does (same strides), marked
+        out = torch.empty_strided(self.size(), self.stride(), dtype=self.dtype).copy_(self)
         out._fake_pinned = True
         pinned.append(id(out))
         return out
@@ -248,7 +248,8 @@ def test_the_loaders_batches_arrive_pinned_and_move_without_waiting(encoder, syn
     runtime.to_device(torch.zeros(2), "cuda")
     runtime.to_device(out.input_ids, "cuda")
     runtime.to_device(torch.zeros(2), "cpu")
-    assert [m[0] for m in moved] == [True, True, False] and len(pinned) == len(tensors) + 1
+    runtime.to_device(torch.arange(3).expand(2, 3), "cuda")  # positions broadcast over the batch (Gemma 4): pinnable
+    assert [m[0] for m in moved] == [True, True, False, True] and len(pinned) == len(tensors) + 2
     moved.clear()
     batch.to("cuda")  # a batch made outside the loader (the model-alone benchmarks, TTA's own batches)
     assert len(moved) == len(tensors) and all(ok for ok, _ in moved)

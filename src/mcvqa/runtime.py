@@ -169,4 +169,8 @@ def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     device = torch.device(device)
     if device.type != "cuda" or t.device.type != "cpu":
         return t.to(device)  # no copy a host thread would have to wait for: a GPU-to-host copy stays blocking
-    return (t if t.is_pinned() else t.pin_memory()).to(device, non_blocking=True)
+    if not t.is_pinned():
+        # page-locking copies into a tensor of the same strides: an expanded view (positions broadcast over a batch)
+        # would be written through one element many times, which torch refuses, so it is laid out densely first
+        t = t.contiguous().pin_memory()
+    return t.to(device, non_blocking=True)
