@@ -84,6 +84,9 @@ def cli(args: list[str], env_extra: dict[str, str] | None = None) -> tuple[float
     wall = time.perf_counter() - t
     if r.returncode != 0:
         err = r.stderr
+        keep = Path(os.environ.get("OUT", "bench_out")) / f"failed_{time.strftime('%H%M%S')}.stderr"
+        keep.parent.mkdir(parents=True, exist_ok=True)
+        keep.write_text(err)  # the whole story: a CUDA error's message sits between the traceback and the C++ frames
         at = err.find("Traceback (most recent call last)")  # the Python error first: a crash at exit buries it in frames
         shown = err[-3000:] if at < 0 or len(err) <= 3000 else err[at:at + 2200] + "\n...\n" + err[-800:]
         raise RuntimeError(f"mcvqa {' '.join(args)} failed ({r.returncode}):\n{shown}")

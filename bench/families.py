@@ -77,6 +77,7 @@ def predict_cli(model: Path, data: Path, runs: Path, name: str, n_small: int) ->
     walls = {}
     for tag, csv in (("small", data / f"test_{n_small}.csv"), ("full", data / "test.csv")):
         run = runs / f"pred_{name}_{tag}"
+        shutil.rmtree(run, ignore_errors=True)  # a crashed earlier run left its journal: predict would (rightly) refuse
         wall, _ = cli(["predict", "--model", str(model), "--data", str(csv), "--out", str(run), "-q"])
         walls[tag] = (wall, json.loads((run / "predict_summary.json").read_text()))
     (ws, ss), (wf, sf) = walls["small"], walls["full"]
@@ -130,6 +131,7 @@ def plain_forward(model_dir: Path, data: Path, n: int, device: str, batch: int =
 
 def train_cli(model: Path, data: Path, runs: Path, name: str, quant: str) -> dict[str, Any]:
     run = runs / f"train_{name}"
+    shutil.rmtree(run, ignore_errors=True)
     wall, _ = cli(["train", "--config", str(HERE.parent / "configs" / "seed.yaml"), "--model", str(model), "--data", str(data / "train.csv"),
                    "--out", str(run), "-q", "--set", "train.epochs=1", "--set", "train.eval_every=never", "--set", "train.report_to=[]",
                    "--set", "data.val_fraction=0.01", "--set", f"model.quant={quant}"])

@@ -147,6 +147,7 @@ def test_fast_paths_equal_the_models_own_forward(family_models, prompt_file, key
         assert_vision_like_stock(visual, px["pixel_values"], px["image_grid_thw"])
     if not key.startswith("local_"):  # the processor alone tells the family too (an Encoder built without the model)
         assert families.for_processor(processor).name == family.name
+    fla_states = _hold_to_the_fla_kernels_contract(family, core, monkeypatch) if family.name == "qwen3_5" else None
     enc = Encoder(processor, load_prompt(str(prompt_file)), ImageConfig(mode="letterbox", size=256), family)
     assert len(enc.prefix_ids) > 40  # the system prompt is really cached
     if family.name == "qwen3_5":  # thinking switched off the template's way: the answer comes after a closed block
@@ -173,6 +174,8 @@ def test_fast_paths_equal_the_models_own_forward(family_models, prompt_file, key
         prefix = compute_prefix(model, enc.prefix_ids)
         again = letter_logprobs(family.head_logits(scorer.head, answer_hidden(model, enc.collate(exs), prefix), letters.all_ids), letters).exp()
         orders = scorer.logprobs_orders([enc.encode_orders(it, cyclic_orders(4), image=im) for it, im in zip(items, images)]).exp()
+    if fla_states is not None:  # the batch-2 forwards read the prefix's state, one dense row each
+        assert any(shape[0] == 2 for shape in fla_states), fla_states
     for name, got in (("cached", cached), ("whole sequence", plain), ("packed", packed), ("prefix recomputed", again)):
         torch.testing.assert_close(got, reference, atol=1e-5, rtol=0, msg=f"{key} {name}")
     torch.testing.assert_close(orders[:, 0], reference, atol=1e-5, rtol=0, msg=f"{key} orders, identity order")
@@ -185,6 +188,29 @@ def test_fast_paths_equal_the_models_own_forward(family_models, prompt_file, key
             alone = scorer.logprobs(enc.collate([enc.encode(shown, image=im)]))[0].exp()
         torch.testing.assert_close(orders[1, v, list(order)], alone, atol=1e-5, rtol=0, msg=f"{key} order {v}")
     _fused_wiring_is_exact(model, family, scorer, enc.collate(exs), reference, key, monkeypatch)
+
+
+def _hold_to_the_fla_kernels_contract(family, core, monkeypatch) -> list[tuple[int, ...]]:
+    """flash-linear-attention's gated delta rule (what transformers runs on a GPU when ``fla`` is installed) reads
+    ``initial_state`` as a dense (B, H, K, V) block. The cached prefix's state is batch 1: handed over as it is (or
+    expanded, stride 0), the kernel read past it on the H100, an illegal memory access, whenever more than one
+    question shared a forward. The torch fallback this machine runs broadcasts instead, so hold it to the kernel's
+    contract; returns the shapes of the states it was handed."""
+    import sys
+
+    linear = next(layer.linear_attn for layer in family.decoder_layers(core) if hasattr(layer, "linear_attn"))
+    namespace = sys.modules[type(linear).__module__]
+    rule = namespace.torch_chunk_gated_delta_rule
+    states: list[tuple[int, ...]] = []
+
+    def as_fla_reads_it(query, *args, initial_state=None, **kwargs):
+        if initial_state is not None:
+            assert initial_state.shape[0] == query.shape[0] and initial_state.is_contiguous(), (tuple(query.shape), initial_state.shape, initial_state.stride())
+            states.append(tuple(initial_state.shape))
+        return rule(query, *args, initial_state=initial_state, **kwargs)
+
+    monkeypatch.setattr(namespace, "torch_chunk_gated_delta_rule", as_fla_reads_it)
+    return states
 
 
 def _fused_wiring_is_exact(model, family, scorer, batch, reference, key, monkeypatch) -> None:

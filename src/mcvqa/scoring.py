@@ -130,20 +130,46 @@ class PrefixLayer(DynamicLayer):
         return self.get_seq_length() + query_length, 0
 
 
+class _PerRow(dict):
+    """The recurrent states (state index -> tensor) of a :class:`PrefixLinearLayer`: reading an entry gives the prefix's state (batch 1)
+    laid out once per row of the batch being scored.
+
+    transformers hands this tensor to the gated delta rule as ``initial_state``. Its torch fallback broadcasts a
+    batch-1 state, but flash-linear-attention's kernel indexes ``initial_state`` as a dense (B, H, K, V) block: a
+    batch-1 or expanded (stride 0) tensor makes it read past the allocation, an illegal memory access that kills the
+    CUDA context. The copy is made on each read, so each layer holds it only while it runs (a checkpointed layer
+    recomputed in the backward pass reads again), and gradients reach the prefix through ``expand``. Both ways
+    transformers reads it go through ``__getitem__``: ``Cache.get_recurrent_state`` and, in older releases,
+    ``layer.recurrent_states[0]``."""
+
+    def __init__(self, state: torch.Tensor, batch: int | None):
+        super().__init__({0: state})
+        self.batch = batch
+
+    def __getitem__(self, i):  # type: ignore[override]
+        state = super().__getitem__(i)
+        if not isinstance(state, torch.Tensor) or self.batch is None:
+            return state
+        return state.expand(self.batch, *state.shape[1:]).contiguous()
+
+
 class PrefixLinearLayer(LinearAttentionLayer):
     """Read-only state of a linear-attention layer (Qwen3.5's gated DeltaNet) after the prefix: its last ``kernel``
     convolution inputs and its recurrent state. New tokens start from them and nothing is stored back, so one
     prefix serves every batch size and a recomputed (checkpointed) layer reads the same state. With ``record``,
-    keeps the states the new tokens end with: that is how the prefix's own states are captured."""
+    keeps the states the new tokens end with: that is how the prefix's own states are captured. ``batch``: rows of
+    the batch that reads the state (see :class:`_PerRow`)."""
 
-    def __init__(self, conv: torch.Tensor | None = None, recurrent: torch.Tensor | None = None, record: bool = False):
+    def __init__(self, conv: torch.Tensor | None = None, recurrent: torch.Tensor | None = None, record: bool = False,
+                 batch: int | None = None):
         super().__init__()
         self.record = record
         self.record_past = True  # keeps the layer off the one-token decode kernel, which updates state in place
         self.recorded: tuple[torch.Tensor, torch.Tensor] | None = None
         self._conv: torch.Tensor | None = None
         if conv is not None and recurrent is not None:
-            self.conv_states[0], self.recurrent_states[0] = conv, recurrent
+            self.conv_states[0] = conv
+            self.recurrent_states = _PerRow(recurrent, batch)
             self.has_previous_state[0] = True
 
     def update_conv_state(self, conv_states: torch.Tensor, state_idx: int = 0, conv_kernel_size: int | None = None, **kwargs: Any) -> torch.Tensor:
@@ -169,9 +195,9 @@ class PrefixCache(Cache):
         super().__init__(layers=layers)  # type: ignore[arg-type]
 
     @staticmethod
-    def _layer(kind: str, state: Any, record: bool) -> Any:
+    def _layer(kind: str, state: Any, record: bool, batch: int | None = None) -> Any:
         if kind == "linear":
-            return PrefixLinearLayer(*(state or (None, None)), record=record)
+            return PrefixLinearLayer(*(state or (None, None)), record=record, batch=batch)
         # "none": the layer reuses another layer's keys (Gemma 4's shared layers) and never calls the cache.
         return PrefixLayer(*(state or (None, None)), record=record and kind == "kv")
 
@@ -181,8 +207,9 @@ class PrefixCache(Cache):
         return cls([cls._layer(k, st, True) for k, st in zip(kinds, states)])
 
     @classmethod
-    def reading(cls, prefix: PrefixKV) -> PrefixCache:
-        return cls([cls._layer(k, st, False) for k, st in zip(prefix.kinds, prefix.states)])
+    def reading(cls, prefix: PrefixKV, batch: int) -> PrefixCache:
+        """The prefix's states for a forward over ``batch`` rows."""
+        return cls([cls._layer(k, st, False, batch) for k, st in zip(prefix.kinds, prefix.states)])
 
     def recorded(self) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
         return [getattr(layer, "recorded", None) for layer in self.layers]
@@ -228,7 +255,7 @@ def _forward(family: Family, core: Any, input_ids: torch.Tensor, mm: torch.Tenso
         attention_mask=mask,
         position_ids=positions,
         use_cache=False,
-        **{cache_kwarg(core): PrefixCache.reading(prefix) if prefix is not None else None},
+        **{cache_kwarg(core): PrefixCache.reading(prefix, input_ids.shape[0]) if prefix is not None else None},
         **family.vision_kwargs(vision, mm),
     )
     return out.last_hidden_state
