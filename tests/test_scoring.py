@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import pytest
@@ -207,6 +208,24 @@ def test_a_moved_batch_reads_positions_and_grids_from_its_host_copy(tiny_loaded,
     torch.testing.assert_close(scorer.logprobs(moved.rows(0, 2)), scorer.logprobs(collate(exs[:2], encoder.pad_id)), atol=1e-5, rtol=0)
 
 
+@contextlib.contextmanager
+def _no_tensor_from_host_data():
+    """Records every tensor made from Python or NumPy data inside the block (``torch.tensor`` and the like): on a
+    GPU each is a copy from pageable memory, which waits for all the work already queued."""
+    from torch.overrides import TorchFunctionMode
+
+    made: list[str] = []
+
+    class Spy(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func in (torch.tensor, torch.as_tensor, torch.from_numpy):
+                made.append(f"{func.__name__}{args}")
+            return func(*args, **(kwargs or {}))
+
+    with Spy():
+        yield made
+
+
 def test_merging_image_features_without_waits_is_transformers_merge(tiny_loaded, encoder, items) -> None:
     """The placeholder check asserted on the device after a first checked forward, and DeepStack as a gather added
     to the hidden states: the production load applies it, the letter scores equal transformers' merge bit for bit,
@@ -235,7 +254,10 @@ def test_merging_image_features_without_waits_is_transformers_merge(tiny_loaded,
     hidden[(~mask).nonzero()[0].tolist()] = -0.0  # a text position: transformers keeps its sign
     hidden.requires_grad_()
     embeds = torch.randn(int(mask.sum()), 16, generator=g).bfloat16().requires_grad_()
-    out = text._deepstack_process(hidden, mask, embeds)
+    with _no_tensor_from_host_data() as made:  # on a GPU each would be a copy the host waits for
+        out = text._deepstack_process(hidden, mask, embeds)
+        core.get_placeholder_mask(batch.input_ids, torch.zeros(*batch.input_ids.shape, 8), image_features=torch.zeros(int((batch.input_ids == core.config.image_token_id).sum()), 8))
+    assert made == []
     ref = type(text)._deepstack_process(text, hidden, mask, embeds)
     assert torch.equal(out.view(torch.int16), ref.view(torch.int16)) and not torch.equal(out, hidden)
     up = torch.randn(out.shape, generator=g).bfloat16()

@@ -200,8 +200,9 @@ def merge_without_sync(core: Any) -> bool:
                 return hidden_states
             flat = visual_pos_masks.to(hidden_states.device).reshape(-1)
             row = (torch.cumsum(flat, 0) - 1).clamp_min(0)  # the visual row of each image position (0 elsewhere)
-            zero = torch.tensor(-0.0, dtype=hidden_states.dtype, device=hidden_states.device)
-            added = torch.where(flat[:, None], embeds[row], zero)
+            # -0.0 as a Python scalar: a 0-d tensor made from host data would be a blocking copy to the GPU, once per
+            # DeepStack layer (the profile's last host wait); the scalar rides in the kernel's arguments, sign kept
+            added = torch.where(flat[:, None], embeds[row], -0.0)
             return hidden_states + added.view_as(hidden_states)
 
         text._deepstack_process = _deepstack_process
