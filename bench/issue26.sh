@@ -4,7 +4,7 @@
 # device tool (no package index there, hence the wheel folders; see BENCHMARKS.md for how each folder is filled):
 #
 #   bash bench/issue26.sh predict    # carry .whl .fixtures      e2e bf16 (+ reference loop), nf4 (+ orders)
-#   bash bench/issue26.sh train      # carry .whl-u .fixtures    stack.py: mcvqa vs the Unsloth backend vs plain peft
+#   bash bench/issue26.sh train      # carry .whl-u .fixtures    stack.py: mcvqa (+ offloaded checkpoints) vs Unsloth vs plain peft
 #   bash bench/issue26.sh families   # carry .whl-f .fixtures    families.py with Liger and flash-linear-attention
 #   bash bench/issue26.sh profile    # carry .whl .fixtures      levers.py (eager vs Liger, stages, kernels), the
 #                                                                CLI's own loop under the profiler (profile_cli.py), fp8
@@ -30,7 +30,7 @@ predict)
     ;;
 train)
     install .whl-u
-    HF_HUB_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 python bench/stack.py --out "$OUT" --phases train --json stack_train.json
+    HF_HUB_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 python bench/stack.py --out "$OUT" --phases train,offload --json stack_train.json
     ;;
 families)
     install .whl-f

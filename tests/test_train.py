@@ -217,3 +217,52 @@ def test_predict_with_trained_adapter(cfg_factory, data, synth_data, tmp_path, c
 
     resolved = yaml.safe_load((tmp_path / "p" / "config.yaml").read_text())
     assert resolved["image"]["size"] == 96 and resolved["prompt"]["name"] == "plain_ko"
+
+
+@pytest.mark.parametrize("mode", ["cache", "packed"])
+def test_offloaded_checkpoints_train_the_same_step_without_keeping_the_inputs(cfg_factory, data, mode) -> None:
+    """``train.offload_checkpoints``: the same loss and every gradient bit for bit as plain checkpointing (LoRA
+    dropout on: the recomputation draws the same masks; ``cache``: gradients still reach the prefix's keys and
+    values), while the decoder layers' inputs are no longer held between the forward and the backward pass."""
+    import weakref
+
+    from mcvqa import families
+    from mcvqa.config import load_config
+    from mcvqa.errors import ConfigError
+    from mcvqa.features import Encoder
+    from mcvqa.prompts import load_prompt
+    from mcvqa.train.offload import offload_checkpointed_inputs
+
+    cfg = cfg_factory(*LORA, "lora.dropout=0.3", "train.gradient_checkpointing=true", "prompt.name=fewshot_ko")
+    model, processor = build_model(cfg)
+    model.train()
+    enc = Encoder(processor, load_prompt("fewshot_ko"), cfg.image)
+    letters = letter_tokens(processor.tokenizer)
+    exs = [enc.encode(it) for it in data[0].items[:5]]
+    layers = families.decoder_layers(model)
+    results = {}
+    for offload in (False, True):
+        if offload:
+            assert offload_checkpointed_inputs(model) >= len(layers)  # and the vision blocks transformers checkpoints
+        inputs: list[weakref.ref] = []
+        hooks = [layer.register_forward_pre_hook(lambda _m, args: inputs.append(weakref.ref(args[0]))) for layer in layers]
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(0)
+        loss, _ = AnswerLoss(model, enc.prefix_ids, letters.target, shared_prefix=mode)(collate(exs, enc.pad_id))
+        held = sum(ref() is not None for ref in inputs)
+        loss.backward()
+        for h in hooks:
+            h.remove()
+        results[offload] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, held)
+    (l0, g0, held0), (l1, g1, held1) = results[False], results[True]
+    assert torch.equal(l0, l1) and g0.keys() == g1.keys() and len(g0) > 0
+    assert all(torch.equal(g0[n], g1[n]) for n in g0), [n for n in g0 if not torch.equal(g0[n], g1[n])]
+    # every layer's input held by plain checkpointing (the prefix pass's too, in cache mode); offloaded, at most the
+    # embeddings' output, which something else keeps
+    assert held0 >= len(layers) and held1 <= 1, (held0, held1)
+    from mcvqa.train.offload import offloaded_checkpoint
+
+    built, _ = build_model(cfg_factory(*LORA, "train.gradient_checkpointing=true", "train.offload_checkpoints=true"))
+    assert all(layer._gradient_checkpointing_func.func is offloaded_checkpoint for layer in families.decoder_layers(built))
+    with pytest.raises(ConfigError, match="needs train.gradient_checkpointing=true"):
+        load_config(None, ["train.gradient_checkpointing=false", "train.offload_checkpoints=true"], env=False)

@@ -40,6 +40,12 @@ def build_model(cfg: Config, log_fn: Callable[[str], None] | None = None) -> tup
             p.requires_grad_(True)
     if cfg.train.gradient_checkpointing:
         enable_checkpointing(unwrap(model), cfg.train.checkpoint_every_n_layers)
+        if cfg.train.offload_checkpoints:
+            from mcvqa.train.offload import offload_checkpointed_inputs
+
+            layers = offload_checkpointed_inputs(unwrap(model))
+            if log_fn is not None:
+                log_fn(f"checkpointed layers keep their inputs in host memory ({layers} layers)")
         if cfg.train.method == "lora":
             # Non-reentrant checkpointing needs no grad on the inputs, but peft models expect it set up.
             unwrap(model).enable_input_require_grads()
