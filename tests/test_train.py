@@ -231,6 +231,7 @@ def test_offloaded_checkpoints_train_the_same_step_without_keeping_the_inputs(cf
     from mcvqa.errors import ConfigError
     from mcvqa.features import Encoder
     from mcvqa.prompts import load_prompt
+    from mcvqa.train import offload
     from mcvqa.train.offload import offload_checkpointed_inputs
 
     cfg = cfg_factory(*LORA, "lora.dropout=0.3", "train.gradient_checkpointing=true", "prompt.name=fewshot_ko")
@@ -241,8 +242,15 @@ def test_offloaded_checkpoints_train_the_same_step_without_keeping_the_inputs(cf
     exs = [enc.encode(it) for it in data[0].items[:5]]
     layers = families.decoder_layers(model)
     results = {}
-    for offload in (False, True):
-        if offload:
+    fetched_ahead: list[bool] = []
+    restore = offload._HostCopy.restore
+
+    def spy(copy):  # did the backward pass start this copy back before it needed it?
+        fetched_ahead.append(copy.back is not None)
+        return restore(copy)
+
+    for offloaded in (False, True):
+        if offloaded:
             assert offload_checkpointed_inputs(model) >= len(layers)  # and the vision blocks transformers checkpoints
         inputs: list[weakref.ref] = []
         hooks = [layer.register_forward_pre_hook(lambda _m, args: inputs.append(weakref.ref(args[0]))) for layer in layers]
@@ -250,16 +258,20 @@ def test_offloaded_checkpoints_train_the_same_step_without_keeping_the_inputs(cf
         torch.manual_seed(0)
         loss, _ = AnswerLoss(model, enc.prefix_ids, letters.target, shared_prefix=mode)(collate(exs, enc.pad_id))
         held = sum(ref() is not None for ref in inputs)
-        loss.backward()
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(offload._HostCopy, "restore", spy)
+            loss.backward()
         for h in hooks:
             h.remove()
-        results[offload] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, held)
+        results[offloaded] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, held)
     (l0, g0, held0), (l1, g1, held1) = results[False], results[True]
     assert torch.equal(l0, l1) and g0.keys() == g1.keys() and len(g0) > 0
     assert all(torch.equal(g0[n], g1[n]) for n in g0), [n for n in g0 if not torch.equal(g0[n], g1[n])]
     # every layer's input held by plain checkpointing (the prefix pass's too, in cache mode); offloaded, at most the
     # embeddings' output, which something else keeps
     assert held0 >= len(layers) and held1 <= 1, (held0, held1)
+    # the backward pass takes the inputs back last to first, each one fetched while the layer after it recomputes
+    assert len(fetched_ahead) >= len(layers) and fetched_ahead.count(False) == 1 and not fetched_ahead[0], fetched_ahead
     from mcvqa.train.offload import offloaded_checkpoint
 
     built, _ = build_model(cfg_factory(*LORA, "train.gradient_checkpointing=true", "train.offload_checkpoints=true"))

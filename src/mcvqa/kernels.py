@@ -75,9 +75,8 @@ def _vision_sdpa(module: Any, query: torch.Tensor, key: torch.Tensor, value: tor
     ``query``/``key``/``value``: (1, heads, total_patches, d). Returns (1, total_patches, heads, d).
     """
     total = query.shape[2]
-    if cu_seq_lens_q is None:
-        cu_seq_lens_q = torch.tensor([0, total], device=query.device)
-    lengths = (cu_seq_lens_q[1:] - cu_seq_lens_q[:-1]).tolist()  # on the host: see host_grid_vision
+    # on the host: see host_grid_vision (no boundaries: one image of all the patches)
+    lengths = [total] if cu_seq_lens_q is None else (cu_seq_lens_q[1:] - cu_seq_lens_q[:-1]).tolist()
     if lengths and all(n == lengths[0] for n in lengths):  # one size (a letterboxed batch): one call, no copy back
         n, length = len(lengths), lengths[0]
         q, k, v = (t[0].reshape(t.shape[1], n, length, t.shape[3]).transpose(0, 1) for t in (query, key, value))

@@ -169,8 +169,11 @@ def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     device = torch.device(device)
     if device.type != "cuda" or t.device.type != "cpu":
         return t.to(device)  # no copy a host thread would have to wait for: a GPU-to-host copy stays blocking
-    if not t.is_pinned():
+    if not t.is_contiguous():
         # page-locking copies into a tensor of the same strides: an expanded view (positions broadcast over a batch)
-        # would be written through one element many times, which torch refuses, so it is laid out densely first
-        t = t.contiguous().pin_memory()
+        # would be written through one element many times, which torch refuses; and a strided view of a pinned
+        # tensor (a batch's half, after an out-of-memory split) would be copied through a pageable buffer
+        t = t.contiguous()
+    if not t.is_pinned():
+        t = t.pin_memory()
     return t.to(device, non_blocking=True)

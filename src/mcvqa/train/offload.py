@@ -7,16 +7,18 @@ same thing is done through torch's own non-reentrant checkpoint, so nothing else
 RNG state (LoRA dropout draws the same masks), autocast, and gradients that reach tensors the layer reads from
 outside (the cached prefix's keys and values in ``shared_prefix: cache``).
 
-How: torch's checkpoint saves a layer's inputs through ``ctx.save_for_backward`` outside its own saved-tensor hooks,
-so hooks set around the checkpoint call see exactly those inputs and nothing inside the layer. The hooks copy each
-input to page-locked host memory on a side stream (the host does not wait, and the compute stream goes on) and copy
-it back on the compute stream when the backward pass recomputes the layer, after the side stream's copy has ended.
-torch's ``save_on_cpu`` does the same with a blocking copy, which would make the host wait for the GPU at every
-layer of every forward.
+How: torch's checkpoint saves a layer's positional tensor inputs through ``ctx.save_for_backward`` before its own
+saved-tensor hook goes on, so hooks set around the checkpoint call see exactly those inputs and nothing inside the
+layer. The hooks copy each input that needs a gradient to page-locked host memory on a side stream (neither the
+host nor the compute stream waits). The backward pass recomputes the layers last to first; when it takes one
+layer's input back, it starts the copy of the layer before it on the side stream, so that copy runs under this
+layer's recomputation and backward instead of before the next one. torch's ``save_on_cpu`` copies with the host
+waiting, at every layer of every forward, and fetches nothing ahead.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -27,50 +29,97 @@ from torch.utils.checkpoint import checkpoint
 from mcvqa.runtime import to_device
 
 
+class Offloader:
+    """The host copies of one model's checkpointed inputs, in the order the forward made them, and a side stream per
+    GPU for the copies. Only weak references are kept: a copy lives as long as the graph that saved it, and one whose
+    graph is gone (an earlier micro-batch's) is not fetched."""
+
+    def __init__(self) -> None:
+        self.streams: dict[torch.device, Any] = {}
+        self.last: weakref.ref[_HostCopy] | None = None
+
+    def side_stream(self, device: torch.device) -> Any:
+        if device not in self.streams:
+            self.streams[device] = torch.cuda.Stream(device)
+        return self.streams[device]
+
+    def keep(self, copy: _HostCopy) -> None:
+        """Chain ``copy`` after the one made before it: the input the backward pass needs after ``copy``'s."""
+        copy.previous, self.last = self.last, weakref.ref(copy)
+
+
 class _HostCopy:
-    """One saved input, in host memory: the copy, where it came from, and (on a GPU) when the copy ends."""
+    """One saved input in host memory: the copy, where it came from, when the copy to the host ends (GPU), and the
+    copy back once it has been started ahead of time."""
 
-    __slots__ = ("device", "done", "host", "requires_grad")
+    __slots__ = ("__weakref__", "back", "device", "done", "host", "offloader", "previous")
 
-    def __init__(self, tensor: torch.Tensor, streams: dict[torch.device, Any]):
-        self.device = tensor.device
-        self.requires_grad = tensor.requires_grad
+    def __init__(self, tensor: torch.Tensor, offloader: Offloader):
+        self.device, self.offloader = tensor.device, offloader
+        self.previous: weakref.ref[_HostCopy] | None = None
+        self.back: tuple[torch.Tensor, Any] | None = None
         if tensor.device.type != "cuda":
             # Same semantics everywhere (the saved input is a copy, the original can be freed); the point is the GPU.
             self.host, self.done = tensor.detach().to("cpu", copy=True), None
+        else:
+            side = offloader.side_stream(tensor.device)
+            self.host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            side.wait_stream(torch.cuda.current_stream(tensor.device))  # the input is written before it is copied
+            with torch.cuda.stream(side):
+                self.host.copy_(tensor.detach(), non_blocking=True)
+                self.done = torch.cuda.Event()
+                self.done.record(side)
+            tensor.record_stream(side)  # its memory is not reused before the copy has read it
+        offloader.keep(self)
+
+    def fetch(self) -> None:
+        """Start the copy back to the device (on the side stream on a GPU) without waiting for it."""
+        if self.back is not None:
             return
-        side = streams.get(tensor.device)
-        if side is None:
-            side = streams[tensor.device] = torch.cuda.Stream(tensor.device)
-        self.host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-        side.wait_stream(torch.cuda.current_stream(tensor.device))  # the input is written before it is copied
+        if self.done is None:
+            self.back = (to_device(self.host, self.device), None)
+            return
+        side = self.offloader.side_stream(self.device)
         with torch.cuda.stream(side):
-            self.host.copy_(tensor.detach(), non_blocking=True)
-            self.done = torch.cuda.Event()
-            self.done.record(side)
-        tensor.record_stream(side)  # its memory is not reused before the copy has read it
+            side.wait_event(self.done)  # the copy to the host has ended before the copy back reads it
+            tensor = self.host.to(self.device, non_blocking=True)
+            arrived = torch.cuda.Event()
+            arrived.record(side)
+        self.back = (tensor, arrived)
 
     def restore(self) -> torch.Tensor:
-        if self.done is not None:
-            torch.cuda.current_stream(self.device).wait_event(self.done)  # on the GPU's queue: the host goes on
-        return to_device(self.host, self.device)
+        self.fetch()
+        assert self.back is not None
+        tensor, arrived = self.back
+        self.back = None  # a second backward (retain_graph) fetches again
+        if arrived is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(arrived)  # on the GPU's queue: the host goes on
+            tensor.record_stream(current)  # made on the side stream, used on this one
+        earlier = self.previous() if self.previous is not None else None
+        if earlier is not None:
+            earlier.fetch()  # the input the backward pass recomputes next comes in under this layer's work
+        return tensor
 
 
-def _pack(streams: dict[torch.device, Any], tensor: torch.Tensor) -> Any:
-    if not tensor.is_floating_point() or tensor.numel() == 0:
-        return tensor  # masks, ids, the checkpoint's own empty marker: small, kept as they are
-    return _HostCopy(tensor, streams)
+def _pack(offloader: Offloader, tensor: torch.Tensor) -> Any:
+    # An input that needs no gradient belongs to a checkpoint that builds no graph (a frozen vision block): it is
+    # freed when the layer returns, and copying it would only cost the PCIe time. Masks, ids and torch's own empty
+    # marker stay as they are too.
+    if not tensor.requires_grad or not tensor.is_floating_point() or tensor.numel() == 0:
+        return tensor
+    return _HostCopy(tensor, offloader)
 
 
 def _unpack(saved: Any) -> torch.Tensor:
     return saved.restore() if isinstance(saved, _HostCopy) else saved
 
 
-def offloaded_checkpoint(function: Callable[..., Any], *args: Any, streams: dict[torch.device, Any] | None = None, **kwargs: Any) -> Any:
+def offloaded_checkpoint(function: Callable[..., Any], *args: Any, offloader: Offloader | None = None, **kwargs: Any) -> Any:
     """``torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False)`` with the inputs it saves for the
     backward pass held in host memory instead of on the device."""
-    streams = {} if streams is None else streams
-    with torch.autograd.graph.saved_tensors_hooks(partial(_pack, streams), _unpack):
+    offloader = Offloader() if offloader is None else offloader
+    with torch.autograd.graph.saved_tensors_hooks(partial(_pack, offloader), _unpack):
         return checkpoint(function, *args, use_reentrant=False, **kwargs)
 
 
@@ -79,10 +128,12 @@ def offload_checkpointed_inputs(model: Any) -> int:
 
     Called after checkpointing is enabled (``compat.enable_checkpointing``), so ``every_n_layers`` is respected: a
     layer transformers does not checkpoint keeps its activations on the device as before."""
-    streams: dict[torch.device, Any] = {}  # one side stream per device, shared by the layers
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    offloader = Offloader()  # one per model: the layers' copies in one order, one side stream per device
     n = 0
     for module in model.modules():
-        if getattr(module, "gradient_checkpointing", False) and hasattr(module, "_gradient_checkpointing_func"):
-            module._gradient_checkpointing_func = partial(offloaded_checkpoint, streams=streams)
+        if isinstance(module, GradientCheckpointingLayer) and module.gradient_checkpointing:
+            module._gradient_checkpointing_func = partial(offloaded_checkpoint, offloader=offloader)
             n += 1
     return n
