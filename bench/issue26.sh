@@ -15,7 +15,7 @@
 # and families.tar.xz (families only: copy it from ../shared/fixtures, and leave it out of the other calls). `train` runs on the
 # machine's own transformers: the Unsloth release accepts no newer one, and both backends must run on the same.
 set -euo pipefail
-what=${1:?predict, train, families or profile}
+what=${1:?predict, train, families, families2 or profile}
 OUT=${OUT:-bench_out}; mkdir -p "$OUT"
 install() {
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$1"/*.whl
@@ -38,6 +38,12 @@ families)
     python bench/families.py --families /tmp/fam/families --which Qwen3.5-9B,gemma-4-E4B-it \
         --n-test 400 --n-small 100 --n-plain 128 --n-train 128 --peft-steps 4 --json families_qwen35_gemma4.json
     ;;
+families2)
+    install .whl
+    mkdir -p /tmp/fam && tar -xJf .fixtures/families.tar.xz -C /tmp/fam
+    python bench/families.py --families /tmp/fam/families --which InternVL3_5-8B-HF,llava-onevision-qwen2-7b-ov-hf \
+        --n-test 400 --n-small 100 --n-plain 128 --n-train 128 --peft-steps 4 --json families_internvl_llava.json
+    ;;
 profile)
     install .whl
     python bench/levers.py --out "$OUT" --phases predict --n 256 --batch-sizes 16 \
@@ -47,7 +53,7 @@ profile)
     python bench/e2e.py --out "$OUT" --quants fp8 --phases predict --json e2e_fp8.json
     ;;
 *)
-    echo "unknown: $what (predict, train, families or profile)" >&2
+    echo "unknown: $what (predict, train, families, families2 or profile)" >&2
     exit 2
     ;;
 esac
