@@ -6,6 +6,7 @@
 #   bash bench/issue26.sh predict    # carry .whl .fixtures      e2e bf16 (+ reference loop), nf4 (+ orders)
 #   bash bench/issue26.sh train      # carry .whl-u .fixtures    stack.py: mcvqa (+ offloaded checkpoints) vs Unsloth vs plain peft
 #   bash bench/issue26.sh families   # carry .whl-f .fixtures    families.py with Liger and flash-linear-attention
+#   bash bench/issue26.sh families2  # carry .whl .fixtures      the same for InternVL and LLaVA-OneVision
 #   bash bench/issue26.sh profile    # carry .whl .fixtures      levers.py (eager vs Liger, stages, kernels), the
 #                                                                CLI's own loop under the profiler (profile_cli.py), fp8
 #
