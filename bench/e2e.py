@@ -101,13 +101,17 @@ def in_run_rate(summary: dict[str, Any]) -> float | None:
     return round((summary["questions"] - bs) / (t["score"] - t["first_batch"]), 2)
 
 
-def predict_rows(model: Path, data: Path, out: Path, quant: str, tag: str) -> list[dict[str, Any]]:
+VARIANTS = {"packed": ["--set", "predict.unpack_4bit=off"]}
+"""``--quants`` entries may name a variant after a colon (``nf4:packed``): extra CLI settings for that row."""
+
+
+def predict_rows(model: Path, data: Path, out: Path, quant: str, tag: str, extra: list[str] | None = None) -> list[dict[str, Any]]:
     rows = []
     walls = {}
     for n in (200, "full"):
         csv = data / ("test.csv" if n == "full" else f"test_{n}.csv")
         run = out / f"pred_{tag}_{n}"
-        wall, _ = cli(["predict", "--model", str(model), "--quant", quant, "--data", str(csv), "--out", str(run), "-q"])
+        wall, _ = cli(["predict", "--model", str(model), "--quant", quant, "--data", str(csv), "--out", str(run), "-q", *(extra or [])])
         summary = json.loads((run / "predict_summary.json").read_text())
         walls[n] = (wall, summary["questions"], summary)
     (w_small, n_small, _), (w_full, n_full, s_full) = walls[200], walls["full"]
@@ -252,11 +256,14 @@ def main() -> None:
     meta = make_data(args.data, args.n_test, args.n_train)
     log(f"data ready in {time.perf_counter() - t:.0f}s; photos {meta['photo_kb']:.0f} KB on average")
     results.append({"setting": "data", "path": "competition-like set", **meta, "n_test": args.n_test})
-    for quant in args.quants.split(","):
-        tag = "bf16" if quant == "none" else quant
+    for spec in args.quants.split(","):
+        quant, _, variant = spec.partition(":")
+        tag = ("bf16" if quant == "none" else quant) + (f"_{variant}" if variant else "")
         if "predict" in args.phases:
-            results += predict_rows(args.build, args.data, args.runs, quant, tag)
+            results += predict_rows(args.build, args.data, args.runs, quant, tag, VARIANTS[variant] if variant else None)
             save()
+        if variant:
+            continue
         if "orders" in args.phases and quant == "nf4":
             results += orders_rows(args.build, args.data, args.runs, quant, tag)
             save()

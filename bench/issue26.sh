@@ -3,7 +3,7 @@
 # so a call cut by its time limit still brings back the rows it finished. Run from the repository root through the
 # device tool (no package index there, hence the wheel folders; see BENCHMARKS.md for how each folder is filled):
 #
-#   bash bench/issue26.sh predict    # carry .whl .fixtures      e2e bf16 (+ reference loop), nf4 (+ orders)
+#   bash bench/issue26.sh predict    # carry .whl .fixtures      start-up probe; e2e bf16 (+ reference loop), nf4 (+ orders), nf4 packed
 #   bash bench/issue26.sh train      # carry .whl-u .fixtures    stack.py: mcvqa (+ offloaded checkpoints) vs Unsloth vs plain peft
 #   bash bench/issue26.sh families   # carry .whl-f .fixtures    families.py with Liger and flash-linear-attention
 #   bash bench/issue26.sh families2  # carry .whl .fixtures      the same for InternVL and LLaVA-OneVision
@@ -26,8 +26,12 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/dev
 case "$what" in
 predict)
     install .whl
+    # The start-up's parts on this machine, in a fresh process: first with the wheels' bytecode not yet compiled, then as
+    # every later run (and a user's installed environment) finds them.
+    python bench/startup.py --out "$OUT" --json startup_cold.json || true
+    python bench/startup.py --out "$OUT" --json startup.json || true
     python bench/e2e.py --out "$OUT" --quants none --phases predict,reference --json e2e_bf16.json
-    python bench/e2e.py --out "$OUT" --quants nf4 --phases predict,orders --json e2e_nf4.json
+    python bench/e2e.py --out "$OUT" --quants nf4,nf4:packed --phases predict,orders --json e2e_nf4.json
     ;;
 train)
     install .whl-u

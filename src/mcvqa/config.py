@@ -254,8 +254,8 @@ class PredictConfig:
     """generate scoring only: tokens to generate before parsing the letter."""
     compile: str = "off"
     """torch.compile the repeated blocks: off | vision (the vision tower's norms and MLPs) | mlp (norms and MLPs) | layers (whole decoder layers; vision norms and MLPs). GPU; first batches compile."""
-    unpack_4bit: str = "off"
-    """4-bit (nf4/fp4) weights dequantised once after loading instead of in every matrix product: the same weights, plain bf16 matrix products, the memory of bf16 weights. off (default: +2.5% measured at batch 16 on an H100, not worth ~10 GiB; BENCHMARKS.md) | on | auto (on a GPU with room for them and 8 GiB to spare)."""
+    unpack_4bit: str = "auto"
+    """4-bit (nf4/fp4) weights dequantised once after loading instead of in every matrix product: the same weights (the values bitsandbytes dequantises before each product), plain bf16 matrix products, the memory of bf16 weights. auto (default: on a GPU with room for them and 8 GiB to spare; a smaller GPU keeps them packed) | on | off (always packed). Prediction only: training keeps 4-bit weights."""
 
     def __post_init__(self) -> None:
         _positive("predict.batch_size", self.batch_size)
