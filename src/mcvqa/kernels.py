@@ -24,13 +24,22 @@ def _causal_sdpa(module: Any, query: torch.Tensor, key: torch.Tensor, value: tor
 
     transformers' SDPA path materialises a (B, 1, S, P+S) mask as soon as a cache holds a prefix, which
     keeps PyTorch off its flash kernel and repeats grouped key/value heads. ``causal_lower_right`` states the
-    same pattern without a tensor, so the fused kernels and native grouped-query attention are used. When a
-    real padding mask is needed, :func:`_causal_mask` builds it and this falls back to transformers' SDPA.
+    same pattern without a tensor, so the fused kernels and native grouped-query attention are used. A mask that
+    carries a :class:`PackedRows` layout (training's packed rows) is attended row by row after the prefix
+    (:func:`_packed_rows_sdpa`). Any other real mask (built by :func:`_causal_mask`) falls back to transformers' SDPA.
     """
+    rows = getattr(attention_mask, PackedRows.ATTRIBUTE, None)
+    if rows is not None and query.shape[0] == 1 and query.shape[2] == key.shape[2] == rows.total:
+        return _packed_rows_sdpa(module, query, key, value, rows, dropout, scaling), None
     if attention_mask is not None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    return _bottom_right_causal(module, query, key, value, dropout, scaling).transpose(1, 2).contiguous(), None
+
+
+def _bottom_right_causal(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dropout: float, scaling: float | None) -> torch.Tensor:
+    """(B, Hq, q, D) attention of the last q of kv positions, causal, grouped heads native on CUDA."""
     from torch.nn.attention.bias import causal_lower_right
 
     q_len, kv_len = query.shape[2], key.shape[2]
@@ -42,11 +51,70 @@ def _causal_sdpa(module: Any, query: torch.Tensor, key: torch.Tensor, value: tor
         n_rep = query.shape[1] // key.shape[1]
         key, value, gqa = repeat_kv(key, n_rep), repeat_kv(value, n_rep), False
     bias = None if q_len == kv_len else causal_lower_right(q_len, kv_len)
-    out = F.scaled_dot_product_attention(
+    return F.scaled_dot_product_attention(
         query, key, value, attn_mask=bias, is_causal=bias is None and q_len > 1,
         dropout_p=dropout if module.training else 0.0, scale=scaling, enable_gqa=gqa,
     )
-    return out.transpose(1, 2).contiguous(), None
+
+
+class PackedRows:
+    """Layout of a packed sequence ``[prefix, row 1, ..., row B]`` in which each row sees the prefix and its own
+    earlier tokens (:func:`mcvqa.scoring.packed_answer_hidden`), attached to that forward's dense mask as the attribute
+    :attr:`ATTRIBUTE`. The mask object travels unchanged to every layer (transformers returns a 4-D mask as it is, and
+    a checkpointed layer's recomputation receives the same object), so :func:`_causal_sdpa` finds the layout there in
+    the forward and in the recomputation alike, and the mask stays the truth for every other attention kernel."""
+
+    ATTRIBUTE = "mcvqa_packed_rows"
+
+    def __init__(self, prefix: int, lengths: list[int]):
+        self.prefix = prefix
+        self.lengths = list(lengths)
+        self.total = prefix + sum(self.lengths)
+        self._indices: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def attach(self, mask: Any) -> Any:
+        if isinstance(mask, torch.Tensor):
+            setattr(mask, self.ATTRIBUTE, self)
+        return mask
+
+    def indices(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``gather`` (B * S,): the packed position of each (row, slot), a padding slot pointing at its row's first token;
+        ``real`` (N,): the slots that hold tokens, in packed order. Built on the host once per forward."""
+        if device not in self._indices:
+            lengths = torch.tensor(self.lengths)
+            slot = torch.arange(int(lengths.max()))[None]
+            starts = self.prefix + lengths.cumsum(0) - lengths
+            holds = slot < lengths[:, None]
+            gather = (starts[:, None] + torch.where(holds, slot, 0)).reshape(-1)
+            real = torch.nonzero(holds.reshape(-1)).reshape(-1)
+            self._indices[device] = (to_device(gather, device), to_device(real, device))
+        return self._indices[device]
+
+
+def _packed_rows_sdpa(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, rows: PackedRows, dropout: float, scaling: float | None) -> torch.Tensor:
+    """Attention over a packed ``[prefix, rows]`` sequence as the prefix's causal attention plus each row's bottom-right
+    causal attention over ``[prefix, row]``, the rows laid side by side (B, S) with right padding.
+
+    The same scores as the dense mask (a padding slot comes after every real token of its row, so causality keeps it
+    out of their view), but the kernels skip what the mask would zero: a dense (T, T) mask makes SDPA compute all T^2
+    scores, of which the rows need about B * S * (P + S). ``query``/``key``/``value``: (1, H, T, D). Returns (1, T, Hq, D).
+    """
+    p, b, width = rows.prefix, len(rows.lengths), max(rows.lengths)
+    gather, real = rows.indices(query.device)
+    d = query.shape[3]
+
+    def side_by_side(t: torch.Tensor) -> torch.Tensor:  # (1, H, T, D) -> (B, H, S, D)
+        return t[0].index_select(1, gather).view(t.shape[1], b, width, d).transpose(0, 1)
+
+    pk, pv = key[:, :, :p], value[:, :, :p]
+    k = torch.cat([pk.expand(b, -1, -1, -1), side_by_side(key)], dim=2)
+    v = torch.cat([pv.expand(b, -1, -1, -1), side_by_side(value)], dim=2)
+    out_rows = _bottom_right_causal(module, side_by_side(query), k, v, dropout, scaling)  # (B, Hq, S, D)
+    out_rows = out_rows.transpose(1, 2).reshape(b * width, query.shape[1], d).index_select(0, real)
+    if not p:
+        return out_rows[None]
+    out_prefix = _bottom_right_causal(module, query[:, :, :p], pk, pv, dropout, scaling)[0].transpose(0, 1)
+    return torch.cat([out_prefix, out_rows], dim=0)[None]
 
 
 def _causal_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0, mask_function: Any = None, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor | None:

@@ -28,6 +28,7 @@ from mcvqa.errors import ModelError
 from mcvqa.features import Batch, Encoder, OrderedExample, cat_vision
 from mcvqa import families
 from mcvqa.families import Family
+from mcvqa.kernels import PackedRows
 from mcvqa.runtime import to_device
 
 # ------------------------------------------------------------------------------------------ letter tokens
@@ -246,10 +247,13 @@ def compute_prefix(model: Any, prefix_ids: Sequence[int], device: torch.device |
 
 
 def _forward(family: Family, core: Any, input_ids: torch.Tensor, mm: torch.Tensor, vision: dict[str, torch.Tensor],
-             positions: torch.Tensor | None, prefix: PrefixKV | None, allowed: torch.Tensor | None) -> torch.Tensor:
-    """The family's core forward over ``input_ids`` after ``prefix``: last hidden states (B, S, H)."""
+             positions: torch.Tensor | None, prefix: PrefixKV | None, allowed: torch.Tensor | None, rows: PackedRows | None = None) -> torch.Tensor:
+    """The family's core forward over ``input_ids`` after ``prefix``: last hidden states (B, S, H). ``rows``: the layout
+    ``allowed`` describes, for attention kernels that can use it (:class:`mcvqa.kernels.PackedRows`)."""
     p = prefix.length if prefix is not None else 0
     mask = family.attention_mask(core, allowed, positions, mm, p) if positions is not None else None
+    if rows is not None:
+        rows.attach(mask)
     out = core(
         input_ids=input_ids,
         attention_mask=mask,
@@ -335,7 +339,7 @@ def packed_answer_hidden(model: Any, batch: Batch, prefix_ids: Sequence[int], fa
     t = segment.shape[0]
     idx = torch.arange(t, device=device)
     allowed = (idx[None, :] <= idx[:, None]) & ((segment[None, :] == 0) | (segment[None, :] == segment[:, None]))
-    hidden = _forward(family, core, ids, mm, _vision(core, batch), positions, None, allowed[None])
+    hidden = _forward(family, core, ids, mm, _vision(core, batch), positions, None, allowed[None], PackedRows(p, lengths))
     ends = p + torch.cumsum(batch.lengths.to(device), 0) - 1
     return hidden[0, ends]
 
