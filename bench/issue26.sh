@@ -4,7 +4,7 @@
 # device tool (no package index there, hence the wheel folders; see BENCHMARKS.md for how each folder is filled):
 #
 #   bash bench/issue26.sh predict    # carry .whl .fixtures      start-up probe; e2e bf16 (+ reference loop), nf4 (+ orders), nf4 packed
-#   bash bench/issue26.sh train      # carry .whl-u .fixtures    stack.py: mcvqa (+ offloaded checkpoints) vs Unsloth vs plain peft
+#   bash bench/issue26.sh train      # carry .whl-u .fixtures    stack.py: mcvqa (offloaded checkpoints; + kept on the GPU) vs Unsloth vs plain peft
 #   bash bench/issue26.sh families   # carry .whl-f .fixtures    families.py with Liger and flash-linear-attention
 #   bash bench/issue26.sh families2  # carry .whl .fixtures      the same for InternVL and LLaVA-OneVision
 #   bash bench/issue26.sh profile    # carry .whl .fixtures      levers.py (eager vs Liger, stages, kernels), the
