@@ -125,15 +125,17 @@ def test_shared_prefix_step_equals_plain_step(cfg_factory, data, checkpointing, 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_packed_rows_attend_row_by_row_in_the_forward_and_the_recomputation(cfg_factory, data, monkeypatch, checkpointing) -> None:
-    """The packed step's attention runs as the prefix's plus each row's (kernels.PackedRows), never as SDPA over the
-    dense (T, T) mask, in every layer of the forward and of a checkpointed layer's recomputation; the loss and the
-    gradients are the dense mask's (rows of three different lengths, so the side-by-side layout pads)."""
+    """``train.shared_prefix: rows``: the packed step's attention runs as the prefix's plus each row's
+    (kernels.PackedRows), never as SDPA over the dense (T, T) mask, in every layer of the forward and of a checkpointed
+    layer's recomputation; ``packed`` keeps the dense mask. Same loss and gradients (rows of three different lengths,
+    so the side-by-side layout pads)."""
     from mcvqa import kernels
     from mcvqa.features import Encoder
     from mcvqa.prompts import load_prompt
     from transformers.integrations import sdpa_attention
 
-    cfg = cfg_factory(*LORA, f"train.gradient_checkpointing={str(checkpointing).lower()}", "prompt.name=fewshot_ko")
+    cfg = cfg_factory(*LORA, f"train.gradient_checkpointing={str(checkpointing).lower()}", "prompt.name=fewshot_ko", "train.shared_prefix=rows")
+    assert cfg.train.shared_prefix == "rows"
     model, processor = build_model(cfg)
     model.train()
     enc = Encoder(processor, load_prompt("fewshot_ko"), cfg.image)
@@ -141,8 +143,8 @@ def test_packed_rows_attend_row_by_row_in_the_forward_and_the_recomputation(cfg_
     long = data[0].items[5]
     exs.append(enc.encode(dataclasses.replace(long, question=long.question + " 그리고 길게 덧붙인 설명" * 3)))
     assert len({len(e.suffix_ids) for e in exs}) >= 3
-    calls = {"rows": 0, "dense": 0}
     rows_sdpa, dense_sdpa = kernels._packed_rows_sdpa, sdpa_attention.sdpa_attention_forward
+    calls = {"rows": 0, "dense": 0}
 
     def count(name, fn):
         def wrapped(*a, **k):
@@ -152,19 +154,15 @@ def test_packed_rows_attend_row_by_row_in_the_forward_and_the_recomputation(cfg_
 
     monkeypatch.setattr(kernels, "_packed_rows_sdpa", count("rows", rows_sdpa))
     monkeypatch.setattr(sdpa_attention, "sdpa_attention_forward", count("dense", dense_sdpa))
-    module = AnswerLoss(model, enc.prefix_ids, letter_tokens(processor.tokenizer).target, shared_prefix="packed")
+    layers = model.config.get_text_config().num_hidden_layers * (2 if checkpointing else 1)
     results = []
-    for layout in (True, False):
-        if not layout:  # the dense mask alone: what every other attention kernel reads
-            monkeypatch.setattr(kernels.PackedRows, "attach", lambda self, mask: mask)
+    for mode, expected in (("rows", {"rows": layers, "dense": 0}), ("packed", {"rows": 0, "dense": layers})):
+        calls.update(rows=0, dense=0)
         model.zero_grad(set_to_none=True)
-        loss, _ = module(collate(exs, enc.pad_id))
+        loss, _ = AnswerLoss(model, enc.prefix_ids, letter_tokens(processor.tokenizer).target, shared_prefix=mode)(collate(exs, enc.pad_id))
         loss.backward()
+        assert calls == expected, (mode, calls)
         results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
-        if layout:
-            layers = model.config.get_text_config().num_hidden_layers
-            assert calls == {"rows": layers * (2 if checkpointing else 1), "dense": 0}, calls
-    assert calls["dense"] > 0  # the second pass really took the dense mask
     (l1, g1), (l2, g2) = results
     torch.testing.assert_close(l1, l2, atol=1e-5, rtol=0)
     assert g1.keys() == g2.keys() and len(g1) > 0

@@ -177,8 +177,10 @@ class TrainConfig:
     """Augmentation: permute the content of options a-d per example and remap the label."""
     shared_prefix: str = "auto"
     """Run the shared system prompt once per batch, not once per row (exact): packed (prefix and rows in one
-    pass; fastest with 4-bit weights) | cache (prefix pass, rows read its keys/values; fastest in bf16 and on CPU)
-    | off | auto (packed for quantised models on GPU, else cache)."""
+    pass; fastest with 4-bit weights) | rows (packed, its attention as the prefix's plus each row's after it
+    instead of over a (T, T) mask: the same scores, about B*S*(P+S) of them computed instead of T^2; first-class
+    families with sdpa; not yet measured faster, BENCHMARKS.md) | cache (prefix pass, rows read its keys/values;
+    fastest in bf16 and on CPU) | off | auto (packed for quantised models on GPU, else cache)."""
     seed: int = 42
     """Seed for weights of new layers, data order, dropout and augmentation."""
     eval_every: str = "epoch"
@@ -211,7 +213,7 @@ class TrainConfig:
         _choice("train.method", self.method, ("lora", "full"))
         _choice("train.scheduler", self.scheduler, ("cosine", "linear", "constant"))
         _choice("train.eval_every", self.eval_every, ("epoch", "never"))
-        _choice("train.shared_prefix", self.shared_prefix, ("auto", "packed", "cache", "off"))
+        _choice("train.shared_prefix", self.shared_prefix, ("auto", "packed", "rows", "cache", "off"))
         _choice("train.fuse_accumulation", self.fuse_accumulation, ("auto", "on", "off"))
         if self.epochs <= 0:
             raise ConfigError(f"train.epochs must be > 0, got {self.epochs}")

@@ -308,14 +308,15 @@ def host_grid(core: Any, vision: dict[str, torch.Tensor], host: dict[str, torch.
     return {**vision, "image_grid_thw": host["image_grid_thw"]}
 
 
-def packed_answer_hidden(model: Any, batch: Batch, prefix_ids: Sequence[int], family: Family | None = None) -> torch.Tensor:
+def packed_answer_hidden(model: Any, batch: Batch, prefix_ids: Sequence[int], family: Family | None = None, by_rows: bool = False) -> torch.Tensor:
     """Like :func:`answer_hidden` with a shared prefix, but prefix and every row go through ONE forward pass.
 
     The batch is packed into a single sequence ``[prefix, row 1, row 2, ...]`` (padding dropped) with a
     mask that lets each row see the prefix and its own earlier tokens only. Each layer then runs one matrix
     product over ``P + sum(len)`` tokens instead of one for the prefix and one for the rows - which matters
     for 4-bit weights, dequantised once per matrix product. Exact: same keys, queries and positions.
-    Families whose layers ignore masks (``Family.packed`` False) run the cached-prefix forward instead.
+    Families whose layers ignore masks (``Family.packed`` False) run the cached-prefix forward instead. ``by_rows``:
+    the mask carries its layout, so mcvqa's attention attends row by row (:class:`mcvqa.kernels.PackedRows`).
     """
     family = _family(model, family)
     if not family.packed:
@@ -339,7 +340,7 @@ def packed_answer_hidden(model: Any, batch: Batch, prefix_ids: Sequence[int], fa
     t = segment.shape[0]
     idx = torch.arange(t, device=device)
     allowed = (idx[None, :] <= idx[:, None]) & ((segment[None, :] == 0) | (segment[None, :] == segment[:, None]))
-    hidden = _forward(family, core, ids, mm, _vision(core, batch), positions, None, allowed[None], PackedRows(p, lengths))
+    hidden = _forward(family, core, ids, mm, _vision(core, batch), positions, None, allowed[None], PackedRows(p, lengths) if by_rows else None)
     ends = p + torch.cumsum(batch.lengths.to(device), 0) - 1
     return hidden[0, ends]
 

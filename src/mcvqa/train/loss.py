@@ -22,14 +22,14 @@ PACKED_MAX_IMAGE_TOKENS = 1024
 class AnswerLoss(torch.nn.Module):
     """The training forward as one module, so DDP/FSDP wrap it and see every parameter it uses.
 
-    ``shared_prefix``: ``packed`` (prefix + rows in one pass, see ``scoring.packed_answer_hidden``),
-    ``cache`` (prefix pass, then rows reading its keys/values) or ``off`` (batch rows carry the prefix).
+    ``shared_prefix``: ``packed`` (prefix + rows in one pass, see ``scoring.packed_answer_hidden``), ``rows`` (the
+    same, attended row by row: :class:`mcvqa.kernels.PackedRows`), ``cache`` (prefix pass, then rows reading its keys/values) or ``off`` (batch rows carry the prefix).
     """
 
     def __init__(self, model: Any, prefix_ids: Sequence[int], target_ids: Sequence[int], shared_prefix: str = "packed") -> None:
         super().__init__()
-        if shared_prefix not in ("packed", "cache", "off"):
-            raise ValueError(f"shared_prefix must be packed, cache or off, got {shared_prefix!r}")
+        if shared_prefix not in ("packed", "rows", "cache", "off"):
+            raise ValueError(f"shared_prefix must be packed, rows, cache or off, got {shared_prefix!r}")
         self.model = model
         self.prefix_ids = list(prefix_ids)
         # On the model's device: DDP broadcasts every buffer at wrap time, and NCCL has no CPU backend.
@@ -45,8 +45,8 @@ class AnswerLoss(torch.nn.Module):
         device = batch.input_ids.device
         if batch.prefix_len or self.shared_prefix == "off":
             hidden = answer_hidden(self.model, batch, None, family)
-        elif self.shared_prefix == "packed":
-            hidden = packed_answer_hidden(self.model, batch, self.prefix_ids, family)
+        elif self.shared_prefix in ("packed", "rows"):
+            hidden = packed_answer_hidden(self.model, batch, self.prefix_ids, family, by_rows=self.shared_prefix == "rows")
         else:
             hidden = answer_hidden(self.model, batch, compute_prefix(self.model, self.prefix_ids, device, family), family)
         logits = family.head_logits(head, hidden).float()
