@@ -4,7 +4,7 @@
 # device tool (no package index there, hence the wheel folders; see BENCHMARKS.md for how each folder is filled):
 #
 #   bash bench/issue26.sh predict    # carry .whl .fixtures      start-up probe; e2e bf16 (+ reference loop), nf4 (+ orders), nf4 packed
-#   bash bench/issue26.sh train      # carry .whl-u .fixtures    stack.py: mcvqa (offloaded checkpoints; + kept on the GPU) vs Unsloth vs plain peft
+#   bash bench/issue26.sh train      # carry .whl-u .fixtures    stack.py: mcvqa vs Unsloth vs plain peft; + rows, + checkpoints kept on the GPU
 #   bash bench/issue26.sh families   # carry .whl-f .fixtures    families.py with Liger and flash-linear-attention
 #   bash bench/issue26.sh families2  # carry .whl .fixtures      the same for InternVL and LLaVA-OneVision
 #   bash bench/issue26.sh profile    # carry .whl .fixtures      levers.py (eager vs Liger, stages, kernels), the
@@ -19,6 +19,7 @@ set -euo pipefail
 what=${1:?predict, train, families, families2 or profile}
 OUT=${OUT:-bench_out}; mkdir -p "$OUT"
 install() {
+    rm -rf /tmp/site  # a warm machine keeps the last call's wheels there: run on this call's set only
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$1"/*.whl
     export PYTHONPATH=/tmp/site:$PWD/src
 }
@@ -35,7 +36,7 @@ predict)
     ;;
 train)
     install .whl-u
-    HF_HUB_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 python bench/stack.py --out "$OUT" --phases train,offload --json stack_train.json
+    HF_HUB_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 python bench/stack.py --out "$OUT" --phases train,rows,offload --json stack_train.json
     ;;
 families)
     install .whl-f

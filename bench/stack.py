@@ -10,6 +10,8 @@
 * ``offload``: the same ``mcvqa train`` with ``train.offload_checkpoints: false``: the recipe keeps each checkpointed
   layer's input in page-locked host memory until the backward pass (Unsloth's offloaded checkpointing in mcvqa's
   loop); this row keeps them on the GPU.
+* ``rows``: the same ``mcvqa train`` with ``train.shared_prefix: rows`` (the packed rows' attention as the prefix's
+  plus each row's, instead of SDPA over the dense (T, T) mask: ``kernels.PackedRows``).
 * ``fp16``: the same ``mcvqa train`` with ``model.dtype: fp16`` forced (loss scaling), beside the bf16 run.
 * ``prequant``: ``mcvqa quantize`` writes an nf4 checkpoint; ``mcvqa predict`` on 200 questions from it vs
   ``--quant nf4`` on the bf16 checkpoint (load seconds from ``predict_summary.json``, wall from process start,
@@ -171,6 +173,9 @@ def main() -> None:
             save()
     if "offload" in phases:  # the recipe offloads the checkpointed layers' inputs to host memory, as Unsloth does: the same without
         results.append(train_row(args.build, args.data, args.runs / "t_offload", "mcvqa train --config configs/seed.yaml, train.offload_checkpoints=false", ["--set", "train.offload_checkpoints=false"]))
+        save()
+    if "rows" in phases:  # the packed step attended row by row after the prefix instead of over the dense (T, T) mask
+        results.append(train_row(args.build, args.data, args.runs / "t_rows", "mcvqa train --config configs/seed.yaml, train.shared_prefix=rows", ["--set", "train.shared_prefix=rows"]))
         save()
     if "fp16" in phases:
         results.append(train_row(args.build, args.data, args.runs / "t_fp16", "mcvqa train --config configs/seed.yaml, model.dtype=fp16 (loss scaling)", ["--set", "model.dtype=fp16"]))
