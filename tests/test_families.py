@@ -383,3 +383,58 @@ def test_images_of_different_sizes_batch_and_split_back() -> None:
     assert batch.mm_token_type_ids[:, :3].tolist() == [[0, 1, 0]] * 3
     second = batch.rows(1, 3)
     assert second.ids == ["q1", "q2"] and second.vision["pixel_values"][:, 0, 0].tolist() == [2.0, 3.0]
+
+
+def test_qwen3_5_trains_on_the_pytorch_delta_rule_where_fla_refuses_its_backward(family_models, synth_data, tmp_path, capsys, monkeypatch) -> None:
+    """flash-linear-attention refuses its gated backward kernel on Hopper GPUs with Triton 3.4-3.7.0 (fla #640), and
+    only once a whole forward has run. Where that combination holds, ``mcvqa train`` (and test-time adaptation's first
+    gradient) put transformers' PyTorch gated delta rule in its place with one line saying so, and train; elsewhere the
+    installed kernel stays. The refusing kernel is simulated: this machine has neither fla nor a Hopper GPU."""
+    import inspect
+
+    from transformers.models.qwen3_5 import modeling_qwen3_5
+
+    from mcvqa.config import ImageConfig
+    from mcvqa.families import qwen3_5
+    from mcvqa.features import Encoder
+    from mcvqa.images import letterbox
+    from mcvqa.prompts import load_prompt
+    from mcvqa.scoring import Scorer
+
+    reference = inspect.unwrap(modeling_qwen3_5.torch_chunk_gated_delta_rule)
+
+    class _Refuses(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.view_as(x)
+
+        @staticmethod
+        def backward(ctx, grad):
+            raise RuntimeError("Triton >= 3.4.0 and < 3.7.1 on Hopper GPUs produces incorrect results for gated chunk_bwd_dqkwg (see #640)")
+
+    def fla_rule(*args, **kwargs):  # fla's forward is fine; its backward refuses
+        out, state = reference(*args, **kwargs)
+        return _Refuses.apply(out), state
+
+    fla_rule.__wrapped__ = reference
+    monkeypatch.setattr(modeling_qwen3_5, "torch_chunk_gated_delta_rule", fla_rule)
+    model_dir = family_models("local_qwen3_5")
+    model, processor = _load(model_dir)
+    monkeypatch.setattr(qwen3_5, "fla_refuses_gated_backward", lambda: False)
+    assert qwen3_5.Qwen35().prepare_backward(model) is None and modeling_qwen3_5.torch_chunk_gated_delta_rule is fla_rule  # elsewhere: kept
+    monkeypatch.setattr(qwen3_5, "fla_refuses_gated_backward", lambda: True)
+    enc = Encoder(processor, load_prompt("plain_ko"), ImageConfig(mode="letterbox", size=64), qwen3_5.Qwen35())
+    items, raw = _items_and_images(2)
+    batch = enc.collate([enc.encode(it, image=letterbox(im, 64)) for it, im in zip(items, raw)])
+    Scorer(model, enc).logprobs(batch, grad=True).sum().backward()  # test-time adaptation's path
+    assert modeling_qwen3_5.torch_chunk_gated_delta_rule is reference
+    monkeypatch.setattr(modeling_qwen3_5, "torch_chunk_gated_delta_rule", fla_rule)
+    lines = (synth_data / "train.csv").read_text(encoding="utf-8").splitlines()
+    csv = synth_data / "family_fla_train.csv"
+    csv.write_text("\n".join(lines[:9]) + "\n", encoding="utf-8")
+    code, out, err = run_cli(["train", "--data", str(csv), "--out", str(tmp_path / "run"), "--model", str(model_dir), "--device", "cpu",
+                              "--set", "train.epochs=1", "--set", "train.batch_size=4", "--set", "lora.r=4", "--set", "data.val_fraction=0.25",
+                              "--set", "model.dtype=fp32", "--set", "prompt.name=plain_ko"], capsys)
+    assert code == 0, err
+    assert "flash-linear-attention refuses" in out + err and "pip install tilelang" in out + err
+    assert modeling_qwen3_5.torch_chunk_gated_delta_rule is reference

@@ -12,6 +12,7 @@ and one prefix serves any batch size. A causal prefix does not depend on what fo
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from collections.abc import Sequence
@@ -30,6 +31,8 @@ from mcvqa import families
 from mcvqa.families import Family
 from mcvqa.kernels import PackedRows
 from mcvqa.runtime import to_device
+
+log = logging.getLogger(__name__)
 
 # ------------------------------------------------------------------------------------------ letter tokens
 
@@ -368,6 +371,7 @@ class Scorer:
         # Families without a cacheable prefix (the plain path for unlisted checkpoints) run whole sequences.
         self.use_prefix_cache = prefix_cache and self.family.prefix_cache
         self._prefix: PrefixKV | None = None
+        self._backward_ready = False
         core, self.head = self.family.core_and_head(model)
         self.device = next(core.parameters()).device
 
@@ -387,6 +391,8 @@ class Scorer:
         what is being tuned does not touch it, e.g. a soft prompt after the image).
         """
         batch = batch.to(self.device)
+        if grad:
+            self._ready_for_backward()
         with torch.set_grad_enabled(grad):
             if self.use_prefix_cache and not batch.prefix_len:
                 prefix = self.prefix() if not (grad and prefix_grad) else compute_prefix(self.model, self.encoder.prefix_ids, self.device, self.family)
@@ -407,6 +413,8 @@ class Scorer:
             flat = [ex.variant(k) for ex in examples for k in range(v)]
             lp = self.logprobs(self.encoder.collate(flat, with_prefix=self.with_prefix_in_batch), grad=grad).view(len(examples), v, 4)
         else:
+            if grad:
+                self._ready_for_backward()
             with torch.set_grad_enabled(grad):
                 prefix = self.prefix() if not grad else compute_prefix(self.model, self.encoder.prefix_ids, self.device, self.family)
                 lp = shared_prefix_logprobs(self.model, self.encoder, examples, prefix, self.letters, self.head, self.device, self.family)
@@ -414,6 +422,12 @@ class Scorer:
         # Python list as a CUDA index is copied from pageable memory per row, each copy waiting for the GPU).
         index = to_device(torch.tensor([list(ex.orders) for ex in examples], dtype=torch.long), lp.device)
         return torch.empty_like(lp).scatter(2, index, lp)
+
+    def _ready_for_backward(self) -> None:
+        """Test-time adaptation's first gradient: the family's kernels fit for a backward (:func:`families.prepare_backward`)."""
+        if not self._backward_ready:
+            families.prepare_backward(self.model, log.warning)
+            self._backward_ready = True
 
     @property
     def with_prefix_in_batch(self) -> bool:

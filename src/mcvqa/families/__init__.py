@@ -42,6 +42,14 @@ def decoder_layers(model: Any) -> list[Any]:
     return family.decoder_layers(family.core_and_head(model)[0])
 
 
+def prepare_backward(model: Any, log: Any = None) -> None:
+    """Before gradients go through ``model`` (training, TENT / SAR / TPT): its family's :meth:`Family.prepare_backward`,
+    whose line, if any, goes to ``log``."""
+    said = for_model(model).prepare_backward(model)
+    if said and log is not None:
+        log(said)
+
+
 def for_processor(processor: Any) -> Family:
     name = type(processor).__name__
     tokenizer = type(getattr(processor, "tokenizer", None)).__name__

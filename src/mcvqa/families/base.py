@@ -77,6 +77,11 @@ class Family:
         fast = [w for w, on in (("cached prefix", self.prefix_cache), ("one-pass option orders / packed training", self.packed)) if on]
         return f"{self.name}: " + (", ".join(fast) if fast else "plain uncached path (every question runs its full prompt)")
 
+    def prepare_backward(self, model: Any) -> str | None:
+        """Make the model's kernels fit for a backward pass (training, test-time adaptation); returns a line for the
+        user when something was switched. Nothing to do for most families."""
+        return None
+
     def core_and_head(self, model: Any) -> tuple[Any, torch.nn.Module]:
         base = unwrap(model)
         core = getattr(base, "model", None)

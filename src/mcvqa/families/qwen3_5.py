@@ -9,9 +9,25 @@ The template opens a ``<think>`` block at the generation prompt; thinking is swi
 
 from __future__ import annotations
 
+import importlib.util
+import inspect
 from typing import Any
 
 from mcvqa.families.qwen_vl import QwenVL
+
+
+def fla_refuses_gated_backward() -> bool:
+    """Whether flash-linear-attention, if transformers runs Qwen3.5's gated delta rule on it, will refuse the backward:
+    fla 0.6 raises in its gated ``chunk_bwd_dqkwg`` on Hopper GPUs with Triton 3.4-3.7.0 (wrong results there, fla #640;
+    torch 2.11 ships Triton 3.6) unless tilelang is installed. Read from fla's own flags; False when fla is absent or
+    does not have them (other releases)."""
+    if importlib.util.find_spec("fla") is None or importlib.util.find_spec("tilelang") is not None:
+        return False
+    try:
+        from fla.utils import IS_NVIDIA_HOPPER, TRITON_ABOVE_3_4_0, TRITON_ABOVE_3_7_1
+    except Exception:  # noqa: BLE001 - an fla that cannot even import (no Triton, no GPU) is never called
+        return False
+    return bool(IS_NVIDIA_HOPPER and TRITON_ABOVE_3_4_0 and not TRITON_ABOVE_3_7_1)
 
 
 class Qwen35(QwenVL):
@@ -25,6 +41,23 @@ class Qwen35(QwenVL):
     extra_lora_targets = ("in_proj_qkv", "in_proj_z", "out_proj")
     # The gate projections in_proj_a/in_proj_b are 4096 x 32: too small to gain from 4 bits, and they set the decay.
     skip_quant = ("model.visual", "visual", "lm_head", "in_proj_a", "in_proj_b")
+
+    def prepare_backward(self, model: Any) -> str | None:
+        """Where fla would refuse the backward (:func:`fla_refuses_gated_backward`), which it does only after a whole
+        forward, transformers' own PyTorch gated delta rule takes its place for this process: slower, correct, and
+        the run goes on instead of stopping at its first step. Prediction alone keeps fla (its forward is fine)."""
+        if not fla_refuses_gated_backward():
+            return None
+        from transformers.models.qwen3_5 import modeling_qwen3_5
+
+        installed = modeling_qwen3_5.torch_chunk_gated_delta_rule
+        reference = inspect.unwrap(installed)  # transformers wraps its PyTorch function around the kernel it found
+        if reference is installed:
+            return None
+        modeling_qwen3_5.torch_chunk_gated_delta_rule = reference
+        return ("Qwen3.5: flash-linear-attention refuses its gated backward kernel on this GPU with this Triton (fla #640); "
+                "training runs on transformers' PyTorch delta rule (slower). For the fast kernel: pip install tilelang, "
+                "or Triton >= 3.7.1")
 
     def layer_kinds(self, core: Any) -> list[str]:
         types = self.text_model(core).config.layer_types

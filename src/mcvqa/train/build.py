@@ -50,6 +50,7 @@ def build_model(cfg: Config, log_fn: Callable[[str], None] | None = None) -> tup
             # Non-reentrant checkpointing needs no grad on the inputs, but peft models expect it set up.
             unwrap(model).enable_input_require_grads()
     allow_prefix_cache_under_checkpointing(model)
+    families.prepare_backward(model, log_fn)
     return model, processor
 
 
