@@ -7,6 +7,7 @@
 #   bash bench/issue26.sh train      # carry .whl-u .fixtures    stack.py: mcvqa vs Unsloth vs plain peft; + rows, + checkpoints kept on the GPU
 #   bash bench/issue26.sh families   # carry .whl-f .fixtures    families.py with Liger and flash-linear-attention
 #   bash bench/issue26.sh families2  # carry .whl .fixtures      the same for InternVL and LLaVA-OneVision
+#   bash bench/issue26.sh trainprofile # carry .whl .fixtures    the training step packed vs rows, each profiled (attention's share)
 #   bash bench/issue26.sh profile    # carry .whl .fixtures      levers.py (eager vs Liger, stages, kernels), the
 #                                                                CLI's own loop under the profiler (profile_cli.py), fp8
 #
@@ -16,7 +17,7 @@
 # and families.tar.xz (families only: copy it from ../shared/fixtures, and leave it out of the other calls). `train` runs on the
 # machine's own transformers: the Unsloth release accepts no newer one, and both backends must run on the same.
 set -euo pipefail
-what=${1:?predict, train, families, families2 or profile}
+what=${1:?predict, train, families, families2, trainprofile or profile}
 OUT=${OUT:-bench_out}; mkdir -p "$OUT"
 install() {
     rm -rf /tmp/site  # a warm machine keeps the last call's wheels there: run on this call's set only
@@ -50,6 +51,11 @@ families2)
     python bench/families.py --families /tmp/fam/families --which InternVL3_5-8B-HF,llava-onevision-qwen2-7b-ov-hf \
         --n-test 400 --n-small 100 --n-plain 128 --n-train 128 --peft-steps 4 --json families_internvl_llava.json
     ;;
+trainprofile)
+    install .whl
+    python bench/levers.py --out "$OUT" --phases train --train-variants liger:16,liger:16:rows \
+        --profile-train liger:16,liger:16:rows --json levers_train.json
+    ;;
 profile)
     install .whl
     python bench/levers.py --out "$OUT" --phases predict --n 256 --batch-sizes 16 \
@@ -59,7 +65,7 @@ profile)
     python bench/e2e.py --out "$OUT" --quants fp8 --phases predict --json e2e_fp8.json
     ;;
 *)
-    echo "unknown: $what (predict, train, families, families2 or profile)" >&2
+    echo "unknown: $what (predict, train, families, families2, trainprofile or profile)" >&2
     exit 2
     ;;
 esac

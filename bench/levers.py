@@ -7,7 +7,8 @@
   RoPE (``model.kernels``), ``torch.compile`` of norms and MLPs (``predict.compile=mlp``), FP8 row-wise linears
   (``model.quant=fp8``), nf4 eager and nf4 + Liger. Each variant's probabilities are compared with eager bf16 at
   the same batch size (argmax agreement, max |dp|, mean KL).
-* train: the seed recipe's step (nf4 QLoRA r32, packed prefix, answer-only loss) at micro-batch 8 and 16, with
+* train: the seed recipe's step (nf4 QLoRA r32, packed prefix, answer-only loss) at micro-batch 8 and 16 (a variant
+  ``name:bs:mode`` sets ``train.shared_prefix``, e.g. ``liger:16:rows``; ``--profile-train`` profiles two steps), with
   and without Liger; samples/s and peak memory.
 * data: the engine's DataLoader alone (decode, letterbox, processor, collate) with 4, 8 and 12 workers.
 * profile: torch.profiler's top CUDA kernels for the fastest bf16 variant.
@@ -184,15 +185,15 @@ def train_phase(args: argparse.Namespace, items: list, rows: list) -> None:
     from mcvqa.train.loss import AnswerLoss
 
     for variant in [v for v in args.train_variants.split(",") if v]:
-        name, bs = variant.split(":")
-        bs = int(bs)
+        name, bs, *rest = variant.split(":")
+        bs, mode = int(bs), (rest[0] if rest else "packed")  # mode: train.shared_prefix (packed | rows | cache)
         torch.cuda.empty_cache()
         cfg = _cfg(args.build, "nf4", ["train.batch_size=8", f"model.kernels={'liger' if 'liger' in name else 'off'}"])
         model, processor = build_model(cfg)
         model.train()
         enc = Encoder(processor, load_prompt(cfg.prompt.name), cfg.image)
         letters = letter_tokens(processor.tokenizer)
-        module = AnswerLoss(model, enc.prefix_ids, letters.target, shared_prefix="packed")
+        module = AnswerLoss(model, enc.prefix_ids, letters.target, shared_prefix=mode)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.01)
         collate = Collator(enc, with_prefix=False)
         exs = [enc.encode(it) for it in items[: bs * (args.train_steps + 2)]]
@@ -215,9 +216,24 @@ def train_phase(args: argparse.Namespace, items: list, rows: list) -> None:
         losses = [step(exs[(k + 2) * bs : (k + 3) * bs]) for k in range(args.train_steps)]
         sync()
         dt = time.perf_counter() - t
-        rows.append({"phase": "train", "variant": name, "micro_batch": bs, "samples_per_s": round(bs * args.train_steps / dt, 2),
+        rows.append({"phase": "train", "variant": variant, "micro_batch": bs, "shared_prefix": mode, "samples_per_s": round(bs * args.train_steps / dt, 2),
                      "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), "losses": [round(x, 3) for x in losses]})
         log(rows[-1])
+        if variant in args.profile_train.split(","):  # where a step's GPU time goes: attention's share above all
+            from torch.profiler import ProfilerActivity, profile as prof_ctx
+
+            with prof_ctx(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                for k in range(2):
+                    step(exs[k * bs : (k + 1) * bs])
+                sync()
+            events = prof.key_averages()
+            table = events.table(sort_by="self_cuda_time_total", row_limit=45)
+            (args.out / f"levers_train_profile_{variant.replace(':', '_')}.txt").write_text(table)
+            total = sum(e.self_device_time_total for e in events)
+            attention = sum(e.self_device_time_total for e in events if any(s in e.key.lower() for s in ("attention", "fmha", "flash", "sdpa")))
+            rows.append({"phase": "train_profile", "variant": variant, "cuda_ms_per_step": round(total / 2000, 1),
+                         "attention_share": round(attention / total, 3) if total else None})
+            log(rows[-1])
         del model, module, opt
         import gc
 
@@ -257,6 +273,7 @@ def main() -> None:
     ap.add_argument("--profile-variant", default="liger", help="variants to profile, comma-separated")
     ap.add_argument("--train-variants", default="peft:8,peft:16,liger:8,liger:16")
     ap.add_argument("--train-steps", type=int, default=6)
+    ap.add_argument("--profile-train", default="", help="train variants to profile (two steps), comma-separated")
     ap.add_argument("--workers", default="4,8,12")
     ap.add_argument("--json", default="levers.json")
     args = ap.parse_args()
