@@ -7,7 +7,7 @@
 #   bash bench/issue26.sh train      # carry .whl-u .fixtures    stack.py: mcvqa vs Unsloth vs plain peft; + rows, + checkpoints kept on the GPU
 #   bash bench/issue26.sh families   # carry .whl-f .fixtures    families.py with Liger and flash-linear-attention
 #   bash bench/issue26.sh families2  # carry .whl .fixtures      the same for InternVL and LLaVA-OneVision
-#   bash bench/issue26.sh trainprofile # carry .whl .fixtures    the training step packed vs rows, each profiled (attention's share)
+#   bash bench/issue26.sh trainprofile # carry .whl .fixtures  the training step packed vs rows, each profiled (attention's share)
 #   bash bench/issue26.sh profile    # carry .whl .fixtures      levers.py (eager vs Liger, stages, kernels), the
 #                                                                CLI's own loop under the profiler (profile_cli.py), fp8
 #

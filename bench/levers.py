@@ -220,6 +220,7 @@ def train_phase(args: argparse.Namespace, items: list, rows: list) -> None:
                      "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), "losses": [round(x, 3) for x in losses]})
         log(rows[-1])
         if variant in args.profile_train.split(","):  # where a step's GPU time goes: attention's share above all
+            from torch.autograd import DeviceType
             from torch.profiler import ProfilerActivity, profile as prof_ctx
 
             with prof_ctx(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -229,8 +230,10 @@ def train_phase(args: argparse.Namespace, items: list, rows: list) -> None:
             events = prof.key_averages()
             table = events.table(sort_by="self_cuda_time_total", row_limit=45)
             (args.out / f"levers_train_profile_{variant.replace(':', '_')}.txt").write_text(table)
-            total = sum(e.self_device_time_total for e in events)
-            attention = sum(e.self_device_time_total for e in events if any(s in e.key.lower() for s in ("attention", "fmha", "flash", "sdpa")))
+            # Kernels only: an operator's own device time already holds the kernels it launched, listed again as theirs.
+            kernels = [e for e in events if e.device_type == DeviceType.CUDA]
+            total = sum(e.self_device_time_total for e in kernels)
+            attention = sum(e.self_device_time_total for e in kernels if any(s in e.key.lower() for s in ("attention", "fmha", "flash", "sdpa")))
             rows.append({"phase": "train_profile", "variant": variant, "cuda_ms_per_step": round(total / 2000, 1),
                          "attention_share": round(attention / total, 3) if total else None})
             log(rows[-1])

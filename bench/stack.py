@@ -172,7 +172,7 @@ def main() -> None:
             results.append(train_row(args.build, args.data, args.runs / f"t_{backend}", f"mcvqa train --config configs/seed.yaml, model.backend={backend}", ["--set", f"model.backend={backend}"]))
             save()
     if "offload" in phases:  # the recipe offloads the checkpointed layers' inputs to host memory, as Unsloth does: the same without
-        results.append(train_row(args.build, args.data, args.runs / "t_offload", "mcvqa train --config configs/seed.yaml, train.offload_checkpoints=false", ["--set", "train.offload_checkpoints=false"]))
+        results.append(train_row(args.build, args.data, args.runs / "t_kept", "mcvqa train --config configs/seed.yaml, train.offload_checkpoints=false", ["--set", "train.offload_checkpoints=false"]))
         save()
     if "rows" in phases:  # the packed step attended row by row after the prefix instead of over the dense (T, T) mask
         results.append(train_row(args.build, args.data, args.runs / "t_rows", "mcvqa train --config configs/seed.yaml, train.shared_prefix=rows", ["--set", "train.shared_prefix=rows"]))

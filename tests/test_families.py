@@ -388,8 +388,9 @@ def test_images_of_different_sizes_batch_and_split_back() -> None:
 def test_qwen3_5_trains_on_the_pytorch_delta_rule_where_fla_refuses_its_backward(family_models, synth_data, tmp_path, capsys, monkeypatch) -> None:
     """flash-linear-attention refuses its gated backward kernel on Hopper GPUs with Triton 3.4-3.7.0 (fla #640), and
     only once a whole forward has run. Where that combination holds, ``mcvqa train`` (and test-time adaptation's first
-    gradient) put transformers' PyTorch gated delta rule in its place with one line saying so, and train; elsewhere the
-    installed kernel stays. The refusing kernel is simulated: this machine has neither fla nor a Hopper GPU."""
+    gradient) run forwards that record gradients on transformers' PyTorch gated delta rule, with one line saying so,
+    and train; forwards without gradients keep the kernel; elsewhere nothing changes. The refusing kernel is simulated:
+    this machine has neither fla nor a Hopper GPU."""
     import inspect
 
     from transformers.models.qwen3_5 import modeling_qwen3_5
@@ -402,6 +403,7 @@ def test_qwen3_5_trains_on_the_pytorch_delta_rule_where_fla_refuses_its_backward
     from mcvqa.scoring import Scorer
 
     reference = inspect.unwrap(modeling_qwen3_5.torch_chunk_gated_delta_rule)
+    calls = {"fla": 0, "torch": 0}
 
     class _Refuses(torch.autograd.Function):
         @staticmethod
@@ -413,10 +415,15 @@ def test_qwen3_5_trains_on_the_pytorch_delta_rule_where_fla_refuses_its_backward
             raise RuntimeError("Triton >= 3.4.0 and < 3.7.1 on Hopper GPUs produces incorrect results for gated chunk_bwd_dqkwg (see #640)")
 
     def fla_rule(*args, **kwargs):  # fla's forward is fine; its backward refuses
+        calls["fla"] += 1
         out, state = reference(*args, **kwargs)
         return _Refuses.apply(out), state
 
-    fla_rule.__wrapped__ = reference
+    def torch_rule(*args, **kwargs):
+        calls["torch"] += 1
+        return reference(*args, **kwargs)
+
+    fla_rule.__wrapped__ = torch_rule
     monkeypatch.setattr(modeling_qwen3_5, "torch_chunk_gated_delta_rule", fla_rule)
     model_dir = family_models("local_qwen3_5")
     model, processor = _load(model_dir)
@@ -426,8 +433,13 @@ def test_qwen3_5_trains_on_the_pytorch_delta_rule_where_fla_refuses_its_backward
     enc = Encoder(processor, load_prompt("plain_ko"), ImageConfig(mode="letterbox", size=64), qwen3_5.Qwen35())
     items, raw = _items_and_images(2)
     batch = enc.collate([enc.encode(it, image=letterbox(im, 64)) for it, im in zip(items, raw)])
-    Scorer(model, enc).logprobs(batch, grad=True).sum().backward()  # test-time adaptation's path
-    assert modeling_qwen3_5.torch_chunk_gated_delta_rule is reference
+    scorer = Scorer(model, enc)
+    scorer.logprobs(batch, grad=True).sum().backward()  # test-time adaptation's path
+    assert calls["torch"] > 0 and calls["fla"] == 0, calls
+    calls.update(fla=0, torch=0)
+    scorer.logprobs(batch)  # prediction keeps the kernel
+    assert calls["fla"] > 0 and calls["torch"] == 0, calls
+    assert qwen3_5.Qwen35().prepare_backward(model) is None  # once: no second wrapper, no second line
     monkeypatch.setattr(modeling_qwen3_5, "torch_chunk_gated_delta_rule", fla_rule)
     lines = (synth_data / "train.csv").read_text(encoding="utf-8").splitlines()
     csv = synth_data / "family_fla_train.csv"
@@ -437,4 +449,32 @@ def test_qwen3_5_trains_on_the_pytorch_delta_rule_where_fla_refuses_its_backward
                               "--set", "model.dtype=fp32", "--set", "prompt.name=plain_ko"], capsys)
     assert code == 0, err
     assert "flash-linear-attention refuses" in out + err and "pip install tilelang" in out + err
-    assert modeling_qwen3_5.torch_chunk_gated_delta_rule is reference
+
+
+@pytest.mark.parametrize(
+    "hopper, above_3_4, above_3_7_1, tilelang, refuses",
+    [(True, True, False, False, True), (True, True, False, True, False), (True, True, True, False, False),
+     (False, True, False, False, False), (True, False, False, False, False), (True, True, None, False, True)],
+)
+def test_fla_refusal_is_read_from_fla_itself(monkeypatch, hopper, above_3_4, above_3_7_1, tilelang, refuses) -> None:
+    """The check reads fla's own flags and asks its TileLang backend whether it can run (tilelang, nvcc, FLA_TILELANG);
+    a release without the 3.7.1 flag refuses on every Triton >= 3.4 (None: the flag is absent)."""
+    import importlib.machinery
+    import sys
+    import types
+
+    from mcvqa.families import qwen3_5
+
+    fla = types.ModuleType("fla")
+    fla.__spec__ = importlib.machinery.ModuleSpec("fla", None)
+    utils = types.ModuleType("fla.utils")
+    utils.IS_NVIDIA_HOPPER, utils.TRITON_ABOVE_3_4_0 = hopper, above_3_4
+    if above_3_7_1 is not None:
+        utils.TRITON_ABOVE_3_7_1 = above_3_7_1
+    backends = types.ModuleType("fla.backends")
+    backends.TileLangBackend = type("TileLangBackend", (), {"can_use": staticmethod(lambda: tilelang)})
+    fla.utils, fla.backends = utils, backends
+    monkeypatch.setitem(sys.modules, "fla", fla)
+    monkeypatch.setitem(sys.modules, "fla.utils", utils)
+    monkeypatch.setitem(sys.modules, "fla.backends", backends)
+    assert qwen3_5.fla_refuses_gated_backward() is refuses

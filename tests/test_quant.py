@@ -69,3 +69,20 @@ def test_unpacked_4bit_weights_score_like_the_packed_ones(tiny_model, cfg_factor
     torch.testing.assert_close(unpacked, packed, atol=2e-3 if repacked else 1e-5, rtol=0)
     if with_adapter:
         assert any("lora_A" in n for n, _ in model.named_parameters()), "the adapter still wraps the unpacked layers"
+
+
+@pytest.mark.parametrize("methods, asked, used", [([], "auto", "auto"), (["tent"], "auto", "off"), (["tpt"], "auto", "off"),
+                                                  (["sar"], "on", "on"), (["orders"], "auto", "auto")])
+def test_auto_unpacking_leaves_gradient_test_time_methods_packed(cfg_factory, tiny_loaded, monkeypatch, methods, asked, used) -> None:
+    """``predict.unpack_4bit: auto`` (the default) keeps 4-bit weights packed for TENT, SAR and TPT, whose backward passes
+    need the memory the unpacked weights would take; an explicit ``on`` is obeyed."""
+    from mcvqa import model as model_module
+    from mcvqa.predict import build_scorer
+
+    seen = []
+    monkeypatch.setattr(model_module, "load_model", lambda cfg, adapter=None, laps=None: tiny_loaded)
+    monkeypatch.setattr(model_module, "unpack_4bit", lambda model, mode="auto": seen.append(mode) or 0)
+    cfg = cfg_factory("model.quant=nf4", f"predict.unpack_4bit={asked}")
+    cfg.tta.methods = list(methods)
+    build_scorer(cfg)
+    assert seen == [used]

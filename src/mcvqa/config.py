@@ -178,8 +178,9 @@ class TrainConfig:
     shared_prefix: str = "auto"
     """Run the shared system prompt once per batch, not once per row (exact): packed (prefix and rows in one
     pass; fastest with 4-bit weights) | rows (packed, its attention as the prefix's plus each row's after it
-    instead of over a (T, T) mask: the same scores, about B*S*(P+S) of them computed instead of T^2; first-class
-    families with sdpa; not yet measured faster, BENCHMARKS.md) | cache (prefix pass, rows read its keys/values;
+    instead of over a (T, T) mask: the same scores, about B*S*(P+S) of them computed instead of T^2; families that
+    pack with one mask tensor (Qwen-VL, InternVL) under sdpa, others run packed as usual; not yet measured faster,
+    BENCHMARKS.md) | cache (prefix pass, rows read its keys/values;
     fastest in bf16 and on CPU) | off | auto (packed for quantised models on GPU, else cache)."""
     seed: int = 42
     """Seed for weights of new layers, data order, dropout and augmentation."""
@@ -223,7 +224,8 @@ class TrainConfig:
         _positive("train.grad_accum", self.grad_accum)
         _positive("train.checkpoint_every_n_layers", self.checkpoint_every_n_layers)
         if self.offload_checkpoints and not self.gradient_checkpointing:
-            raise ConfigError("train.offload_checkpoints keeps checkpointed layers' inputs on the host: it needs train.gradient_checkpointing=true")
+            raise ConfigError("train.offload_checkpoints keeps checkpointed layers' inputs on the host: it needs train.gradient_checkpointing=true; "
+                              "or set train.offload_checkpoints=false (configs/seed.yaml turns it on)")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.max_steps < 0 or self.stop_after_steps < 0:
@@ -257,7 +259,7 @@ class PredictConfig:
     compile: str = "off"
     """torch.compile the repeated blocks: off | vision (the vision tower's norms and MLPs) | mlp (norms and MLPs) | layers (whole decoder layers; vision norms and MLPs). GPU; first batches compile."""
     unpack_4bit: str = "auto"
-    """4-bit (nf4/fp4) weights dequantised once after loading instead of in every matrix product: the same weights (the values bitsandbytes dequantises before each product), plain bf16 matrix products, the memory of bf16 weights. auto (default: on a GPU with room for them and 8 GiB to spare; a smaller GPU keeps them packed) | on | off (always packed). Prediction only: training keeps 4-bit weights."""
+    """4-bit (nf4/fp4) weights dequantised once after loading instead of in every matrix product: the same weights (the values bitsandbytes dequantises before each product), plain bf16 matrix products, the memory of bf16 weights. auto (default: on a GPU with room for them and 8 GiB to spare; a smaller GPU keeps them packed, and so do test-time methods that take gradients: tent, sar, tpt) | on | off (always packed). Prediction only: training keeps 4-bit weights."""
 
     def __post_init__(self) -> None:
         _positive("predict.batch_size", self.batch_size)
@@ -271,6 +273,9 @@ class PredictConfig:
 
 ADAPTIVE = ("tent", "sar", "tpt", "zero")
 """Test-time methods that run alone (they adapt weights or prompts, or vote over their own views)."""
+
+GRADIENT_TTA = {"tent", "sar", "tpt"}
+"""Test-time methods whose steps backpropagate through the model (``zero`` only votes)."""
 
 BEST_TTA = ["orders", "views"]
 """``--tta best``: the methods the evaluation in the README supports."""

@@ -395,7 +395,7 @@ def unpack_4bit(model: Any, mode: str = "auto") -> int:
     if mode == "auto":
         if device.type != "cuda":
             return 0
-        extra = sum(c.in_features * c.out_features * 2 for _, _, c in layers)
+        extra = sum(c.in_features * c.out_features * (c.compute_dtype or torch.bfloat16).itemsize for _, _, c in layers)
         if torch.cuda.mem_get_info(device)[0] - extra < UNPACK_HEADROOM:
             return 0
     import bitsandbytes.functional as bnbf

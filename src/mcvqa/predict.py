@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from mcvqa import families
-from mcvqa.config import Config
+from mcvqa.config import GRADIENT_TTA, Config
 from mcvqa.data import Dataset, read_csv
 from mcvqa.engine import JOURNAL, Engine, Journal, Scored, ScoreStats, _file_identity, fingerprint, score_items_generate
 from mcvqa.errors import McvqaError
@@ -63,7 +63,9 @@ def build_scorer(cfg: Config, adapter: str | Path | None = None, model: Any = No
             from mcvqa.model import unpack_4bit
 
             t = time.perf_counter()
-            if unpack_4bit(model, cfg.predict.unpack_4bit) and laps is not None:
+            # Methods that take gradients through the model keep the 8 GiB headroom for their backward: auto stays packed.
+            mode = "off" if cfg.predict.unpack_4bit == "auto" and set(cfg.tta.methods) & GRADIENT_TTA else cfg.predict.unpack_4bit
+            if unpack_4bit(model, mode) and laps is not None:
                 laps["unpack_4bit"] = round(time.perf_counter() - t, 3)
     family = families.for_model(model)
     encoder = Encoder(processor, load_prompt(cfg.prompt.name), cfg.image, family, family.pixel_dtype(family.core_and_head(model)[0]))

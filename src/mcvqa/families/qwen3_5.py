@@ -13,21 +13,33 @@ import importlib.util
 import inspect
 from typing import Any
 
+import torch
+
 from mcvqa.families.qwen_vl import QwenVL
 
 
 def fla_refuses_gated_backward() -> bool:
     """Whether flash-linear-attention, if transformers runs Qwen3.5's gated delta rule on it, will refuse the backward:
-    fla 0.6 raises in its gated ``chunk_bwd_dqkwg`` on Hopper GPUs with Triton 3.4-3.7.0 (wrong results there, fla #640;
-    torch 2.11 ships Triton 3.6) unless tilelang is installed. Read from fla's own flags; False when fla is absent or
-    does not have them (other releases)."""
-    if importlib.util.find_spec("fla") is None or importlib.util.find_spec("tilelang") is not None:
+    fla raises in its gated ``chunk_bwd_dqkwg`` on Hopper GPUs with Triton >= 3.4.0 (wrong results there, fla #640;
+    0.6 lifts it from Triton 3.7.1; torch 2.11 ships 3.6) unless its TileLang backend can run (tilelang installed, a
+    usable nvcc, not switched off by FLA_TILELANG=0). Read from fla's own flags; False when fla is absent or cannot
+    import (then transformers does not use it)."""
+    if importlib.util.find_spec("fla") is None:
         return False
     try:
-        from fla.utils import IS_NVIDIA_HOPPER, TRITON_ABOVE_3_4_0, TRITON_ABOVE_3_7_1
+        from fla import utils
     except Exception:  # noqa: BLE001 - an fla that cannot even import (no Triton, no GPU) is never called
         return False
-    return bool(IS_NVIDIA_HOPPER and TRITON_ABOVE_3_4_0 and not TRITON_ABOVE_3_7_1)
+    if not (getattr(utils, "IS_NVIDIA_HOPPER", False) and getattr(utils, "TRITON_ABOVE_3_4_0", False)):
+        return False
+    if getattr(utils, "TRITON_ABOVE_3_7_1", False):  # releases without the flag refuse on every Triton >= 3.4
+        return False
+    try:
+        from fla.backends import TileLangBackend
+
+        return not TileLangBackend.can_use()
+    except Exception:  # noqa: BLE001 - releases before fla.backends: tilelang installed is what they ask for
+        return importlib.util.find_spec("tilelang") is None
 
 
 class Qwen35(QwenVL):
@@ -44,20 +56,25 @@ class Qwen35(QwenVL):
 
     def prepare_backward(self, model: Any) -> str | None:
         """Where fla would refuse the backward (:func:`fla_refuses_gated_backward`), which it does only after a whole
-        forward, transformers' own PyTorch gated delta rule takes its place for this process: slower, correct, and
-        the run goes on instead of stopping at its first step. Prediction alone keeps fla (its forward is fine)."""
+        forward, forwards that record gradients run transformers' own PyTorch gated delta rule instead (slower, correct:
+        the run goes on instead of stopping at its first step); forwards without gradients (validation, prediction)
+        keep fla's kernel, whose forward is fine. Process-wide, like transformers' choice of kernel it replaces."""
         if not fla_refuses_gated_backward():
             return None
         from transformers.models.qwen3_5 import modeling_qwen3_5
 
         installed = modeling_qwen3_5.torch_chunk_gated_delta_rule
         reference = inspect.unwrap(installed)  # transformers wraps its PyTorch function around the kernel it found
-        if reference is installed:
+        if reference is installed:  # the PyTorch function already, or the rule below (which wraps nothing)
             return None
-        modeling_qwen3_5.torch_chunk_gated_delta_rule = reference
+
+        def gated_delta_rule(*args: Any, **kwargs: Any) -> Any:
+            return (reference if torch.is_grad_enabled() else installed)(*args, **kwargs)
+
+        modeling_qwen3_5.torch_chunk_gated_delta_rule = gated_delta_rule
         return ("Qwen3.5: flash-linear-attention refuses its gated backward kernel on this GPU with this Triton (fla #640); "
-                "training runs on transformers' PyTorch delta rule (slower). For the fast kernel: pip install tilelang, "
-                "or Triton >= 3.7.1")
+                "steps that need gradients run transformers' PyTorch delta rule (slower), prediction keeps fla. "
+                "For the fast kernel: pip install tilelang, or Triton >= 3.7.1")
 
     def layer_kinds(self, core: Any) -> list[str]:
         types = self.text_model(core).config.layer_types

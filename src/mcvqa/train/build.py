@@ -31,7 +31,9 @@ def build_model(cfg: Config, log_fn: Callable[[str], None] | None = None) -> tup
             raise McvqaError("model.backend=unsloth needs a CUDA GPU and the unsloth package; use model.backend=peft")
         if log_fn is not None:
             log_fn("backend: Unsloth (model.backend=unsloth)")
-        return _build_unsloth(cfg)
+        model, processor = _build_unsloth(cfg)
+        families.prepare_backward(model, log_fn)
+        return model, processor
     model, processor = load_model(cfg.model)
     if cfg.train.method == "lora":
         model = attach_lora(model, cfg.lora)
