@@ -267,3 +267,24 @@ def test_fused_accumulation_trains_the_same_adapter(cfg_factory, synth_data, tmp
 
     assert len(step_losses("on")) == 6
     torch.testing.assert_close(step_losses("off"), step_losses("on"), atol=1e-5, rtol=1e-4)
+
+
+def test_liger_vendor_backend_warnings_are_dropped_and_every_other_warning_kept(caplog) -> None:
+    """Liger probes vendor backends (CUTLASS's Python DSL, Ascend NPUs) at its first dispatch and warns on every GPU run
+    that they could not be imported, though its Triton kernels (mcvqa's) run fine: loading the kernels drops exactly
+    those warnings, once, and leaves a failing Triton kernel's and every other warning visible."""
+    import logging
+
+    from mcvqa import kernels
+
+    kernels.liger_ops()  # installs the filter whether or not liger-kernel is installed
+    kernels.liger_ops()
+    log = logging.getLogger("liger_kernel.backends.registry")
+    assert sum(isinstance(f, kernels._OptionalLigerBackends) for f in log.filters) == 1
+    with caplog.at_level(logging.WARNING, logger="liger_kernel.backends.registry"):
+        for path in ("liger_kernel.ops.backends._cutedsl.rope", "liger_kernel.ops.backends._ascend.rope", "liger_kernel.ops.rope"):
+            log.warning("Backend impl '%s' for op '%s' could not be imported: %s: %s", path, "rope", "ImportError", "not here")
+        log.warning("_discover(%r): all declared paths imported but no @register_op ran.", "rope")
+    said = [r.getMessage() for r in caplog.records]
+    assert not any("backends._" in m for m in said), said
+    assert any("'liger_kernel.ops.rope'" in m for m in said) and any("_discover" in m for m in said), said

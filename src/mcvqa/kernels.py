@@ -8,6 +8,7 @@ Both are exact rewrites of transformers' SDPA path: same arithmetic, fewer kerne
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -453,15 +454,29 @@ class FusedOps:
 TORCH_OPS = FusedOps()
 
 
+class _OptionalLigerBackends(logging.Filter):
+    """Drops Liger's warning that a vendor backend it probes for (``liger_kernel.ops.backends._cutedsl``, ``._ascend``:
+    CUTLASS's Python DSL, Huawei's NPUs) could not be imported. Liger falls back to its Triton kernels, which are the
+    ones mcvqa uses, so the warning is noise printed on every GPU run; every other Liger warning passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        path = record.args[0] if isinstance(record.args, tuple) and record.args else ""
+        return not ("could not be imported" in str(record.msg) and ".backends._" in str(path))
+
+
+_LIGER_REGISTRY_LOG = "liger_kernel.backends.registry"
+
+
 def liger_ops() -> FusedOps | None:
     """Liger's kernels as :class:`FusedOps`; None when liger-kernel (or Triton) is not installed."""
+    registry_log = logging.getLogger(_LIGER_REGISTRY_LOG)
+    if not any(isinstance(f, _OptionalLigerBackends) for f in registry_log.filters):
+        registry_log.addFilter(_OptionalLigerBackends())  # before Liger's first dispatch, which probes the backends
     try:
         from liger_kernel.ops.rms_norm import LigerRMSNormFunction
         from liger_kernel.ops.swiglu import LigerSiLUMulFunction
         from liger_kernel.transformers.rope import liger_rotary_pos_emb
     except Exception as e:  # ImportError, or Triton failing to initialise on this machine
-        import logging
-
         logging.getLogger("mcvqa").debug("liger-kernel unavailable: %s", e)
         return None
 
