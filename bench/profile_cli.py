@@ -1,6 +1,11 @@
-"""Where ``mcvqa predict`` loses the GPU's time between the model alone and the CLI (issue 26).
+"""Where ``mcvqa predict`` (or ``mcvqa train``) loses the GPU's time between the model alone and the CLI (issue 26).
 
     python bench/profile_cli.py --out "$OUT" [--quant none|nf4] [--n 1000] [--skip 20] [--active 8]
+    python bench/profile_cli.py --out "$OUT" --command train --shared-prefix rows [--skip 8] [--active 4]
+
+``--command train`` profiles ``mcvqa train --config configs/seed.yaml`` (one epoch of e2e.py's 480 rows) over
+``--active`` optimiser steps instead, stepping the profiler at each ``optimizer_step``; its files are named
+``cli_*_train_<shared_prefix>``.
 
 The real command (``mcvqa.cli.main``, in this process, on ``bench/e2e.py``'s model and data) with torch.profiler
 recording CPU and CUDA activity over ``--active`` batches after ``--skip`` batches (the loader warm, the first
@@ -125,6 +130,9 @@ def main() -> None:
     ap.add_argument("--build", type=Path, default=Path("/tmp/q8b_real"))
     ap.add_argument("--data", type=Path, default=Path("/tmp/e2e_data"))
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench_out")))
+    ap.add_argument("--command", choices=("predict", "train"), default="predict")
+    ap.add_argument("--shared-prefix", default="auto", help="train only: train.shared_prefix (auto, packed, rows, cache)")
+    ap.add_argument("--set", dest="sets", action="append", default=[], help="train only: more --set KEY=VALUE for the CLI")
     ap.add_argument("--quant", default="none")
     ap.add_argument("--n", type=int, default=1000, help="200, 1000 or more (all 3,887); at least (skip + active) batches' worth")
     ap.add_argument("--skip", type=int, default=20, help="batches before the profiled window")
@@ -160,18 +168,31 @@ def main() -> None:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     prof = profile(activities=activities, with_stack=args.stack,
                    schedule=schedule(wait=max(args.skip - 2, 0), warmup=2, active=args.active, repeat=1))
-    original = Scorer.logprobs
+    if args.command == "train":
+        import mcvqa.train.loop as loop
 
-    def stepped(self: Any, *a: Any, **k: Any) -> Any:
-        out = original(self, *a, **k)
+        owner, attr, tag = loop, "optimizer_step", f"train_{args.shared_prefix}"
+        run = Path(f"/tmp/profile_cli_{tag}")
+        argv = ["train", "--config", str(HERE.parent / "configs" / "seed.yaml"), "--model", str(args.build), "--data", str(args.data / "train.csv"),
+                "--out", str(run), "-q", "--set", "train.epochs=1", "--set", "train.eval_every=never", "--set", "train.report_to=[]",
+                "--set", "data.val_fraction=0.01", "--set", f"train.shared_prefix={args.shared_prefix}"]
+        argv += [a for kv in args.sets for a in ("--set", kv)]
+    else:
+        owner, attr, tag = Scorer, "logprobs", args.quant
+        run = Path(f"/tmp/profile_cli_{args.quant}")
+        argv = ["predict", "--model", str(args.build), "--data", str(csv), "--out", str(run), "-q"]
+        if args.quant != "none":
+            argv += ["--quant", args.quant]
+    shutil.rmtree(run, ignore_errors=True)
+    original = getattr(owner, attr)
+
+    def stepped(*a: Any, **k: Any) -> Any:
+        out = original(*a, **k)
         marks.append(time.perf_counter())
         prof.step()
         return out
 
-    Scorer.logprobs = stepped  # type: ignore[method-assign]
-    argv = ["predict", "--model", str(args.build), "--data", str(csv), "--out", str(run), "-q"]
-    if args.quant != "none":
-        argv += ["--quant", args.quant]
+    setattr(owner, attr, stepped if args.command == "train" else (lambda self, *a, **k: stepped(self, *a, **k)))
     t = time.perf_counter()
     with prof:
         try:
@@ -180,10 +201,10 @@ def main() -> None:
             if e.code:
                 raise
     wall = time.perf_counter() - t
-    Scorer.logprobs = original  # type: ignore[method-assign]
+    setattr(owner, attr, original)
     if len(marks) < args.skip + args.active:
-        raise SystemExit(f"only {len(marks)} batches ran: --skip {args.skip} + --active {args.active} needs more questions (--n)")
-    trace = args.out / f"cli_trace_{args.quant}.json"
+        raise SystemExit(f"only {len(marks)} steps ran: --skip {args.skip} + --active {args.active} needs more (--n)")
+    trace = args.out / f"cli_trace_{tag}.json"
     prof.export_chrome_trace(str(trace))
     events = json.loads(trace.read_text()).get("traceEvents", [])
     with open(trace, "rb") as src, gzip.open(str(trace) + ".gz", "wb") as dst:
@@ -192,16 +213,25 @@ def main() -> None:
     first = args.skip  # the window: from the step that opened it to the last active step
     window = marks[first + args.active - 1] - marks[first - 1] if len(marks) >= first + args.active else None
     busy = busy_seconds(events)
-    table = prof.key_averages().table(sort_by="cpu_time_total", row_limit=40)
-    (args.out / f"cli_profile_{args.quant}.txt").write_text(table)
-    summary = json.loads((run / "predict_summary.json").read_text())
-    row = {"versions": versions(), "date": time.strftime("%Y-%m-%d"), "quant": args.quant, "questions": summary["questions"],
-           "wall_s": round(wall, 1), "batches_profiled": args.active, "window_s": round(window, 3) if window else None,
-           "gpu_busy_s": round(busy, 3), "gpu_idle_share": round(1 - busy / window, 3) if window else None,
-           "q_per_s_in_window": round(args.active * summary["batch_size"] / window, 1) if window else None,
-           "timeline": summary.get("timeline")}
-    (args.out / f"cli_profile_{args.quant}.json").write_text(json.dumps(row, indent=2))
-    (args.out / f"cli_gaps_{args.quant}.json").write_text(json.dumps(gaps(events), indent=2, ensure_ascii=False))
+    averages = prof.key_averages()
+    (args.out / f"cli_profile_{tag}.txt").write_text(averages.table(sort_by="cpu_time_total", row_limit=40))
+    (args.out / f"cli_profile_{tag}_cuda.txt").write_text(averages.table(sort_by="self_cuda_time_total", row_limit=40))
+    row: dict[str, Any] = {"versions": versions(), "date": time.strftime("%Y-%m-%d"), "command": args.command, "wall_s": round(wall, 1),
+                           "steps_profiled": args.active, "window_s": round(window, 3) if window else None, "gpu_busy_s": round(busy, 3),
+                           "gpu_idle_share": round(1 - busy / window, 3) if window else None}
+    if args.command == "train":
+        m = json.loads((run / "metrics.json").read_text())
+        rows_per_step = 16  # seed.yaml: batch 8 x accumulation 2, one fused pass per optimiser step
+        row.update({"shared_prefix": args.shared_prefix, "steady_samples_per_s": m.get("steady_samples_per_second"),
+                    "samples_per_s_in_window": round(args.active * rows_per_step / window, 2) if window else None,
+                    "peak_gib": m.get("peak_gpu_gib")})
+    else:
+        summary = json.loads((run / "predict_summary.json").read_text())
+        row.update({"quant": args.quant, "questions": summary["questions"],
+                    "q_per_s_in_window": round(args.active * summary["batch_size"] / window, 1) if window else None,
+                    "timeline": summary.get("timeline")})
+    (args.out / f"cli_profile_{tag}.json").write_text(json.dumps(row, indent=2))
+    (args.out / f"cli_gaps_{tag}.json").write_text(json.dumps(gaps(events), indent=2, ensure_ascii=False))
     log(row)
 
 
