@@ -4,7 +4,7 @@
 # device tool (no package index there, hence the wheel folders; see BENCHMARKS.md for how each folder is filled):
 #
 #   bash bench/issue26.sh predict    # carry .whl .fixtures      start-up probe; e2e bf16 (+ reference loop), nf4 (+ orders), nf4 packed
-#   bash bench/issue26.sh train      # carry .whl-u .fixtures    stack.py: mcvqa vs Unsloth vs plain peft; + rows, + checkpoints kept on the GPU
+#   bash bench/issue26.sh train      # carry .whl-u .fixtures    stack.py: mcvqa vs Unsloth vs plain peft; + the dense-mask step, + peft's LoRA forward; the recipe profiled
 #   bash bench/issue26.sh families   # carry .whl-f .fixtures    families.py with Liger and flash-linear-attention
 #   bash bench/issue26.sh families2  # carry .whl .fixtures      the same for InternVL and LLaVA-OneVision
 #   bash bench/issue26.sh trainprofile # carry .whl .fixtures  the training step packed vs rows, each profiled (attention's share)
@@ -38,7 +38,9 @@ predict)
     ;;
 train)
     install .whl-u
-    HF_HUB_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 python bench/stack.py --out "$OUT" --phases train,rows,offload --json stack_train.json
+    HF_HUB_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 python bench/stack.py --out "$OUT" --phases train,packed,nofuse --json stack_train.json
+    # The recipe's own loop under the profiler (4 optimiser steps after 8): where a step's time goes now.
+    python bench/profile_cli.py --out "$OUT" --command train --skip 8 --active 4 || true
     ;;
 families)
     install .whl-f

@@ -10,6 +10,7 @@
 * ``offload``: the same ``mcvqa train`` with ``train.offload_checkpoints: false``: the recipe keeps each checkpointed
   layer's input in page-locked host memory until the backward pass (Unsloth's offloaded checkpointing in mcvqa's
   loop); this row keeps them on the GPU.
+* ``packed``, ``nofuse``: the same with ``train.shared_prefix: packed`` (the dense mask), with ``lora.fused: false``.
 * ``rows``: the same ``mcvqa train`` with ``train.shared_prefix: rows`` (the packed rows' attention as the prefix's
   plus each row's, instead of SDPA over the dense (T, T) mask: ``kernels.PackedRows``).
 * ``fp16``: the same ``mcvqa train`` with ``model.dtype: fp16`` forced (loss scaling), beside the bf16 run.
@@ -176,6 +177,12 @@ def main() -> None:
         save()
     if "rows" in phases:  # the packed step attended row by row after the prefix instead of over the dense (T, T) mask
         results.append(train_row(args.build, args.data, args.runs / "t_rows", "mcvqa train --config configs/seed.yaml, train.shared_prefix=rows", ["--set", "train.shared_prefix=rows"]))
+        save()
+    if "packed" in phases:  # the packed step over the dense (T, T) mask (the recipe's step until the seventh session)
+        results.append(train_row(args.build, args.data, args.runs / "t_packed", "mcvqa train --config configs/seed.yaml, train.shared_prefix=packed", ["--set", "train.shared_prefix=packed"]))
+        save()
+    if "nofuse" in phases:  # peft's own LoRA forward (clone, multiply, add) instead of the addmm epilogue
+        results.append(train_row(args.build, args.data, args.runs / "t_nofuse", "mcvqa train --config configs/seed.yaml, lora.fused=false", ["--set", "lora.fused=false"]))
         save()
     if "fp16" in phases:
         results.append(train_row(args.build, args.data, args.runs / "t_fp16", "mcvqa train --config configs/seed.yaml, model.dtype=fp16 (loss scaling)", ["--set", "model.dtype=fp16"]))

@@ -326,3 +326,59 @@ def test_offloaded_checkpoints_train_the_same_step_without_keeping_the_inputs(cf
     assert all(layer._gradient_checkpointing_func.func is offloaded_checkpoint for layer in families.decoder_layers(built))
     with pytest.raises(ConfigError, match="needs train.gradient_checkpointing=true"):
         load_config(None, ["train.gradient_checkpointing=false", "train.offload_checkpoints=true"], env=False)
+
+
+def test_fused_lora_trains_the_same_step_as_peft(cfg_factory, data, monkeypatch) -> None:
+    """``lora.fused`` (the default): every LoRA linear adds its update inside one ``torch.addmm``; with dropout drawn in the
+    same order, the step's loss and every gradient equal peft's own forward (fp32). A disabled adapter still leaves the
+    base model alone."""
+    from mcvqa import kernels
+    from mcvqa.features import Encoder
+    from mcvqa.prompts import load_prompt
+
+    cfg = cfg_factory(*LORA, "lora.dropout=0.3", "train.gradient_checkpointing=true")
+    assert cfg.lora.fused
+    model, processor = build_model(cfg)
+    model.train()
+    lora = [m for m in model.modules() if getattr(vars(m).get("forward"), "mcvqa_lora", False)]
+    assert len(lora) == model.config.get_text_config().num_hidden_layers * len(cfg.lora.target_modules)
+    torch.manual_seed(0)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # peft starts B at zero, where the update (and a wrong scale) would vanish
+            p.data.normal_(0, 0.05)
+    enc = Encoder(processor, load_prompt(cfg.prompt.name), cfg.image)
+    batch = collate([enc.encode(it) for it in data[0].items[:4]], enc.pad_id)
+    module = AnswerLoss(model, enc.prefix_ids, letter_tokens(processor.tokenizer).target, shared_prefix="packed")
+    addmm, calls = torch.addmm, [0]
+
+    def counted(*a, **k):
+        calls[0] += 1
+        return addmm(*a, **k)
+
+    monkeypatch.setattr(torch, "addmm", counted)
+    results = []
+    for fused in (True, False):
+        if not fused:
+            assert kernels.unfuse_lora(model) == len(lora)
+        calls[0] = 0
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)
+        loss, _ = module(batch)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+        # Each LoRA linear once in the forward and once in its layer's recomputation (checkpointing); none unfused.
+        assert calls[0] == (2 * len(lora) if fused else 0)
+    (l1, g1), (l2, g2) = results
+    torch.testing.assert_close(l1, l2, atol=1e-5, rtol=0)
+    assert g1.keys() == g2.keys() and any("lora_A" in n for n in g1)
+    for n in g1:
+        torch.testing.assert_close(g1[n], g2[n], atol=1e-5, rtol=1e-4, msg=n)
+    kernels.fuse_lora(model)
+    model.eval()
+    with torch.no_grad():
+        with model.disable_adapter():
+            base = module(batch)[1]
+        kernels.unfuse_lora(model)
+        with model.disable_adapter():
+            expected = module(batch)[1]
+    torch.testing.assert_close(base, expected, atol=1e-5, rtol=0)

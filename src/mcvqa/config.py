@@ -129,6 +129,10 @@ class LoraConfig:
     """Linear layers to adapt. These names exist only in the language model: the vision tower uses qkv/proj/linear_fc*."""
     vision: bool = False
     """Also adapt the vision tower (qkv, proj, linear_fc1, linear_fc2). Did not help in published solutions."""
+    fused: bool = True
+    """Add each LoRA update inside the base product's epilogue (one torch.addmm, as Unsloth does) instead of peft's
+    clone, multiply and add over the layer's output: the same sum, one rounding instead of three. false: peft's own
+    forward (for training; an adapter loaded for prediction is always fused)."""
 
     def __post_init__(self) -> None:
         _positive("lora.r", self.r)
@@ -177,11 +181,11 @@ class TrainConfig:
     """Augmentation: permute the content of options a-d per example and remap the label."""
     shared_prefix: str = "auto"
     """Run the shared system prompt once per batch, not once per row (exact): packed (prefix and rows in one
-    pass; fastest with 4-bit weights) | rows (packed, its attention as the prefix's plus each row's after it
-    instead of over a (T, T) mask: the same scores, about B*S*(P+S) of them computed instead of T^2; families that
-    pack with one mask tensor (Qwen-VL, InternVL) under sdpa, others run packed as usual; not yet measured faster,
-    BENCHMARKS.md) | cache (prefix pass, rows read its keys/values;
-    fastest in bf16 and on CPU) | off | auto (packed for quantised models on GPU, else cache)."""
+    pass over a dense (T, T) mask; fastest with 4-bit weights) | rows (packed, its attention as the prefix's plus
+    each row's after it: the same scores, about B*S*(P+S) of them computed instead of T^2, on the fused kernels;
+    families that pack with one mask tensor (Qwen-VL, InternVL) under sdpa, others run packed as usual) | cache
+    (prefix pass, rows read its keys/values; fastest in bf16 and on CPU) | off | auto (rows for quantised models
+    on GPU, else cache)."""
     seed: int = 42
     """Seed for weights of new layers, data order, dropout and augmentation."""
     eval_every: str = "epoch"

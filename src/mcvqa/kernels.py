@@ -620,3 +620,68 @@ def fuse(text_model: Any, ops: FusedOps, norm_offset: float | None, rope: bool =
             namespace.apply_rotary_pos_emb = _rope_wrapper(ops, getattr(original, "_mcvqa_original", original))  # type: ignore[union-attr]
             counts["rope"] = sum(hasattr(layer, "self_attn") for layer in text_model.layers)
     return counts
+
+
+# ------------------------------------------------------------------------------------------ LoRA
+
+
+def _addmm_lora_forward(module: torch.nn.Module) -> Any:
+    """``module``'s forward with the LoRA update added in the epilogue of one ``torch.addmm``.
+
+    peft's LoRA linear computes ``base(x).clone() + lora_B(lora_A(dropout(x))) * scaling``: besides the two small
+    products, three passes over the (tokens, out_features) output (the clone, the multiply, the add), and the
+    multiply's backward. ``addmm(base(x), lora_A(dropout(x)), lora_B.weight.T, alpha=scaling)`` is the same sum in one
+    product whose epilogue adds the base output, as Unsloth's LoRA kernels do: the same dropout draws in the same order,
+    the same values up to rounding (one rounding of the sum instead of three). The plain case only: one active vanilla
+    adapter (no DoRA or other variant, no LoRA bias), not merged, no per-row adapter names, and either autocast or one
+    dtype throughout; anything else takes peft's own forward."""
+    cls_forward = type(module).forward
+
+    def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        m: Any = module
+        active = m.active_adapters
+        name = active[0] if len(active) == 1 else None
+        if (args or kwargs or name is None or m.disable_adapters or m.merged or name not in m.lora_A
+                or name in getattr(m, "lora_variant", {}) or getattr(m, "use_dora", {}).get(name, False) or m.lora_B[name].bias is not None):
+            return cls_forward(m, x, *args, **kwargs)
+        lora_a, lora_b = m.lora_A[name], m.lora_B[name]
+        autocast = torch.is_autocast_enabled(x.device.type)
+        if not autocast and not (x.dtype == lora_a.weight.dtype == lora_b.weight.dtype):
+            return cls_forward(m, x, *args, **kwargs)
+        result = m.base_layer(x)
+        if not autocast and result.dtype != x.dtype:
+            return cls_forward(m, x, *args, **kwargs)
+        low = lora_a(m.lora_dropout[name](x))
+        out = torch.addmm(result.reshape(-1, result.shape[-1]), low.reshape(-1, low.shape[-1]), lora_b.weight.t(), alpha=m.scaling[name])
+        return out.view(result.shape)
+
+    forward.mcvqa_lora = True  # type: ignore[attr-defined]
+    return forward
+
+
+def fuse_lora(model: torch.nn.Module) -> int:
+    """Give every peft LoRA linear of ``model`` (plain, 4-bit and 8-bit bitsandbytes bases) the forward of
+    :func:`_addmm_lora_forward`, in place; :func:`unfuse_lora` takes it back. Returns how many were fused."""
+    from peft.tuners.lora import LoraLayer
+
+    count = 0
+    for module in model.modules():
+        if isinstance(module, LoraLayer) and isinstance(getattr(module, "lora_A", None), torch.nn.ModuleDict) and _linear_lora(module):
+            module.forward = _addmm_lora_forward(module)
+            count += 1
+    return count
+
+
+def unfuse_lora(model: torch.nn.Module) -> int:
+    """peft's own forward back on every LoRA linear :func:`fuse_lora` changed. Returns how many."""
+    count = 0
+    for module in model.modules():
+        if getattr(vars(module).get("forward"), "mcvqa_lora", False):
+            del module.forward
+            count += 1
+    return count
+
+
+def _linear_lora(module: torch.nn.Module) -> bool:
+    """peft's LoRA classes whose forward is ``base(x) + lora_B(lora_A(dropout(x))) * scaling`` on a linear base."""
+    return type(module).__name__ in ("Linear", "Linear4bit", "Linear8bitLt") and type(module).__module__.startswith("peft.tuners.lora")

@@ -504,6 +504,7 @@ def load_adapter(model: Any, adapter: str | Path, trainable: bool = False) -> An
     check_adapter_folder(path)
     with _quiet_peft():
         peft_model = PeftModel.from_pretrained(model, str(path), is_trainable=trainable)
+    kernels.fuse_lora(peft_model)  # as attach_lora does with lora.fused (the default): training and prediction add LoRA alike
     if not trainable:
         peft_model.eval()
     return peft_model
@@ -538,7 +539,10 @@ def attach_lora(model: Any, cfg: LoraConfig) -> Any:
         task_type=None,
     )
     with _quiet_peft():
-        return get_peft_model(model, peft_cfg)
+        model = get_peft_model(model, peft_cfg)
+    if cfg.fused:
+        kernels.fuse_lora(model)
+    return model
 
 
 @contextlib.contextmanager

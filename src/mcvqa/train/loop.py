@@ -221,11 +221,12 @@ def setup(
     shared = tc.shared_prefix
     if shared == "auto":
         # Measured (BENCHMARKS.md, "Training step" and "Model families"): packed wins with 4-bit weights (one dequantisation per layer
-        # pass), the cached prefix wins with bf16 weights and on CPU. Packing needs a mask over the whole packed
-        # row, which keeps attention off its fused kernels: with thousands of image tokens a question
-        # (LLaVA-OneVision's AnyRes) that costs more than it saves.
+        # pass), the cached prefix wins with bf16 weights and on CPU. Packed rows are attended row by row (the dense
+        # mask's attention cost a third of the step's GPU time); families without that path fall back to the mask,
+        # which keeps attention off its fused kernels: with thousands of image tokens a question (LLaVA-OneVision's
+        # AnyRes) that costs more than it saves.
         fits = encoder.family.packed and encoder.image_len() <= PACKED_MAX_IMAGE_TOKENS
-        shared = "packed" if cfg.model.quant != "none" and not cpu and fits else "cache"
+        shared = "rows" if cfg.model.quant != "none" and not cpu and fits else "cache"
     loss_module = AnswerLoss(model, encoder.prefix_ids, letter_tokens(processor.tokenizer).target, shared_prefix=shared)
     optimizer = torch.optim.AdamW(param_groups(loss_module, tc.weight_decay), lr=tc.lr, betas=(0.9, 0.999), eps=1e-8)
     scheduler = make_scheduler(optimizer, tc.scheduler, plan.warmup, plan.total_steps)
