@@ -101,8 +101,33 @@ def in_run_rate(summary: dict[str, Any]) -> float | None:
     return round((summary["questions"] - bs) / (t["score"] - t["first_batch"]), 2)
 
 
-VARIANTS = {"packed": ["--set", "predict.unpack_4bit=off"]}
-"""``--quants`` entries may name a variant after a colon (``nf4:packed``): extra CLI settings for that row."""
+ADAPTER = Path("/tmp/q8b_adapter")
+VARIANTS = {"packed": ["--set", "predict.unpack_4bit=off"], "adapter": ["--adapter", str(ADAPTER)],
+            "adapter_unmerged": ["--adapter", str(ADAPTER), "--set", "predict.merge_adapter=off"]}
+"""``--quants`` entries may name a variant after a colon (``nf4:packed``): extra CLI settings for that row. ``adapter``
+is the command a user runs after training (``--adapter runs/seed/best``), on :func:`make_adapter`'s adapter."""
+
+
+def make_adapter(model: Path, out: Path = ADAPTER) -> Path:
+    """A LoRA adapter of the seed recipe's shape (r 32, rsLoRA, the language model's seven projections) with random
+    weights, saved as training saves one: what ``mcvqa predict --adapter runs/seed/best`` loads. Built once."""
+    if (out / "adapter_model.safetensors").exists():
+        return out
+    from mcvqa.config import load_config
+    from mcvqa.model import attach_lora, load_model
+
+    cfg = load_config(HERE.parent / "configs" / "seed.yaml", [f"model.name_or_path={model}", "model.quant=none", "model.kernels=off"], env=False)
+    base, _ = load_model(cfg.model)
+    peft_model = attach_lora(base, cfg.lora)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:  # peft starts B at zero; a trained adapter does not
+                p.normal_(0, 0.01)
+    peft_model.save_pretrained(str(out))
+    del base, peft_model
+    torch.cuda.empty_cache()
+    return out
 
 
 def predict_rows(model: Path, data: Path, out: Path, quant: str, tag: str, extra: list[str] | None = None) -> list[dict[str, Any]]:
@@ -260,6 +285,8 @@ def main() -> None:
         quant, _, variant = spec.partition(":")
         tag = ("bf16" if quant == "none" else quant) + (f"_{variant}" if variant else "")
         if "predict" in args.phases:
+            if variant.startswith("adapter"):
+                make_adapter(args.build)
             results += predict_rows(args.build, args.data, args.runs, quant, tag, VARIANTS[variant] if variant else None)
             save()
         if variant:

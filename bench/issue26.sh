@@ -9,6 +9,7 @@
 #   bash bench/issue26.sh families2  # carry .whl .fixtures      the same for InternVL and LLaVA-OneVision
 #   bash bench/issue26.sh trainprofile # carry .whl .fixtures  the training step packed vs rows, each profiled (attention's share)
 #   bash bench/issue26.sh traincli   # carry .whl .fixtures      mcvqa train's own loop profiled, packed vs rows
+#   bash bench/issue26.sh adapter    # carry .whl .fixtures      predict --adapter (nf4), the adapter merged and not
 #   bash bench/issue26.sh profile    # carry .whl .fixtures      levers.py (eager vs Liger, stages, kernels), the
 #                                                                CLI's own loop under the profiler (profile_cli.py), fp8
 #
@@ -18,7 +19,7 @@
 # and families.tar.xz (families only: copy it from ../shared/fixtures, and leave it out of the other calls). `train` runs on the
 # machine's own transformers: the Unsloth release accepts no newer one, and both backends must run on the same.
 set -euo pipefail
-what=${1:?predict, train, families, families2, trainprofile, traincli or profile}
+what=${1:?predict, train, families, families2, trainprofile, traincli, adapter or profile}
 OUT=${OUT:-bench_out}; mkdir -p "$OUT"
 install() {
     rm -rf /tmp/site  # a warm machine keeps the last call's wheels there: run on this call's set only
@@ -53,6 +54,11 @@ families2)
     mkdir -p /tmp/fam && tar -xJf .fixtures/families.tar.xz -C /tmp/fam
     python bench/families.py --families /tmp/fam/families --which InternVL3_5-8B-HF,llava-onevision-qwen2-7b-ov-hf \
         --n-test 400 --n-small 100 --n-plain 128 --n-train 128 --peft-steps 4 --json families_internvl_llava.json
+    ;;
+adapter)
+    install .whl
+    # The command a user runs after training: nf4 with a LoRA adapter of the recipe's shape, merged (the default) and not.
+    python bench/e2e.py --out "$OUT" --quants nf4:adapter,nf4:adapter_unmerged --phases predict --json e2e_adapter.json
     ;;
 traincli)
     install .whl

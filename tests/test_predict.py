@@ -105,3 +105,38 @@ def test_auto_workers_decode_in_parallel_only_on_a_gpu(monkeypatch) -> None:
     monkeypatch.setattr("os.cpu_count", lambda: 16)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
     assert resolve_num_workers(-1) == 1
+
+
+@pytest.mark.parametrize("methods", [[], ["tent"]])
+def test_adapter_merged_for_prediction_scores_as_the_unmerged_one(cfg_factory, synth_data, tmp_path, methods) -> None:
+    """``predict.merge_adapter: auto`` (the default) folds the adapter into plain base weights: no LoRA layer is left
+    and the probabilities are the unmerged adapter's (fp32). A test-time method that trains the adapter (TENT) keeps
+    it apart."""
+    from peft.tuners.lora import LoraLayer
+
+    from mcvqa.data import read_csv
+    from mcvqa.features import collate
+    from mcvqa.model import attach_lora, load_model
+    from mcvqa.predict import build_scorer
+
+    cfg = cfg_factory("lora.r=4", *([f"tta.methods=[{methods[0]}]"] if methods else []))
+    model, processor = load_model(cfg.model)
+    model = attach_lora(model, cfg.lora)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:  # peft starts B at zero: an adapter that changes nothing would merge to anything
+                p.normal_(0, 0.3)
+    model.save_pretrained(str(tmp_path / "adapter"))
+    logprobs = {}
+    for mode in ("auto", "off"):
+        cfg.predict.merge_adapter = mode
+        scorer = build_scorer(cfg, tmp_path / "adapter")
+        lora = sum(isinstance(m, LoraLayer) for m in scorer.model.modules())
+        assert (lora == 0) == (mode == "auto" and not methods), (mode, lora)
+        items = read_csv(synth_data / "test.csv").items[:4]
+        batch = collate([scorer.encoder.encode(it) for it in items], scorer.encoder.pad_id)
+        logprobs[mode] = scorer.logprobs(batch)
+    base = build_scorer(cfg).logprobs(batch)
+    assert (logprobs["off"] - base).abs().max() > 1e-3, "the adapter changes the scores"
+    torch.testing.assert_close(logprobs["auto"], logprobs["off"], atol=1e-5, rtol=0)

@@ -262,6 +262,12 @@ class PredictConfig:
     """generate scoring only: tokens to generate before parsing the letter."""
     compile: str = "off"
     """torch.compile the repeated blocks: off | vision (the vision tower's norms and MLPs) | mlp (norms and MLPs) | layers (whole decoder layers; vision norms and MLPs). GPU; first batches compile."""
+    merge_adapter: str = "auto"
+    """A LoRA adapter (``--adapter``) folded into the base weights once after loading, so each layer runs one matrix
+    product instead of the base's plus the adapter's two (peft's merge: the same sum, the merged weights rounded to
+    the compute dtype). auto (default: where the base weights are plain: bf16, fp32, or 4-bit unpacked by
+    predict.unpack_4bit; packed 4-bit weights are never requantised, and test-time methods that train the adapter,
+    tent, sar and tpt, keep it apart) | off."""
     unpack_4bit: str = "auto"
     """4-bit (nf4/fp4) weights dequantised once after loading instead of in every matrix product: the same weights (the values bitsandbytes dequantises before each product), plain bf16 matrix products, the memory of bf16 weights. auto (default: on a GPU with room for them and 8 GiB to spare; a smaller GPU keeps them packed, and so do test-time methods that take gradients: tent, sar, tpt) | on | off (always packed). Prediction only: training keeps 4-bit weights."""
 
@@ -269,6 +275,7 @@ class PredictConfig:
         _positive("predict.batch_size", self.batch_size)
         _choice("predict.compile", self.compile, COMPILE_SCOPES)
         _choice("predict.unpack_4bit", self.unpack_4bit, ("auto", "on", "off"))
+        _choice("predict.merge_adapter", self.merge_adapter, ("auto", "off"))
         if self.num_workers < -1:
             raise ConfigError(f"predict.num_workers must be -1 (auto), 0 or more, got {self.num_workers}")
         _choice("predict.scoring", self.scoring, ("logits", "generate"))

@@ -415,6 +415,24 @@ def unpack_4bit(model: Any, mode: str = "auto") -> int:
     return len(layers)
 
 
+def merge_adapter(model: Any) -> tuple[Any, int]:
+    """``predict.merge_adapter``: a peft model whose LoRA layers all wrap plain linears, merged into them
+    (``merge_and_unload``); returns (the model, how many layers were merged). Any other model comes back as it is:
+    one without an adapter, and one whose adapter wraps packed 4-bit or 8-bit layers (merging would requantise them,
+    changing the base weights) or FP8 layers."""
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+
+    if not isinstance(model, PeftModel):
+        return model, 0
+    wrapped = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    if not wrapped or any(type(m.get_base_layer()) is not torch.nn.Linear for m in wrapped):
+        return model, 0
+    with _quiet_peft():
+        merged = model.merge_and_unload()
+    return merged, len(wrapped)
+
+
 def settle_dtypes(model: Any, dtype: torch.dtype) -> None:
     """A pre-quantised checkpoint loaded in the run's dtype, as when quantising at load: transformers keeps such a
     checkpoint's unquantised weights in the dtype they were saved in, except some (a conv bias) that it casts, so a

@@ -58,8 +58,6 @@ def build_scorer(cfg: Config, adapter: str | Path | None = None, model: Any = No
     if model is None:
         model, processor = load_model(cfg.model, adapter, laps)
         if cfg.model.quant in ("nf4", "fp4"):
-            import time
-
             from mcvqa.model import unpack_4bit
 
             t = time.perf_counter()
@@ -67,6 +65,13 @@ def build_scorer(cfg: Config, adapter: str | Path | None = None, model: Any = No
             mode = "off" if cfg.predict.unpack_4bit == "auto" and set(cfg.tta.methods) & GRADIENT_TTA else cfg.predict.unpack_4bit
             if unpack_4bit(model, mode) and laps is not None:
                 laps["unpack_4bit"] = round(time.perf_counter() - t, 3)
+        if adapter is not None and cfg.predict.merge_adapter == "auto" and not set(cfg.tta.methods) & GRADIENT_TTA:
+            from mcvqa.model import merge_adapter
+
+            t = time.perf_counter()
+            model, merged = merge_adapter(model)
+            if merged and laps is not None:
+                laps["merge_adapter"] = round(time.perf_counter() - t, 3)
     family = families.for_model(model)
     encoder = Encoder(processor, load_prompt(cfg.prompt.name), cfg.image, family, family.pixel_dtype(family.core_and_head(model)[0]))
     if cfg.predict.compile != "off":
