@@ -382,3 +382,17 @@ def test_fused_lora_trains_the_same_step_as_peft(cfg_factory, data, monkeypatch)
         with model.disable_adapter():
             expected = module(batch)[1]
     torch.testing.assert_close(base, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("setting, quant, cpu, packs, image_tokens, expected", [
+    ("auto", "nf4", False, True, 256, "rows"),  # the recipe on a GPU: packed rows, attended row by row
+    ("auto", "none", False, True, 256, "cache"),  # bf16 weights: the cached prefix
+    ("auto", "nf4", True, True, 256, "cache"),  # CPU
+    ("auto", "nf4", False, False, 256, "cache"),  # a family that cannot pack
+    ("auto", "nf4", False, True, 5000, "cache"),  # AnyRes-long images
+    ("packed", "none", True, False, 5000, "packed"),  # an explicit setting is obeyed
+])
+def test_auto_shared_prefix_packs_rows_for_quantised_models_on_a_gpu(setting, quant, cpu, packs, image_tokens, expected) -> None:
+    from mcvqa.train.loss import resolve_shared_prefix
+
+    assert resolve_shared_prefix(setting, quant, cpu, packs, image_tokens) == expected

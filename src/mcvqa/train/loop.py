@@ -42,7 +42,7 @@ from mcvqa.runtime import Dist, distributed, progress_bar
 from mcvqa.scoring import Scorer, letter_tokens
 from mcvqa.train.build import build_model, fp16_scaler, make_scheduler, param_groups
 from mcvqa.train.data import TrainDataset, epoch_batches
-from mcvqa.train.loss import PACKED_MAX_IMAGE_TOKENS, AnswerLoss
+from mcvqa.train.loss import AnswerLoss, resolve_shared_prefix
 from mcvqa.train.trackers import Trackers
 
 
@@ -218,15 +218,7 @@ def setup(
     model, processor = build_model(cfg, log_fn)
     family = families.for_model(model)
     encoder = Encoder(processor, load_prompt(cfg.prompt.name), cfg.image, family, family.pixel_dtype(family.core_and_head(model)[0]))
-    shared = tc.shared_prefix
-    if shared == "auto":
-        # Measured (BENCHMARKS.md, "Training step" and "Model families"): packed wins with 4-bit weights (one dequantisation per layer
-        # pass), the cached prefix wins with bf16 weights and on CPU. Packed rows are attended row by row (the dense
-        # mask's attention cost a third of the step's GPU time); families without that path fall back to the mask,
-        # which keeps attention off its fused kernels: with thousands of image tokens a question (LLaVA-OneVision's
-        # AnyRes) that costs more than it saves.
-        fits = encoder.family.packed and encoder.image_len() <= PACKED_MAX_IMAGE_TOKENS
-        shared = "rows" if cfg.model.quant != "none" and not cpu and fits else "cache"
+    shared = resolve_shared_prefix(tc.shared_prefix, cfg.model.quant, cpu, encoder.family.packed, encoder.image_len())
     loss_module = AnswerLoss(model, encoder.prefix_ids, letter_tokens(processor.tokenizer).target, shared_prefix=shared)
     optimizer = torch.optim.AdamW(param_groups(loss_module, tc.weight_decay), lr=tc.lr, betas=(0.9, 0.999), eps=1e-8)
     scheduler = make_scheduler(optimizer, tc.scheduler, plan.warmup, plan.total_steps)

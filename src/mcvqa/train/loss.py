@@ -19,6 +19,20 @@ PACKED_MAX_IMAGE_TOKENS = 1024
 """Above this many tokens per image, ``train.shared_prefix: auto`` runs the cached prefix instead of packing rows."""
 
 
+def resolve_shared_prefix(setting: str, quant: str, cpu: bool, family_packs: bool, image_tokens: int) -> str:
+    """``train.shared_prefix``, with ``auto`` resolved.
+
+    Measured (BENCHMARKS.md, "Training step", "Model families" and "Speed II"): packing wins with 4-bit weights (one
+    dequantisation per layer pass), the cached prefix with bf16 weights and on CPU. Packed rows are attended row by
+    row: over the dense mask, attention was a third of the step's GPU time. A family that cannot pack, or whose images
+    are so long (LLaVA-OneVision's AnyRes: thousands of tokens a question) that packing costs more than it saves,
+    takes the cached prefix."""
+    if setting != "auto":
+        return setting
+    fits = family_packs and image_tokens <= PACKED_MAX_IMAGE_TOKENS
+    return "rows" if quant != "none" and not cpu and fits else "cache"
+
+
 class AnswerLoss(torch.nn.Module):
     """The training forward as one module, so DDP/FSDP wrap it and see every parameter it uses.
 
