@@ -107,11 +107,11 @@ def test_auto_workers_decode_in_parallel_only_on_a_gpu(monkeypatch) -> None:
     assert resolve_num_workers(-1) == 1
 
 
-@pytest.mark.parametrize("methods", [[], ["tent"]])
+@pytest.mark.parametrize("methods", [[], ["tent"], ["blend"]])
 def test_adapter_merged_for_prediction_scores_as_the_unmerged_one(cfg_factory, synth_data, tmp_path, methods) -> None:
     """``predict.merge_adapter: auto`` (the default) folds the adapter into plain base weights: no LoRA layer is left
-    and the probabilities are the unmerged adapter's (fp32). A test-time method that trains the adapter (TENT) keeps
-    it apart."""
+    and the probabilities are the unmerged adapter's (fp32). A test-time method that trains the adapter (TENT) or
+    switches it off (blend) keeps it apart."""
     from peft.tuners.lora import LoraLayer
 
     from mcvqa.data import read_csv

@@ -266,8 +266,8 @@ class PredictConfig:
     """A LoRA adapter (``--adapter``) folded into the base weights once after loading, so each layer runs one matrix
     product instead of the base's plus the adapter's two (peft's merge: the same sum, the merged weights rounded to
     the compute dtype). auto (default: where the base weights are plain: bf16, fp32, or 4-bit unpacked by
-    predict.unpack_4bit; packed 4-bit weights are never requantised, and test-time methods that train the adapter,
-    tent, sar and tpt, keep it apart) | off."""
+    predict.unpack_4bit; packed 4-bit weights are never requantised, and test-time methods that train the adapter
+    or switch it off, tent, sar, tpt and blend, keep it apart) | off."""
     unpack_4bit: str = "auto"
     """4-bit (nf4/fp4) weights dequantised once after loading instead of in every matrix product: the same weights (the values bitsandbytes dequantises before each product), plain bf16 matrix products, the memory of bf16 weights. auto (default: on a GPU with room for them and 8 GiB to spare; a smaller GPU keeps them packed, and so do test-time methods that take gradients: tent, sar, tpt) | on | off (always packed). Prediction only: training keeps 4-bit weights."""
 
@@ -287,6 +287,9 @@ ADAPTIVE = ("tent", "sar", "tpt", "zero")
 
 GRADIENT_TTA = {"tent", "sar", "tpt"}
 """Test-time methods whose steps backpropagate through the model (``zero`` only votes)."""
+
+ADAPTER_TTA = GRADIENT_TTA | {"blend"}
+"""Test-time methods that need a LoRA adapter kept apart from the base weights: they train it, or switch it off."""
 
 BEST_TTA = ["orders", "views"]
 """``--tta best``: the methods the evaluation in the README supports."""

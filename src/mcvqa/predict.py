@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from mcvqa import families
-from mcvqa.config import GRADIENT_TTA, Config
+from mcvqa.config import ADAPTER_TTA, GRADIENT_TTA, Config
 from mcvqa.data import Dataset, read_csv
 from mcvqa.engine import JOURNAL, Engine, Journal, Scored, ScoreStats, _file_identity, fingerprint, score_items_generate
 from mcvqa.errors import McvqaError
@@ -65,7 +65,7 @@ def build_scorer(cfg: Config, adapter: str | Path | None = None, model: Any = No
             mode = "off" if cfg.predict.unpack_4bit == "auto" and set(cfg.tta.methods) & GRADIENT_TTA else cfg.predict.unpack_4bit
             if unpack_4bit(model, mode) and laps is not None:
                 laps["unpack_4bit"] = round(time.perf_counter() - t, 3)
-        if adapter is not None and cfg.predict.merge_adapter == "auto" and not set(cfg.tta.methods) & GRADIENT_TTA:
+        if adapter is not None and cfg.predict.merge_adapter == "auto" and not set(cfg.tta.methods) & ADAPTER_TTA:
             from mcvqa.model import merge_adapter
 
             t = time.perf_counter()
