@@ -317,3 +317,68 @@ def test_a_lora_on_the_patch_embedding_is_used_and_keeps_fp32_pixels(cfg_factory
         with model.disable_adapter():
             base = core.visual.patch_embed(px)
     assert not torch.allclose(adapted, base)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_last_layer_at_the_answers_only_scores_and_trains_as_the_whole_layer(cfg_factory, synth_data, monkeypatch, checkpointing) -> None:
+    """Qwen3-VL's last decoder layer runs its queries, attention output, norm and MLP at the answer positions only
+    (kernels.answer_only_last_layer): the same letter probabilities (cached prefix, option orders in one row) and the
+    same training loss and gradients (packed rows, dense mask, cached prefix; checkpointed or not) as the whole layer."""
+    from mcvqa import families, kernels
+    from mcvqa.data import read_csv
+    from mcvqa.features import Encoder, collate
+    from mcvqa.prompts import load_prompt
+    from mcvqa.scoring import Scorer, letter_tokens
+    from mcvqa.train import AnswerLoss, build_model
+
+    cfg = cfg_factory("train.method=lora", "lora.r=4", "lora.dropout=0.0", "prompt.name=fewshot_ko",
+                      f"train.gradient_checkpointing={str(checkpointing).lower()}")
+    model, processor = build_model(cfg)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.3)
+    last = families.decoder_layers(model)[-1]
+    assert last.answers_only
+    enc = Encoder(processor, load_prompt(cfg.prompt.name), cfg.image)
+    items = read_csv(synth_data / "train.csv", require_answer=True).items[:5]
+    exs = [enc.encode(it) for it in items]
+    batch = collate(exs, enc.pad_id)
+    calls = [0]
+    trimmed = kernels._answers_only
+
+    def counted(*a, **k):
+        calls[0] += 1
+        return trimmed(*a, **k)
+
+    monkeypatch.setattr(kernels, "_answers_only", counted)
+    results = []
+    for whole in (False, True):
+        if whole:  # the class's own forward back on the last layer
+            del last.forward
+            last.answers_only = False
+        calls[0] = 0
+        model.eval()
+        scorer = Scorer(model, enc)
+        with torch.no_grad():
+            lp = scorer.logprobs(batch)
+            orders = scorer.logprobs_orders([enc.encode_orders(it, [[0, 1, 2, 3], [1, 2, 3, 0], [2, 3, 0, 1], [3, 0, 1, 2]]) for it in items[:3]])
+        model.train()
+        grads = {}
+        for mode in ("rows", "packed", "cache"):
+            model.zero_grad(set_to_none=True)
+            loss, _ = AnswerLoss(model, enc.prefix_ids, letter_tokens(processor.tokenizer).target, shared_prefix=mode)(batch)
+            loss.backward()
+            grads[mode] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        # the answer-only layer ran in each of the five forwards above (plus once per checkpointed recomputation)
+        assert calls[0] == (0 if whole else 5 + 3 * checkpointing), calls
+        results.append((lp, orders, grads))
+    (lp1, or1, g1), (lp2, or2, g2) = results
+    torch.testing.assert_close(lp1, lp2, atol=1e-5, rtol=0)
+    torch.testing.assert_close(or1, or2, atol=1e-5, rtol=0)
+    for mode in g1:
+        torch.testing.assert_close(g1[mode][0], g2[mode][0], atol=1e-5, rtol=0)
+        assert g1[mode][1].keys() == g2[mode][1].keys() and len(g1[mode][1]) > 0
+        for n in g1[mode][1]:
+            torch.testing.assert_close(g1[mode][1][n], g2[mode][1][n], atol=1e-5, rtol=1e-4, msg=f"{mode} {n}")

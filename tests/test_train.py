@@ -154,7 +154,12 @@ def test_packed_rows_attend_row_by_row_in_the_forward_and_the_recomputation(cfg_
 
     monkeypatch.setattr(kernels, "_packed_rows_sdpa", count("rows", rows_sdpa))
     monkeypatch.setattr(sdpa_attention, "sdpa_attention_forward", count("dense", dense_sdpa))
-    layers = model.config.get_text_config().num_hidden_layers * (2 if checkpointing else 1)
+    # Every layer but the last, which runs at the answer positions alone (kernels.answer_only_last_layer; its own test).
+    from mcvqa import families
+
+    last = families.decoder_layers(model)[-1]
+    assert last.answers_only
+    layers = (model.config.get_text_config().num_hidden_layers - 1) * (2 if checkpointing else 1)
     results = []
     for mode, expected in (("rows", {"rows": layers, "dense": 0}), ("packed", {"rows": 0, "dense": layers})):
         calls.update(rows=0, dense=0)

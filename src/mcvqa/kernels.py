@@ -209,6 +209,9 @@ def use_causal_attention(core: Any) -> bool:
             visual.config._attn_implementation = VISION_ATTENTION
         host_grid_vision(visual)
         patch_embed_as_matmul(visual)
+    if type(core).__name__.startswith("Qwen3VL"):
+        levels = getattr(getattr(core.config, "vision_config", None), "deepstack_visual_indexes", None) or ()
+        answer_only_last_layer(core.language_model, len(levels))
     merge_without_sync(core)
     return True
 
@@ -685,3 +688,97 @@ def unfuse_lora(model: torch.nn.Module) -> int:
 def _linear_lora(module: torch.nn.Module) -> bool:
     """peft's LoRA classes whose forward is ``base(x) + lora_B(lora_A(dropout(x))) * scaling`` on a linear base."""
     return type(module).__name__ in ("Linear", "Linear4bit", "Linear8bitLt") and type(module).__module__.startswith("peft.tuners.lora")
+
+
+# ------------------------------------------------------------------------------------------ the last layer at the answers only
+
+
+ANSWER_ONLY = "mcvqa_answer_only"
+"""Keyword under which a forward hands the decoder layers an :class:`AnswerOnly`: transformers passes a model's extra
+keyword arguments down to every decoder layer, and a checkpointed layer's recomputation receives them again."""
+
+
+class AnswerOnly:
+    """The positions whose final hidden states a forward needs, and what each may attend to there.
+
+    ``keep`` (B, K): the positions in each row of the batch; ``allowed`` (B, K, keys): which keys (cached prefix first)
+    each of them sees."""
+
+    def __init__(self, keep: torch.Tensor, allowed: torch.Tensor):
+        self.keep = keep
+        self.allowed = allowed
+
+
+def answer_only_last_layer(text_model: Any, deepstack_levels: int = 0) -> bool:
+    """Let ``text_model``'s last decoder layer run at the answer positions only, when a forward asks (:data:`ANSWER_ONLY`).
+
+    Only the answer positions' final hidden states are read (the letters' logits, the training loss), and the last
+    layer's outputs feed nothing else: its keys and values are needed at every position, but its queries, attention
+    output, residuals, norm and MLP only at the answers (K per row instead of S). Same arithmetic at those positions,
+    so the same hidden states. Qwen3-VL's text decoder layer only (q/k norms, plain RoPE), and only where DeepStack
+    adds nothing after it. Returns whether it applied."""
+    layers = getattr(text_model, "layers", None)
+    if not layers or len(layers) <= deepstack_levels:
+        return False
+    layer = layers[-1]
+    if type(layer).__name__ != "Qwen3VLTextDecoderLayer" or getattr(layer, "answers_only", False):
+        return False
+    from functools import partial
+
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    cls_forward = type(layer).forward
+    # transformers checkpoints a layer in its __call__ (5.17) or by wrapping the class's forward (later releases): in
+    # the second case the forward below, which replaces the class's, must checkpoint itself.
+    checkpoints_here = "__call__" not in vars(GradientCheckpointingLayer)
+
+    def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        spec = kwargs.get(ANSWER_ONLY)
+        if spec is None or args:
+            return cls_forward(layer, hidden_states, *args, **kwargs)
+        run = partial(_answers_only, layer, spec=spec, kwargs=kwargs)
+        if checkpoints_here and layer.gradient_checkpointing and layer.training and torch.is_grad_enabled():
+            return layer._gradient_checkpointing_func(run, hidden_states)
+        return run(hidden_states)
+
+    layer.forward = forward
+    layer.answers_only = True
+    return True
+
+
+def _answers_only(layer: Any, hidden: torch.Tensor, spec: AnswerOnly, kwargs: dict[str, Any]) -> torch.Tensor:
+    """The decoder layer's forward at ``spec.keep`` only: (B, K, hidden)."""
+    import sys
+
+    attn = layer.self_attn
+    b, s, width = hidden.shape
+    k_rows = spec.keep.shape[1]
+    d = attn.head_dim
+    at = spec.keep[..., None]
+    normed = layer.input_layernorm(hidden)
+    keys = attn.k_norm(attn.k_proj(normed).view(b, s, -1, d)).transpose(1, 2)
+    values = attn.v_proj(normed).view(b, s, -1, d).transpose(1, 2)
+    picked = normed.gather(1, at.expand(b, k_rows, width))
+    queries = attn.q_norm(attn.q_proj(picked).view(b, k_rows, -1, d)).transpose(1, 2)
+    cos, sin = kwargs["position_embeddings"]
+    if cos.shape[0] != b:
+        cos, sin = cos.expand(b, -1, -1), sin.expand(b, -1, -1)
+    # transformers' own RoPE (out of place; the fused kernel may rotate in place): queries at their positions only.
+    rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+    rope = getattr(rope, "_mcvqa_original", rope)
+    _, keys = rope(keys, keys, cos, sin)
+    queries, _ = rope(queries, queries, cos.gather(1, at.expand(b, k_rows, cos.shape[-1])), sin.gather(1, at.expand(b, k_rows, sin.shape[-1])))
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    if cache is not None:
+        keys, values = cache.update(keys, values, attn.layer_idx)
+    gqa = queries.shape[1] != keys.shape[1]
+    if gqa and queries.device.type != "cuda":
+        from transformers.integrations.sdpa_attention import repeat_kv
+
+        n_rep = queries.shape[1] // keys.shape[1]
+        keys, values, gqa = repeat_kv(keys, n_rep), repeat_kv(values, n_rep), False
+    out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=spec.allowed[:, None], scale=attn.scaling,
+                                         dropout_p=attn.attention_dropout if attn.training else 0.0, enable_gqa=gqa)
+    out = attn.o_proj(out.transpose(1, 2).reshape(b, k_rows, -1))
+    mid = hidden.gather(1, at.expand(b, k_rows, width)) + out
+    return mid + layer.mlp(layer.post_attention_layernorm(mid))

@@ -29,7 +29,7 @@ from mcvqa.errors import ModelError
 from mcvqa.features import Batch, Encoder, OrderedExample, cat_vision
 from mcvqa import families
 from mcvqa.families import Family
-from mcvqa.kernels import PackedRows
+from mcvqa.kernels import ANSWER_ONLY, AnswerOnly, PackedRows
 from mcvqa.runtime import to_device
 
 log = logging.getLogger(__name__)
@@ -250,13 +250,26 @@ def compute_prefix(model: Any, prefix_ids: Sequence[int], device: torch.device |
 
 
 def _forward(family: Family, core: Any, input_ids: torch.Tensor, mm: torch.Tensor, vision: dict[str, torch.Tensor],
-             positions: torch.Tensor | None, prefix: PrefixKV | None, allowed: torch.Tensor | None, rows: PackedRows | None = None) -> torch.Tensor:
-    """The family's core forward over ``input_ids`` after ``prefix``: last hidden states (B, S, H). ``rows``: the layout
-    ``allowed`` describes, for attention kernels that can use it (:class:`mcvqa.kernels.PackedRows`)."""
+             positions: torch.Tensor | None, prefix: PrefixKV | None, allowed: torch.Tensor | None, rows: PackedRows | None = None,
+             keep: torch.Tensor | None = None) -> torch.Tensor:
+    """The family's core forward over ``input_ids`` after ``prefix``: last hidden states (B, S, H), or with ``keep`` (B, K)
+    those at the kept positions only, (B, K, H). ``allowed`` (B or 1, S, P + S): who sees whom, None for causal.
+    ``rows``: the layout ``allowed`` describes, for attention kernels that can use it (:class:`mcvqa.kernels.PackedRows`).
+    Where the last decoder layer can run at the kept positions alone (:func:`mcvqa.kernels.answer_only_last_layer`),
+    it does."""
     p = prefix.length if prefix is not None else 0
     mask = family.attention_mask(core, allowed, positions, mm, p) if positions is not None else None
     if rows is not None:
         rows.attach(mask)
+    extra: dict[str, Any] = {}
+    layers = family.decoder_layers(core) if keep is not None else []
+    if layers and getattr(layers[-1], "answers_only", False):
+        keys = torch.arange(p + input_ids.shape[1], device=input_ids.device)
+        if allowed is None:  # causal: a kept position sees the prefix and its row up to itself
+            sees = keys[None, None, :] <= (p + keep)[..., None]
+        else:
+            sees = allowed.expand(keep.shape[0], -1, -1).gather(1, keep[..., None].expand(-1, -1, allowed.shape[-1]))
+        extra[ANSWER_ONLY] = AnswerOnly(keep, sees)
     out = core(
         input_ids=input_ids,
         attention_mask=mask,
@@ -264,8 +277,12 @@ def _forward(family: Family, core: Any, input_ids: torch.Tensor, mm: torch.Tenso
         use_cache=False,
         **{cache_kwarg(core): PrefixCache.reading(prefix, input_ids.shape[0]) if prefix is not None else None},
         **family.vision_kwargs(vision, mm),
+        **extra,
     )
-    return out.last_hidden_state
+    hidden = out.last_hidden_state
+    if keep is None or extra:
+        return hidden
+    return hidden.gather(1, keep[..., None].expand(-1, -1, hidden.shape[-1]))
 
 
 def answer_hidden(model: Any, batch: Batch, prefix: PrefixKV | None = None, family: Family | None = None) -> torch.Tensor:
@@ -282,9 +299,8 @@ def answer_hidden(model: Any, batch: Batch, prefix: PrefixKV | None = None, fami
         raise ValueError("batch already contains the prefix")
     offset = prefix.length if prefix is not None else 0
     positions = _positions(family, core, batch, offset)
-    hidden = _forward(family, core, batch.input_ids, batch.mm_token_type_ids, _vision(core, batch), positions, prefix, None)
-    rows = torch.arange(hidden.shape[0], device=hidden.device)
-    return hidden[rows, batch.lengths.to(hidden.device) - 1]
+    keep = (batch.lengths.to(batch.input_ids.device) - 1)[:, None]
+    return _forward(family, core, batch.input_ids, batch.mm_token_type_ids, _vision(core, batch), positions, prefix, None, keep=keep)[:, 0]
 
 
 def _positions(family: Family, core: Any, batch: Batch, offset: int) -> torch.Tensor | None:
@@ -343,9 +359,8 @@ def packed_answer_hidden(model: Any, batch: Batch, prefix_ids: Sequence[int], fa
     t = segment.shape[0]
     idx = torch.arange(t, device=device)
     allowed = (idx[None, :] <= idx[:, None]) & ((segment[None, :] == 0) | (segment[None, :] == segment[:, None]))
-    hidden = _forward(family, core, ids, mm, _vision(core, batch), positions, None, allowed[None], PackedRows(p, lengths) if by_rows else None)
     ends = p + torch.cumsum(batch.lengths.to(device), 0) - 1
-    return hidden[0, ends]
+    return _forward(family, core, ids, mm, _vision(core, batch), positions, None, allowed[None], PackedRows(p, lengths) if by_rows else None, keep=ends[None])[0]
 
 
 def head_rows(head: torch.nn.Module, hidden: torch.Tensor, token_ids: Sequence[int], family: Family | None = None) -> torch.Tensor:
@@ -516,11 +531,10 @@ def shared_prefix_logprobs(
     allowed = causal[None] & same
     allowed |= torch.eye(L, dtype=torch.bool, device=device)[None]  # padding rows see themselves (no empty softmax)
     allowed = torch.cat([torch.ones((B, L, P), dtype=torch.bool, device=device), allowed], dim=-1)
-    hidden_all = _forward(family, core, ids, mm, vision, positions, prefix, allowed)
     # The answer of order v is read at the last token of its segment.
     lengths = to_device(torch.tensor([[len(o) for o in ex.option_variants] for ex in examples]), device)  # (B, V)
     ends = n1_t[:, None] + torch.cumsum(lengths, dim=1) - 1
-    hidden = hidden_all[rows[:, None], ends].reshape(B * V, -1)
+    hidden = _forward(family, core, ids, mm, vision, positions, prefix, allowed, keep=ends).reshape(B * V, -1)
     lp = letter_logprobs(head_rows(head, hidden, letters.all_ids, family), letters)
     return lp.view(B, V, 4)
 
