@@ -107,10 +107,11 @@ def test_auto_workers_decode_in_parallel_only_on_a_gpu(monkeypatch) -> None:
     assert resolve_num_workers(-1) == 1
 
 
-@pytest.mark.parametrize("methods", [[], ["tent"], ["blend"]])
-def test_adapter_merged_for_prediction_scores_as_the_unmerged_one(cfg_factory, synth_data, tmp_path, methods) -> None:
-    """``predict.merge_adapter: auto`` (the default) folds the adapter into plain base weights: no LoRA layer is left
-    and the probabilities are the unmerged adapter's (fp32). A test-time method that trains the adapter (TENT) or
+@pytest.mark.parametrize("methods, quant", [([], "none"), (["tent"], "none"), (["blend"], "none"), ([], "nf4")])
+def test_adapter_merged_for_prediction_scores_as_the_unmerged_one(cfg_factory, synth_data, tmp_path, methods, quant) -> None:
+    """``predict.merge_adapter: auto`` (the default) folds the adapter into plain base weights, 4-bit weights unpacked
+    by ``predict.unpack_4bit`` included (peft's wrapper there is still its 4-bit class): no LoRA layer is left and
+    the probabilities are the unmerged adapter's (fp32). A test-time method that trains the adapter (TENT) or
     switches it off (blend) keeps it apart."""
     from peft.tuners.lora import LoraLayer
 
@@ -119,7 +120,7 @@ def test_adapter_merged_for_prediction_scores_as_the_unmerged_one(cfg_factory, s
     from mcvqa.model import attach_lora, load_model
     from mcvqa.predict import build_scorer
 
-    cfg = cfg_factory("lora.r=4", *([f"tta.methods=[{methods[0]}]"] if methods else []))
+    cfg = cfg_factory("lora.r=4", f"model.quant={quant}", "predict.unpack_4bit=on", *([f"tta.methods=[{methods[0]}]"] if methods else []))
     model, processor = load_model(cfg.model)
     model = attach_lora(model, cfg.lora)
     torch.manual_seed(0)

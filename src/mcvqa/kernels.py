@@ -45,7 +45,7 @@ def _bottom_right_causal(module: Any, query: torch.Tensor, key: torch.Tensor, va
 
     q_len, kv_len = query.shape[2], key.shape[2]
     gqa = query.shape[1] != key.shape[1]
-    if gqa and query.device.type != "cuda":
+    if gqa and not _native_gqa(query):
         # CPU kernels take the materialising path, where grouped heads must be repeated explicitly.
         from transformers.integrations.sdpa_attention import repeat_kv
 
@@ -54,8 +54,16 @@ def _bottom_right_causal(module: Any, query: torch.Tensor, key: torch.Tensor, va
     bias = None if q_len == kv_len else causal_lower_right(q_len, kv_len)
     return F.scaled_dot_product_attention(
         query, key, value, attn_mask=bias, is_causal=bias is None and q_len > 1,
-        dropout_p=dropout if module.training else 0.0, scale=scaling, enable_gqa=gqa,
+        dropout_p=dropout if module.training else 0.0, scale=scaling, **({"enable_gqa": True} if gqa else {}),
     )
+
+
+def _native_gqa(query: torch.Tensor) -> bool:
+    """Whether SDPA takes grouped key/value heads as they are: CUDA kernels, torch 2.5 or later (``enable_gqa``); CPU
+    kernels take the materialising path, where grouped heads must be repeated explicitly."""
+    from mcvqa.compat import version_tuple
+
+    return query.device.type == "cuda" and version_tuple(torch.__version__)[:2] >= (2, 5)
 
 
 class PackedRows:
@@ -634,8 +642,9 @@ def _addmm_lora_forward(module: torch.nn.Module) -> Any:
     peft's LoRA linear computes ``base(x).clone() + lora_B(lora_A(dropout(x))) * scaling``: besides the two small
     products, three passes over the (tokens, out_features) output (the clone, the multiply, the add), and the
     multiply's backward. ``addmm(base(x), lora_A(dropout(x)), lora_B.weight.T, alpha=scaling)`` is the same sum in one
-    product whose epilogue adds the base output, as Unsloth's LoRA kernels do: the same dropout draws in the same order,
-    the same values up to rounding (one rounding of the sum instead of three). The plain case only: one active vanilla
+    product whose epilogue adds the base output, as Unsloth's LoRA kernels do: dropout drawn per layer in the same order
+    (the same masks in fp32; peft casts a bf16 input to the adapter's fp32 before its dropout, so on a GPU the draws
+    are others of the same distribution), the same values up to rounding (one rounding of the sum instead of three). The plain case only: one active vanilla
     adapter (no DoRA or other variant, no LoRA bias), not merged, no per-row adapter names, and either autocast or one
     dtype throughout; anything else takes peft's own forward."""
     cls_forward = type(module).forward
@@ -707,6 +716,9 @@ class AnswerOnly:
     def __init__(self, keep: torch.Tensor, allowed: torch.Tensor):
         self.keep = keep
         self.allowed = allowed
+        self.applied = False
+        """Set by the last layer when it ran at ``keep`` only; a forward that did not pass this object down to it (a
+        model whose forwards drop unknown keywords) returns every position, and the caller picks them."""
 
 
 def answer_only_last_layer(text_model: Any, deepstack_levels: int = 0) -> bool:
@@ -750,6 +762,7 @@ def _answers_only(layer: Any, hidden: torch.Tensor, spec: AnswerOnly, kwargs: di
     """The decoder layer's forward at ``spec.keep`` only: (B, K, hidden)."""
     import sys
 
+    spec.applied = True
     attn = layer.self_attn
     b, s, width = hidden.shape
     k_rows = spec.keep.shape[1]
@@ -772,13 +785,13 @@ def _answers_only(layer: Any, hidden: torch.Tensor, spec: AnswerOnly, kwargs: di
     if cache is not None:
         keys, values = cache.update(keys, values, attn.layer_idx)
     gqa = queries.shape[1] != keys.shape[1]
-    if gqa and queries.device.type != "cuda":
+    if gqa and not _native_gqa(queries):
         from transformers.integrations.sdpa_attention import repeat_kv
 
         n_rep = queries.shape[1] // keys.shape[1]
         keys, values, gqa = repeat_kv(keys, n_rep), repeat_kv(values, n_rep), False
     out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=spec.allowed[:, None], scale=attn.scaling,
-                                         dropout_p=attn.attention_dropout if attn.training else 0.0, enable_gqa=gqa)
+                                         dropout_p=attn.attention_dropout if attn.training else 0.0, **({"enable_gqa": True} if gqa else {}))
     out = attn.o_proj(out.transpose(1, 2).reshape(b, k_rows, -1))
     mid = hidden.gather(1, at.expand(b, k_rows, width)) + out
     return mid + layer.mlp(layer.post_attention_layernorm(mid))

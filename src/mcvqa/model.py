@@ -416,20 +416,36 @@ def unpack_4bit(model: Any, mode: str = "auto") -> int:
 
 
 def merge_adapter(model: Any) -> tuple[Any, int]:
-    """``predict.merge_adapter``: a peft model whose LoRA layers all wrap plain linears, merged into them
-    (``merge_and_unload``); returns (the model, how many layers were merged). Any other model comes back as it is:
-    one without an adapter, and one whose adapter wraps packed 4-bit or 8-bit layers (merging would requantise them,
-    changing the base weights) or FP8 layers."""
+    """``predict.merge_adapter``: a peft model whose LoRA layers all wrap plain linears, each adapter's update added to
+    its base weight (``W + scaling * B @ A`` summed in fp32, rounded once to the weight's dtype) and the wrappers
+    removed (peft's ``unload``); returns (the model, how many layers were merged). By hand rather than peft's
+    ``merge_and_unload``: after ``unpack_4bit`` the wrapper is still peft's 4-bit class, whose merge would read the
+    4-bit state the plain layer no longer has and requantise. Any other model comes back as it is: one without an
+    adapter, one whose adapter wraps packed 4-bit or 8-bit layers (merging would requantise them) or FP8 layers, and
+    one with an adapter kind other than plain LoRA (DoRA and other variants, LoRA bias, several active adapters)."""
     from peft import PeftModel
     from peft.tuners.lora import LoraLayer
 
     if not isinstance(model, PeftModel):
         return model, 0
     wrapped = [m for m in model.modules() if isinstance(m, LoraLayer)]
-    if not wrapped or any(type(m.get_base_layer()) is not torch.nn.Linear for m in wrapped):
+
+    def plain(m: Any) -> bool:
+        names = [n for n in m.active_adapters if n in m.lora_A]
+        return (type(m.get_base_layer()) is torch.nn.Linear and len(names) == 1 and not m.merged
+                and not getattr(m, "fan_in_fan_out", False) and names[0] not in getattr(m, "lora_variant", {})
+                and not getattr(m, "use_dora", {}).get(names[0], False) and m.lora_B[names[0]].bias is None)
+
+    if not wrapped or not all(plain(m) for m in wrapped):
         return model, 0
+    with torch.no_grad():
+        for m in wrapped:
+            name = next(n for n in m.active_adapters if n in m.lora_A)
+            weight = m.get_base_layer().weight
+            delta = m.lora_B[name].weight.to(device=weight.device, dtype=torch.float32) @ m.lora_A[name].weight.to(device=weight.device, dtype=torch.float32)
+            weight.copy_((weight.float() + delta * m.scaling[name]).to(weight.dtype))
     with _quiet_peft():
-        merged = model.merge_and_unload()
+        merged = model.unload()
     return merged, len(wrapped)
 
 
@@ -522,7 +538,7 @@ def load_adapter(model: Any, adapter: str | Path, trainable: bool = False) -> An
     check_adapter_folder(path)
     with _quiet_peft():
         peft_model = PeftModel.from_pretrained(model, str(path), is_trainable=trainable)
-    kernels.fuse_lora(peft_model)  # as attach_lora does with lora.fused (the default): training and prediction add LoRA alike
+    kernels.fuse_lora(peft_model)  # as attach_lora does (lora.fused); where prediction keeps the adapter apart (TENT, blend)
     if not trainable:
         peft_model.eval()
     return peft_model

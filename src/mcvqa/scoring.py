@@ -280,7 +280,7 @@ def _forward(family: Family, core: Any, input_ids: torch.Tensor, mm: torch.Tenso
         **extra,
     )
     hidden = out.last_hidden_state
-    if keep is None or extra:
+    if keep is None or (extra and extra[ANSWER_ONLY].applied):
         return hidden
     return hidden.gather(1, keep[..., None].expand(-1, -1, hidden.shape[-1]))
 
