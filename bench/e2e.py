@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -64,10 +65,14 @@ def textured_photos(folder: Path) -> float:
 def make_data(root: Path, n_test: int, n_train: int) -> dict[str, Any]:
     from mcvqa.synth import SynthConfig, synthesize
 
+    sizes = f"{n_train} {n_test}\n"
+    if (root / "test.csv").exists() and (not (root / "sizes.txt").exists() or (root / "sizes.txt").read_text() != sizes):
+        shutil.rmtree(root)  # a warm machine keeps another script's set (stack.py's 400 questions): never time on it
     if not (root / "test.csv").exists():
         synthesize(root, SynthConfig(train=n_train, test=n_test, size=(720, 540), option_order="random", seed=7))
         kb = textured_photos(root)
         (root / "photo_kb.txt").write_text(f"{kb:.1f}\n")
+        (root / "sizes.txt").write_text(sizes)
     import pandas as pd
 
     test = pd.read_csv(root / "test.csv")

@@ -4,6 +4,7 @@
 # device tool (no package index there, hence the wheel folders; see BENCHMARKS.md for how each folder is filled):
 #
 #   bash bench/issue26.sh predict    # carry .whl .fixtures      start-up probe; e2e bf16 (+ reference loop), nf4 (+ orders), nf4 packed
+#   bash bench/issue26.sh headline # carry .whl .fixtures      predict's and adapter's rows in one call (no cold probe, no packed row)
 #   bash bench/issue26.sh train      # carry .whl-u .fixtures    stack.py: mcvqa vs Unsloth vs plain peft; + the dense-mask step, + peft's LoRA forward; the recipe profiled
 #   bash bench/issue26.sh families   # carry .whl-f .fixtures    families.py with Liger and flash-linear-attention
 #   bash bench/issue26.sh families2  # carry .whl .fixtures      the same for InternVL and LLaVA-OneVision
@@ -36,6 +37,14 @@ predict)
     python bench/startup.py --out "$OUT" --json startup.json || true
     python bench/e2e.py --out "$OUT" --quants none --phases predict,reference --json e2e_bf16.json
     python bench/e2e.py --out "$OUT" --quants nf4,nf4:packed --phases predict,orders --json e2e_nf4.json
+    ;;
+headline)
+    install .whl
+    # predict's figures and the adapter's in one call (the packed-4-bit row and the cold start-up left out)
+    python bench/startup.py --out "$OUT" --json startup.json || true
+    python bench/e2e.py --out "$OUT" --quants none --phases predict,reference --json e2e_bf16.json
+    python bench/e2e.py --out "$OUT" --quants nf4 --phases predict,orders --json e2e_nf4.json
+    python bench/e2e.py --out "$OUT" --quants nf4:adapter,nf4:adapter_unmerged --phases predict --json e2e_adapter.json
     ;;
 train)
     install .whl-u
