@@ -175,6 +175,41 @@ def test_packed_rows_attend_row_by_row_in_the_forward_and_the_recomputation(cfg_
         torch.testing.assert_close(g1[n], g2[n], atol=1e-5, rtol=1e-4, msg=n)
 
 
+def test_language_model_attention_leaves_cudnn_out_on_a_gpu(cfg_factory, data, monkeypatch) -> None:
+    """On a GPU the language model's attention (the packed step's prefix and rows, the answer-only last layer, in the
+    forward and the checkpointed recomputation) runs with SDPA's cuDNN backend switched off: cuDNN would build a new graph
+    on the host for nearly every call, its lengths and strides changing from step to step. The vision tower keeps SDPA's
+    own choice. Here the tensors are on the CPU, so the test makes them count as CUDA (kernels._on_cuda)."""
+    import sys
+    import types
+
+    from mcvqa import kernels
+    from mcvqa.features import Encoder
+    from mcvqa.prompts import load_prompt
+
+    cfg = cfg_factory(*LORA, "train.gradient_checkpointing=true", "prompt.name=fewshot_ko", "train.shared_prefix=rows")
+    model, processor = build_model(cfg)
+    model.train()
+    enc = Encoder(processor, load_prompt("fewshot_ko"), cfg.image)
+    exs = [enc.encode(it) for it in data[0].items[:4]]
+    sdpa, seen = torch.nn.functional.scaled_dot_product_attention, []
+
+    def recording(*a, **k):
+        seen.append((sys._getframe(1).f_code.co_name, torch.backends.cuda.cudnn_sdp_enabled()))
+        return sdpa(*a, **k)
+
+    # kernels' own F (torch.nn.functional itself must keep its function: the lower-right causal bias checks for it)
+    monkeypatch.setattr(kernels, "F", types.SimpleNamespace(**{**vars(torch.nn.functional), "scaled_dot_product_attention": recording}))
+    monkeypatch.setattr(kernels, "_on_cuda", lambda t: True)
+    loss, _ = AnswerLoss(model, enc.prefix_ids, letter_tokens(processor.tokenizer).target, shared_prefix="rows")(collate(exs, enc.pad_id))
+    loss.backward()
+    by_caller: dict[str, set[bool]] = {}
+    for caller, cudnn in seen:
+        by_caller.setdefault(caller, set()).add(cudnn)
+    assert by_caller == {"_bottom_right_causal": {False}, "_answers_only": {False}, "_vision_sdpa": {True}}, by_caller
+    assert torch.backends.cuda.cudnn_sdp_enabled()  # switched off for those calls only
+
+
 def test_option_shuffle_remaps_labels(encoder, data) -> None:
     ds = TrainDataset(data[0].items, encoder, shuffle_options=True, seed=1)
     changed = 0

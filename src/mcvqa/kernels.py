@@ -8,6 +8,7 @@ Both are exact rewrites of transformers' SDPA path: same arithmetic, fewer kerne
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
@@ -52,10 +53,31 @@ def _bottom_right_causal(module: Any, query: torch.Tensor, key: torch.Tensor, va
         n_rep = query.shape[1] // key.shape[1]
         key, value, gqa = repeat_kv(key, n_rep), repeat_kv(value, n_rep), False
     bias = None if q_len == kv_len else causal_lower_right(q_len, kv_len)
-    return F.scaled_dot_product_attention(
-        query, key, value, attn_mask=bias, is_causal=bias is None and q_len > 1,
-        dropout_p=dropout if module.training else 0.0, scale=scaling, **({"enable_gqa": True} if gqa else {}),
-    )
+    with _without_cudnn(query):
+        return F.scaled_dot_product_attention(
+            query, key, value, attn_mask=bias, is_causal=bias is None and q_len > 1,
+            dropout_p=dropout if module.training else 0.0, scale=scaling, **({"enable_gqa": True} if gqa else {}),
+        )
+
+
+def _without_cudnn(query: torch.Tensor) -> Any:
+    """On CUDA, SDPA's backends other than cuDNN's, for the language model's attention.
+
+    cuDNN keys each compiled attention graph by the lengths and strides of its tensors, and the language model's change
+    from one batch to the next: a packed step's total length sets the strides of its prefix slice, and padded rows set
+    the lengths. Nearly every call would then build a new graph on the host, about a millisecond forward and two
+    backward, while the GPU waits (the training profile in BENCHMARKS.md, eighth session). Flash attention takes the same
+    calls with no per-shape set-up. The vision tower keeps SDPA's choice: a letterboxed batch has one shape throughout.
+    """
+    if not _on_cuda(query):
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
+def _on_cuda(t: torch.Tensor) -> bool:
+    return t.device.type == "cuda"
 
 
 def _native_gqa(query: torch.Tensor) -> bool:
@@ -790,8 +812,9 @@ def _answers_only(layer: Any, hidden: torch.Tensor, spec: AnswerOnly, kwargs: di
 
         n_rep = queries.shape[1] // keys.shape[1]
         keys, values, gqa = repeat_kv(keys, n_rep), repeat_kv(values, n_rep), False
-    out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=spec.allowed[:, None], scale=attn.scaling,
-                                         dropout_p=attn.attention_dropout if attn.training else 0.0, **({"enable_gqa": True} if gqa else {}))
+    with _without_cudnn(queries):
+        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=spec.allowed[:, None], scale=attn.scaling,
+                                             dropout_p=attn.attention_dropout if attn.training else 0.0, **({"enable_gqa": True} if gqa else {}))
     out = attn.o_proj(out.transpose(1, 2).reshape(b, k_rows, -1))
     mid = hidden.gather(1, at.expand(b, k_rows, width)) + out
     return mid + layer.mlp(layer.post_attention_layernorm(mid))
