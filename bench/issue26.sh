@@ -9,6 +9,7 @@
 #   bash bench/issue26.sh families   # carry .whl-f .fixtures    families.py with Liger and flash-linear-attention
 #   bash bench/issue26.sh families2  # carry .whl .fixtures      the same for InternVL and LLaVA-OneVision
 #   bash bench/issue26.sh trainprofile # carry .whl .fixtures  the training step packed vs rows, each profiled (attention's share)
+#   bash bench/issue26.sh trainunsloth # carry .whl-u .fixtures  mcvqa train on the Unsloth backend and on peft's, each profiled
 #   bash bench/issue26.sh traincli   # carry .whl .fixtures      mcvqa train's own loop profiled, packed vs rows
 #   bash bench/issue26.sh adapter    # carry .whl .fixtures      predict --adapter (nf4), the adapter merged and not
 #   bash bench/issue26.sh profile    # carry .whl .fixtures      levers.py (eager vs Liger, stages, kernels), the
@@ -20,7 +21,7 @@
 # and families.tar.xz (families only: copy it from ../shared/fixtures, and leave it out of the other calls). `train` runs on the
 # machine's own transformers: the Unsloth release accepts no newer one, and both backends must run on the same.
 set -euo pipefail
-what=${1:?predict, train, families, families2, trainprofile, traincli, adapter or profile}
+what=${1:?predict, headline, train, trainunsloth, families, families2, trainprofile, traincli, adapter or profile}
 OUT=${OUT:-bench_out}; mkdir -p "$OUT"
 install() {
     rm -rf /tmp/site  # a warm machine keeps the last call's wheels there: run on this call's set only
@@ -69,6 +70,15 @@ adapter)
     # The command a user runs after training: nf4 with a LoRA adapter of the recipe's shape, merged (the default) and not.
     python bench/e2e.py --out "$OUT" --quants nf4:adapter,nf4:adapter_unmerged --phases predict --json e2e_adapter.json
     ;;
+trainunsloth)
+    install .whl-u
+    # mcvqa's loop on the Unsloth backend and on peft's, each under the profiler (4 optimiser steps after 8): why the
+    # Unsloth backend's steady rate led peft's in the eighth session's call 1.
+    for backend in unsloth peft; do
+        HF_HUB_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 python bench/profile_cli.py --out "$OUT" --command train \
+            --set model.backend=$backend --tag train_$backend --skip 8 --active 4 || true
+    done
+    ;;
 traincli)
     install .whl
     # The CLI's own training loop under the profiler (4 optimiser steps after 8), the recipe's packed step and the
@@ -91,7 +101,7 @@ profile)
     python bench/e2e.py --out "$OUT" --quants fp8 --phases predict --json e2e_fp8.json
     ;;
 *)
-    echo "unknown: $what (predict, train, families, families2, trainprofile or profile)" >&2
+    echo "unknown: $what (predict, headline, train, trainunsloth, families, families2, trainprofile, traincli, adapter or profile)" >&2
     exit 2
     ;;
 esac

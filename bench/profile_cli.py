@@ -133,6 +133,7 @@ def main() -> None:
     ap.add_argument("--command", choices=("predict", "train"), default="predict")
     ap.add_argument("--shared-prefix", default="auto", help="train only: train.shared_prefix (auto, packed, rows, cache)")
     ap.add_argument("--set", dest="sets", action="append", default=[], help="train only: more --set KEY=VALUE for the CLI")
+    ap.add_argument("--tag", help="train only: the output files' suffix instead of train_<shared-prefix> (two backends in one call)")
     ap.add_argument("--quant", default="none")
     ap.add_argument("--n", type=int, default=1000, help="200, 1000 or more (all 3,887); at least (skip + active) batches' worth")
     ap.add_argument("--skip", type=int, default=20, help="batches before the profiled window")
@@ -171,7 +172,7 @@ def main() -> None:
     if args.command == "train":
         import mcvqa.train.loop as loop
 
-        owner, attr, tag = loop, "optimizer_step", f"train_{args.shared_prefix}"
+        owner, attr, tag = loop, "optimizer_step", args.tag or f"train_{args.shared_prefix}"
         run = Path(f"/tmp/profile_cli_{tag}")
         argv = ["train", "--config", str(HERE.parent / "configs" / "seed.yaml"), "--model", str(args.build), "--data", str(args.data / "train.csv"),
                 "--out", str(run), "-q", "--set", "train.epochs=1", "--set", "train.eval_every=never", "--set", "train.report_to=[]",
