@@ -176,16 +176,18 @@ def test_packed_rows_attend_row_by_row_in_the_forward_and_the_recomputation(cfg_
 
 
 def test_language_model_attention_leaves_cudnn_out_on_a_gpu(cfg_factory, data, monkeypatch) -> None:
-    """On a GPU the language model's attention (the packed step's prefix and rows, the answer-only last layer, in the
-    forward and the checkpointed recomputation) runs with SDPA's cuDNN backend switched off: cuDNN would build a new graph
-    on the host for nearly every call, its lengths and strides changing from step to step. The vision tower keeps SDPA's
-    own choice. Here the tensors are on the CPU, so the test makes them count as CUDA (kernels._on_cuda)."""
+    """On a GPU the language model's attention (the packed step's prefix and rows, a real mask through transformers'
+    SDPA, the answer-only last layer, in the forward and the checkpointed recomputation) runs with SDPA's cuDNN backend
+    switched off: cuDNN would build a new graph on the host for nearly every call, its lengths and strides changing
+    from step to step. The vision tower keeps SDPA's own choice. Here the tensors are on the CPU, so the test makes
+    them count as CUDA (kernels._on_cuda)."""
     import sys
     import types
 
     from mcvqa import kernels
     from mcvqa.features import Encoder
     from mcvqa.prompts import load_prompt
+    from transformers.integrations import sdpa_attention
 
     cfg = cfg_factory(*LORA, "train.gradient_checkpointing=true", "prompt.name=fewshot_ko", "train.shared_prefix=rows")
     model, processor = build_model(cfg)
@@ -200,13 +202,25 @@ def test_language_model_attention_leaves_cudnn_out_on_a_gpu(cfg_factory, data, m
 
     # kernels' own F (torch.nn.functional itself must keep its function: the lower-right causal bias checks for it)
     monkeypatch.setattr(kernels, "F", types.SimpleNamespace(**{**vars(torch.nn.functional), "scaled_dot_product_attention": recording}))
+    masked = sdpa_attention.sdpa_attention_forward
+
+    def recording_masked(*a, **k):  # a real mask (here the dense packed one; Gemma's windows) goes to transformers' SDPA
+        seen.append(("transformers_sdpa", torch.backends.cuda.cudnn_sdp_enabled()))
+        return masked(*a, **k)
+
+    monkeypatch.setattr(sdpa_attention, "sdpa_attention_forward", recording_masked)
     monkeypatch.setattr(kernels, "_on_cuda", lambda t: True)
-    loss, _ = AnswerLoss(model, enc.prefix_ids, letter_tokens(processor.tokenizer).target, shared_prefix="rows")(collate(exs, enc.pad_id))
-    loss.backward()
-    by_caller: dict[str, set[bool]] = {}
-    for caller, cudnn in seen:
-        by_caller.setdefault(caller, set()).add(cudnn)
-    assert by_caller == {"_bottom_right_causal": {False}, "_answers_only": {False}, "_vision_sdpa": {True}}, by_caller
+    letters = letter_tokens(processor.tokenizer).target
+    expected = {"rows": {"_bottom_right_causal": {False}, "_answers_only": {False}, "_vision_sdpa": {True}},
+                "packed": {"transformers_sdpa": {False}, "_answers_only": {False}, "_vision_sdpa": {True}}}
+    for mode, want in expected.items():
+        seen.clear()
+        loss, _ = AnswerLoss(model, enc.prefix_ids, letters, shared_prefix=mode)(collate(exs, enc.pad_id))
+        loss.backward()
+        by_caller: dict[str, set[bool]] = {}
+        for caller, cudnn in seen:
+            by_caller.setdefault(caller, set()).add(cudnn)
+        assert by_caller == want, (mode, by_caller)
     assert torch.backends.cuda.cudnn_sdp_enabled()  # switched off for those calls only
 
 

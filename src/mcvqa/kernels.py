@@ -36,7 +36,8 @@ def _causal_sdpa(module: Any, query: torch.Tensor, key: torch.Tensor, value: tor
     if attention_mask is not None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        with _without_cudnn(query):
+            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     return _bottom_right_causal(module, query, key, value, dropout, scaling).transpose(1, 2).contiguous(), None
 
 
@@ -64,8 +65,8 @@ def _without_cudnn(query: torch.Tensor) -> Any:
     """On CUDA, SDPA's backends other than cuDNN's, for the language model's attention.
 
     cuDNN keys each compiled attention graph by the lengths and strides of its tensors, and the language model's change
-    from one batch to the next: a packed step's total length sets the strides of its prefix slice, and padded rows set
-    the lengths. Nearly every call would then build a new graph on the host, about a millisecond forward and two
+    from one batch to the next: a packed step's total length sets the strides of its prefix slice, padded rows and
+    real masks (Gemma's windows, the dense packed mask) set the lengths. Nearly every call would then build a new graph on the host, about a millisecond forward and two
     backward, while the GPU waits (the training profile in BENCHMARKS.md, eighth session). Flash attention takes the same
     calls with no per-shape set-up. The vision tower keeps SDPA's choice: a letterboxed batch has one shape throughout.
     """
