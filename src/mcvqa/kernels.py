@@ -66,9 +66,10 @@ def _without_cudnn(query: torch.Tensor) -> Any:
 
     cuDNN keys each compiled attention graph by the lengths and strides of its tensors, and the language model's change
     from one batch to the next: a packed step's total length sets the strides of its prefix slice, padded rows and
-    real masks (Gemma's windows, the dense packed mask) set the lengths. Nearly every call would then build a new graph on the host, about a millisecond forward and two
-    backward, while the GPU waits (the training profile in BENCHMARKS.md, eighth session). Flash attention takes the same
-    calls with no per-shape set-up. The vision tower keeps SDPA's choice: a letterboxed batch has one shape throughout.
+    real masks (Gemma's windows, the dense packed mask) set the lengths. Nearly every call would then build a new
+    graph on the host, about a millisecond forward and two backward, while the GPU waits (the training profile in
+    BENCHMARKS.md, eighth session). Flash attention takes the same calls with no per-shape set-up; a real mask goes to
+    the memory-efficient kernel. The vision tower keeps SDPA's choice: a letterboxed batch has one shape throughout.
     """
     if not _on_cuda(query):
         return contextlib.nullcontext()
