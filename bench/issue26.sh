@@ -6,6 +6,7 @@
 #   bash bench/issue26.sh predict    # carry .whl .fixtures      start-up probe; e2e bf16 (+ reference loop), nf4 (+ orders), nf4 packed
 #   bash bench/issue26.sh headline # carry .whl .fixtures      predict's and adapter's rows in one call (no cold probe, no packed row)
 #   bash bench/issue26.sh train      # carry .whl-u .fixtures    stack.py: mcvqa vs Unsloth vs plain peft; + the dense-mask step, + peft's LoRA forward; the recipe profiled
+#   bash bench/issue26.sh trainpaired # carry .whl-u .fixtures   mcvqa, Unsloth, peft's LoRA forward, mcvqa again: one call, step times (410 s with a cold start)
 #   bash bench/issue26.sh families   # carry .whl-f .fixtures    families.py with Liger and flash-linear-attention
 #   bash bench/issue26.sh families2  # carry .whl .fixtures      the same for InternVL and LLaVA-OneVision
 #   bash bench/issue26.sh trainprofile # carry .whl .fixtures  the training step packed vs rows, each profiled (attention's share)
@@ -21,7 +22,7 @@
 # and families.tar.xz (families only: copy it from ../shared/fixtures, and leave it out of the other calls). `train` runs on the
 # machine's own transformers: the Unsloth release accepts no newer one, and both backends must run on the same.
 set -euo pipefail
-what=${1:?predict, headline, train, trainunsloth, families, families2, trainprofile, traincli, adapter or profile}
+what=${1:?predict, headline, train, trainpaired, trainunsloth, families, families2, trainprofile, traincli, adapter or profile}
 OUT=${OUT:-bench_out}; mkdir -p "$OUT"
 install() {
     rm -rf /tmp/site  # a warm machine keeps the last call's wheels there: run on this call's set only
@@ -70,6 +71,13 @@ adapter)
     # The command a user runs after training: nf4 with a LoRA adapter of the recipe's shape, merged (the default) and not.
     python bench/e2e.py --out "$OUT" --quants nf4:adapter,nf4:adapter_unmerged --phases predict --json e2e_adapter.json
     ;;
+trainpaired)
+    install .whl-u
+    # The recipe on both backends and with peft's LoRA forward, and the recipe again: how far one setting moves within
+    # a call; each row's step times pair with the others' step by step (the same batches).
+    HF_HUB_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 python bench/stack.py --out "$OUT" --runs "/tmp/stack_runs_$$" --phases none \
+        --variant fused= --variant unsloth=model.backend=unsloth --variant nofuse=lora.fused=false --variant fused= --json stack_paired.json
+    ;;
 trainunsloth)
     install .whl-u
     # mcvqa's loop on the Unsloth backend and on peft's, each under the profiler (4 optimiser steps after 8): why the
@@ -101,7 +109,7 @@ profile)
     python bench/e2e.py --out "$OUT" --quants fp8 --phases predict --json e2e_fp8.json
     ;;
 *)
-    echo "unknown: $what (predict, headline, train, trainunsloth, families, families2, trainprofile, traincli, adapter or profile)" >&2
+    echo "unknown: $what (predict, headline, train, trainpaired, trainunsloth, families, families2, trainprofile, traincli, adapter or profile)" >&2
     exit 2
     ;;
 esac

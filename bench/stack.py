@@ -18,6 +18,14 @@
   ``--quant nf4`` on the bf16 checkpoint (load seconds from ``predict_summary.json``, wall from process start,
   same probabilities expected); ``mcvqa train`` from it for a few steps.
 * ``resume``: the Unsloth backend stopped after 5 steps, ``--resume`` to the end, ``predict --adapter`` on it.
+* ``--variant LABEL=KEY=VALUE,...`` (repeatable, after the phases, in order): one more ``mcvqa train`` row with those
+  ``--set`` values (``env:NAME=VALUE`` sets an environment variable instead). Repeat a setting to see how much one
+  configuration moves within a call; ``--phases none`` runs the variants alone.
+
+Every ``mcvqa train`` row also records each optimiser step's seconds (``metrics.json``'s ``step_seconds``: the same
+batches in every row, so rows compare step by step), their median after the first four, and the process's garbage
+collections (``gcprobe/sitecustomize.py``; ``env:MCVQA_BENCH_GC=nofreeze`` runs a row without
+``mcvqa.runtime.frozen_heap``).
 
 The model is the real Qwen3-VL-8B-Instruct architecture with random weights from the real config, tokenizer and
 processor (``e2e.py``'s build); every phase records its error instead of stopping the call. Writes ``stack.json``.
@@ -44,9 +52,17 @@ SEED = str(HERE.parent / "configs" / "seed.yaml")
 ONE_EPOCH = ["--set", "train.epochs=1", "--set", "train.eval_every=never", "--set", "train.report_to=[]", "--set", "data.val_fraction=0.01"]
 
 
-def train_row(model: Path, data: Path, run: Path, label: str, extra: list[str]) -> dict[str, Any]:
+def _median(xs: list[float]) -> float | None:
+    xs = sorted(xs)
+    return round((xs[(len(xs) - 1) // 2] + xs[len(xs) // 2]) / 2, 4) if xs else None
+
+
+def train_row(model: Path, data: Path, run: Path, label: str, extra: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
+    # Every row records its process's garbage collections (gcprobe/sitecustomize.py): a full one holds the host.
+    gc_file = run.with_name(run.name + "_gc.json")
+    env = {"PYTHONPATH": os.pathsep.join([str(HERE / "gcprobe"), os.environ.get("PYTHONPATH", "")]), "MCVQA_BENCH_GC_OUT": str(gc_file), **(env or {})}
     try:
-        wall, _ = cli(["train", "--config", SEED, "--model", str(model), "--data", str(data / "train.csv"), "--out", str(run), "-q", *ONE_EPOCH, *extra])
+        wall, _ = cli(["train", "--config", SEED, "--model", str(model), "--data", str(data / "train.csv"), "--out", str(run), "-q", *ONE_EPOCH, *extra], env)
     except RuntimeError as e:
         row = {"path": label, "error": str(e)[-2500:]}
         log(row)
@@ -54,8 +70,12 @@ def train_row(model: Path, data: Path, run: Path, label: str, extra: list[str]) 
     m = json.loads((run / "metrics.json").read_text())
     row = {"path": label, "seconds": round(wall, 1), "steps": m["steps"], "samples_per_s": m.get("samples_per_second"),
            "steady_samples_per_s": m.get("steady_samples_per_second"), "peak_gib": m.get("peak_gpu_gib"),
-           "losses": [round(l, 4) for _, l in m.get("losses", [])]}
-    log({k: v for k, v in row.items() if k != "losses"}, "losses", row["losses"][:3], "...", row["losses"][-3:])
+           "losses": [round(l, 4) for _, l in m.get("losses", [])], "step_seconds": m.get("step_seconds"),
+           # The lent machine has slow stretches of several steps (seen in one call: 0.73 s steps for a while at 0.9-1.1 s,
+           # then 0.73 s again): the median step after the first four is the figure such a stretch moves least.
+           "median_step_seconds": _median(m.get("step_seconds", [])[4:]),
+           "gc": json.loads(gc_file.read_text()) if gc_file.exists() else None}
+    log({k: v for k, v in row.items() if k not in ("losses", "step_seconds")}, "losses", row["losses"][:3], "...", row["losses"][-3:])
     return row
 
 
@@ -147,6 +167,9 @@ def main() -> None:
     ap.add_argument("--n-train", type=int, default=480)
     ap.add_argument("--plain-steps", type=int, default=8)
     ap.add_argument("--json", default="stack.json")
+    ap.add_argument("--variant", action="append", default=[], metavar="LABEL=KEY=VALUE,...",
+                    help="an mcvqa train row with these --set values (env:NAME=VALUE sets an environment variable instead), "
+                         "after the phases, in the order given; repeat a label to run it twice in one call")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     info = versions()
@@ -183,6 +206,13 @@ def main() -> None:
         save()
     if "nofuse" in phases:  # peft's own LoRA forward (clone, multiply, add) instead of the addmm epilogue
         results.append(train_row(args.build, args.data, args.runs / "t_nofuse", "mcvqa train --config configs/seed.yaml, lora.fused=false", ["--set", "lora.fused=false"]))
+        save()
+    for i, spec in enumerate(args.variant):
+        label, _, sets = spec.partition("=")
+        items = [x for x in sets.split(",") if x]
+        env = dict(x[4:].split("=", 1) for x in items if x.startswith("env:"))
+        extra = [a for x in items if not x.startswith("env:") for a in ("--set", x)]
+        results.append(train_row(args.build, args.data, args.runs / f"v{i}_{label}", f"mcvqa train --config configs/seed.yaml, {label}: {sets or 'as is'}", extra, env))
         save()
     if "fp16" in phases:
         results.append(train_row(args.build, args.data, args.runs / "t_fp16", "mcvqa train --config configs/seed.yaml, model.dtype=fp16 (loss scaling)", ["--set", "model.dtype=fp16"]))

@@ -70,6 +70,22 @@ def test_resume_after_interruption_is_byte_identical(cfg_factory, scorer, synth_
     assert res.probs.read_bytes() == full.probs.read_bytes()
 
 
+def test_batches_run_with_the_loaded_model_left_out_of_garbage_collection_and_given_back_after(cfg_factory, scorer, synth_data, tmp_path, monkeypatch) -> None:
+    """The loaded model is never garbage while questions are scored: a full collection walking it would hold the host
+    while the GPU idles (``runtime.frozen_heap``). After the command the collector has it back (a process that
+    predicts again, with another model, frees this one's reference cycles)."""
+    import gc
+
+    from mcvqa import predict as predict_module
+
+    frozen: list[int] = []
+    real = predict_module._score
+    monkeypatch.setattr(predict_module, "_score", lambda *a, **k: (frozen.append(gc.get_freeze_count()), real(*a, **k))[1])
+    predict(cfg_factory(), synth_data / "test.csv", tmp_path / "run", scorer=scorer, progress=False, log=lambda s: None)
+    assert frozen and frozen[0] > 10_000, frozen
+    assert gc.get_freeze_count() == 0
+
+
 def test_validate_submission_catches_mistakes() -> None:
     ids = ["t1", "t2", "t3"]
     validate_submission(pd.DataFrame({"id": ids, "answer": ["a", "b", "d"]}), ids)

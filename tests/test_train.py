@@ -67,7 +67,7 @@ def test_answer_loss_keeps_its_buffers_on_the_model_device(tiny_loaded, encoder)
 def test_steady_rate_skips_the_first_steps() -> None:
     from mcvqa.train.loop import _steady_rate
 
-    marks = [(10.0, 8), (11.0, 16), (12.0, 24), (12.5, 32), (13.0, 40), (13.5, 48)]  # 3 slow steps, then 0.5 s each
+    marks = [(8.0, 0), (9.0, 8), (10.0, 16), (11.0, 24), (12.0, 32), (12.5, 40), (13.0, 48)]  # start, 4 slow steps, then 0.5 s each
     assert _steady_rate(marks, world=1) == pytest.approx(16 / 1.0)
     assert _steady_rate(marks, world=2) == pytest.approx(32 / 1.0)
     assert _steady_rate(marks[:4], world=1) is None
@@ -224,6 +224,24 @@ def test_language_model_attention_leaves_cudnn_out_on_a_gpu(cfg_factory, data, m
     assert torch.backends.cuda.cudnn_sdp_enabled()  # switched off for those calls only
 
 
+def test_steps_run_with_the_loaded_heap_left_out_of_garbage_collection_and_given_back_after(cfg_factory, data, tmp_path, monkeypatch) -> None:
+    """Python's full collections walk every object the process holds (the model, the libraries, their caches) and hold
+    the host while the GPU idles: the training steps run with what was alive before them frozen
+    (``runtime.frozen_heap``). After the run those objects are the collector's again, or a process that trains many
+    times (``mcvqa tune``'s trials) would never free a finished model's reference cycles."""
+    import gc
+
+    from mcvqa.train import loop
+
+    frozen: list[int] = []
+    real = loop.optimizer_step
+    monkeypatch.setattr(loop, "optimizer_step", lambda run, *a, **k: (frozen.append(gc.get_freeze_count()), real(run, *a, **k))[1])
+    cfg = cfg_factory(*LORA, "train.epochs=1", "train.batch_size=8", "train.eval_every=never")
+    train_split(cfg, data[0], [], tmp_path / "r", progress=False, log_fn=_quiet)
+    assert frozen and min(frozen) > 10_000, frozen  # every step: the model's modules and parameters among them
+    assert gc.get_freeze_count() == 0
+
+
 def test_option_shuffle_remaps_labels(encoder, data) -> None:
     ds = TrainDataset(data[0].items, encoder, shuffle_options=True, seed=1)
     changed = 0
@@ -253,8 +271,12 @@ def test_length_grouped_batches_cover_everything_once() -> None:
 def test_full_training_loss_falls(cfg_factory, data, tmp_path) -> None:
     cfg = cfg_factory("train.method=full", "train.epochs=4", "train.batch_size=4", "train.lr=2e-3", "prompt.name=plain_ko", "train.gradient_checkpointing=false")
     res = train_split(cfg, data[0], data[1].items, tmp_path / "full", progress=False, log_fn=_quiet)
-    losses = [l for _, l in json.loads((tmp_path / "full" / "metrics.json").read_text())["losses"]]
+    m = json.loads((tmp_path / "full" / "metrics.json").read_text())
+    losses = [l for _, l in m["losses"]]
     assert sum(losses[-3:]) / 3 < 0.5 * sum(losses[:3]) / 3
+    # Each step's seconds, in order: as many as steps, together no more than the run (validation lies between epochs).
+    assert len(m["step_seconds"]) == m["steps"] == res.steps and min(m["step_seconds"]) > 0
+    assert 0.3 * m["seconds"] < sum(m["step_seconds"]) <= m["seconds"]
     assert (tmp_path / "full" / "loss.png").stat().st_size > 1000
     assert (tmp_path / "full" / "best" / "model.safetensors").exists()
     assert len(res.history) == 4 and "val_accuracy" in res.history[0]

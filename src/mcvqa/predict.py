@@ -28,7 +28,7 @@ from mcvqa.features import Encoder
 from mcvqa.io import Staged
 from mcvqa.outputs import write_outputs, write_per_order
 from mcvqa.prompts import load_prompt
-from mcvqa.runtime import distributed, seconds_since_process_start
+from mcvqa.runtime import distributed, frozen_heap, seconds_since_process_start
 from mcvqa.scoring import Scorer
 
 __all__ = ["JOURNAL", "PredictResult", "build_scorer", "predict"]
@@ -158,7 +158,8 @@ def predict(
         ds.items, scorer.encoder, cfg.predict.batch_size, journal, done, dist, cfg.predict.on_bad_image, ds.source, ScoreStats(), progress,
         num_workers=cfg.predict.num_workers,
     )
-    probs, tta_result = _score(cfg, scorer, engine)
+    with frozen_heap():  # the loaded model is never garbage: full collections would stall the GPU (runtime.frozen_heap)
+        probs, tta_result = _score(cfg, scorer, engine)
     seconds = time.perf_counter() - t0
     stats = engine.stats
     timeline |= {"load": round(load_seconds, 3), **{f"load_{k}": v for k, v in laps.items()}, "first_batch": stats.first_batch_seconds, "score": round(seconds - load_seconds, 3)}

@@ -8,7 +8,10 @@ workers are placed by :func:`independent_worker`. The launcher's environment var
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -177,3 +180,30 @@ def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     if not t.is_pinned():
         t = t.pin_memory()
     return t.to(device, non_blocking=True)
+
+
+_FROZEN = 0
+
+
+@contextlib.contextmanager
+def frozen_heap() -> Iterator[None]:
+    """Leave out of Python's garbage collection every object alive on entry, until the block ends.
+
+    A loaded model, the libraries it imported and their caches are hundreds of thousands of objects that live for the
+    whole command. Python's full collections walk all of them, holding the host for hundreds of milliseconds while
+    the GPU drains its queue and idles (seen in a training step's profile: BENCHMARKS.md). Objects made inside the
+    block are collected as usual. On exit the frozen objects are handed back to the collector, so a process that
+    trains or predicts many times (``mcvqa tune``'s trials) still frees a finished model's reference cycles.
+    Re-entrant: only the outermost block freezes and unfreezes.
+    """
+    global _FROZEN
+    if _FROZEN == 0:
+        gc.collect()  # garbage already made (the load's temporaries) is freed now, not kept frozen for the block
+        gc.freeze()
+    _FROZEN += 1
+    try:
+        yield
+    finally:
+        _FROZEN -= 1
+        if _FROZEN == 0:
+            gc.unfreeze()

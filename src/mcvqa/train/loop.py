@@ -38,7 +38,7 @@ from mcvqa.evaluate import metrics
 from mcvqa.features import Collator, Encoder, resolve_num_workers, token_lengths
 from mcvqa.io import recover_dir
 from mcvqa.prompts import load_prompt
-from mcvqa.runtime import Dist, distributed, progress_bar
+from mcvqa.runtime import Dist, distributed, frozen_heap, progress_bar
 from mcvqa.scoring import Scorer, letter_tokens
 from mcvqa.train.build import build_model, fp16_scaler, make_scheduler, param_groups
 from mcvqa.train.data import TrainDataset, epoch_batches
@@ -110,7 +110,8 @@ class Run:
     """Whether the micro-batches of one optimiser step run as one pass (``train.fuse_accumulation``)."""
     samples_seen: int = 0
     marks: list[tuple[float, int]] = field(default_factory=list)
-    """(time, samples) after each optimiser step, for the steady-state rate."""
+    """(time, samples) when :func:`fit` began, then after each optimiser step: the steady-state rate and each step's
+    seconds."""
     started: float = field(default_factory=time.perf_counter)
 
     @property
@@ -256,13 +257,15 @@ def fit(run: Run, on_epoch_end: Callable[[int, dict[str, Any]], None] | None = N
     stop_at = state.global_step + tc.stop_after_steps if tc.stop_after_steps else None
     bar = progress_bar(total=run.plan.total_steps, initial=state.global_step, desc="training", unit="step", disable=not run.progress or not run.main)
     run.loss_module.train()
+    run.marks.append((time.perf_counter(), run.samples_seen))
     try:
-        while state.global_step < run.plan.total_steps and state.epoch < math.ceil(tc.epochs):
-            if not train_epoch(run, bar, stop_at):
-                checkpoint(run.accelerator, run.out, run.loss_module, run.optimizer, run.scheduler, state, tc.save_total_limit)
-                run.log_fn(f"stopped after {tc.stop_after_steps} steps at step {state.global_step} of {run.plan.total_steps} (train.stop_after_steps); --resume continues")
-                return False
-            end_epoch(run, on_epoch_end)
+        with frozen_heap():  # the host's full garbage collections would stall the GPU mid-step
+            while state.global_step < run.plan.total_steps and state.epoch < math.ceil(tc.epochs):
+                if not train_epoch(run, bar, stop_at):
+                    checkpoint(run.accelerator, run.out, run.loss_module, run.optimizer, run.scheduler, state, tc.save_total_limit)
+                    run.log_fn(f"stopped after {tc.stop_after_steps} steps at step {state.global_step} of {run.plan.total_steps} (train.stop_after_steps); --resume continues")
+                    return False
+                end_epoch(run, on_epoch_end)
     finally:
         bar.close()
     return True
@@ -418,6 +421,9 @@ def finish(run: Run) -> TrainResult:
             "seconds": round(seconds, 2),
             "samples_per_second": round(run.samples_seen * world / seconds, 3) if seconds > 0 else None,
             "steady_samples_per_second": _steady_rate(run.marks, world),
+            # Each optimiser step's wall seconds in this invocation, in order (the same batches in every run of one
+            # seed: two settings compare step by step, not only by their totals).
+            "step_seconds": [round(b[0] - a[0], 4) for a, b in zip(run.marks, run.marks[1:])],
             # What the card needed at its peak (this process's allocations), for "does it fit on a smaller GPU".
             "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if run.accelerator.device.type == "cuda" else None,
         }
@@ -453,9 +459,9 @@ def _mean_tail(losses: list[list[float]], n: int) -> float:
     return float(sum(tail) / len(tail)) if tail else float("nan")
 
 
-def _steady_rate(marks: list[tuple[float, int]], world: int, skip: int = 3) -> float | None:
+def _steady_rate(marks: list[tuple[float, int]], world: int, skip: int = 4) -> float | None:
     """Samples/s over the optimiser steps after the first ``skip`` (allocator growth, kernel autotuning and
-    the first loader batches land there); None when the run is too short to tell."""
+    the first loader batches land there); None when the run is too short to tell. ``marks[0]`` is the start."""
     if len(marks) <= skip + 1:
         return None
     (t0, n0), (t1, n1) = marks[skip], marks[-1]
