@@ -47,14 +47,10 @@ sys.path.insert(0, str(HERE))
 
 from e2e import cli, make_data  # noqa: E402
 from gpu_bench import log, versions  # noqa: E402
+from tables import median  # noqa: E402
 
 SEED = str(HERE.parent / "configs" / "seed.yaml")
 ONE_EPOCH = ["--set", "train.epochs=1", "--set", "train.eval_every=never", "--set", "train.report_to=[]", "--set", "data.val_fraction=0.01"]
-
-
-def _median(xs: list[float]) -> float | None:
-    xs = sorted(xs)
-    return round((xs[(len(xs) - 1) // 2] + xs[len(xs) // 2]) / 2, 4) if xs else None
 
 
 def train_row(model: Path, data: Path, run: Path, label: str, extra: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
@@ -71,9 +67,10 @@ def train_row(model: Path, data: Path, run: Path, label: str, extra: list[str], 
     row = {"path": label, "seconds": round(wall, 1), "steps": m["steps"], "samples_per_s": m.get("samples_per_second"),
            "steady_samples_per_s": m.get("steady_samples_per_second"), "peak_gib": m.get("peak_gpu_gib"),
            "losses": [round(l, 4) for _, l in m.get("losses", [])], "step_seconds": m.get("step_seconds"),
-           # The lent machine has slow stretches of several steps (seen in one call: 0.73 s steps for a while at 0.9-1.1 s,
-           # then 0.73 s again): the median step after the first four is the figure such a stretch moves least.
-           "median_step_seconds": _median(m.get("step_seconds", [])[4:]),
+           # The lent machine has slow stretches of many steps (seen once: a run's steps at 0.84-1.13 s for a while, then
+           # at 0.74 s again, as the same setting's whole run before it): the median step after the first four is the
+           # figure such a stretch moves least.
+           "median_step_seconds": median(m.get("step_seconds", [])[4:]),
            "gc": json.loads(gc_file.read_text()) if gc_file.exists() else None}
     log({k: v for k, v in row.items() if k not in ("losses", "step_seconds")}, "losses", row["losses"][:3], "...", row["losses"][-3:])
     return row

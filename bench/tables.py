@@ -29,9 +29,20 @@ def main(paths: list[str]) -> None:
             rate = r.get("q_per_s", r.get("samples_per_s"))
             path = r.get("path") or " ".join(str(r[k]) for k in ("phase", "variant", "batch", "micro_batch", "workers") if k in r)
             skip = ("setting", "path", "phase", "variant", "batch", "micro_batch", "workers", "q_per_s", "samples_per_s", "peak_gib", "prefix_tokens",
-                    "suffix_tokens", "image_tokens", "applied", "losses")
+                    "suffix_tokens", "image_tokens", "applied", "losses", "step_seconds", "gc")
             other = {k: r[k] for k in r if k not in skip}
+            if r.get("step_seconds") and "median_step_seconds" not in r:  # rows written before stack.py recorded it
+                other["median_step_seconds"] = median(r["step_seconds"][4:])
+            if isinstance(r.get("gc"), dict):  # full collections (generation 2): how many, and their seconds in all
+                full = r["gc"].get("per_generation", {}).get("2", {})
+                other["full_gc"] = f"{full.get('count')} ({full.get('seconds')} s)"
             print(f"| {r.get('setting', '')} | {path} | {fmt(rate) if rate is not None else ''} | {fmt(r.get('peak_gib', ''))} | {', '.join(f'{k}={fmt(x)}' for k, x in other.items())} |")
+
+
+def median(xs: list[float]) -> float | None:
+    """The median of ``xs`` (None when empty), to 4 decimals: a run's typical step, which a slow stretch moves least."""
+    xs = sorted(xs)
+    return round((xs[(len(xs) - 1) // 2] + xs[len(xs) // 2]) / 2, 4) if xs else None
 
 
 if __name__ == "__main__":
