@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -67,10 +68,10 @@ def test_answer_loss_keeps_its_buffers_on_the_model_device(tiny_loaded, encoder)
 def test_steady_rate_skips_the_first_steps() -> None:
     from mcvqa.train.loop import _steady_rate
 
-    marks = [(8.0, 0), (9.0, 8), (10.0, 16), (11.0, 24), (12.0, 32), (12.5, 40), (13.0, 48)]  # start, 4 slow steps, then 0.5 s each
-    assert _steady_rate(marks, world=1) == pytest.approx(16 / 1.0)
-    assert _steady_rate(marks, world=2) == pytest.approx(32 / 1.0)
-    assert _steady_rate(marks[:4], world=1) is None
+    steps = [(1.0, 8)] * 4 + [(0.5, 8), (0.25, 4)]  # (seconds, samples): 4 slow steps, then the steady ones
+    assert _steady_rate(steps, world=1) == pytest.approx(12 / 0.75)
+    assert _steady_rate(steps, world=2) == pytest.approx(24 / 0.75)
+    assert _steady_rate(steps[:4], world=1) is None
 
 
 def test_answer_loss_equals_masked_label_loss(cfg_factory, tiny_loaded, encoder, data) -> None:
@@ -274,13 +275,35 @@ def test_full_training_loss_falls(cfg_factory, data, tmp_path) -> None:
     m = json.loads((tmp_path / "full" / "metrics.json").read_text())
     losses = [l for _, l in m["losses"]]
     assert sum(losses[-3:]) / 3 < 0.5 * sum(losses[:3]) / 3
-    # Each step's seconds, in order: as many as steps, together no more than the run (validation lies between epochs).
-    assert len(m["step_seconds"]) == m["steps"] == res.steps and min(m["step_seconds"]) > 0
-    assert 0.3 * m["seconds"] < sum(m["step_seconds"]) <= m["seconds"]
+    steps = m["step_seconds"]  # each optimiser step's seconds, in order
+    assert len(steps) == m["steps"] == res.steps and min(steps) > 0 and sum(steps) < m["seconds"]
     assert (tmp_path / "full" / "loss.png").stat().st_size > 1000
     assert (tmp_path / "full" / "best" / "model.safetensors").exists()
     assert len(res.history) == 4 and "val_accuracy" in res.history[0]
     assert list((tmp_path / "full" / "logs").glob("events.out.tfevents.*")), "TensorBoard log written"
+
+
+def test_step_seconds_and_the_steady_rate_leave_validation_and_checkpoints_out(cfg_factory, data, tmp_path, monkeypatch) -> None:
+    """A step's seconds run from its first micro-batch to the optimiser's step: an epoch's validation and a checkpoint
+    (at the epoch's end, or every ``train.checkpoint_every_steps``) fall between steps. Each checkpoint here makes the
+    loop's clock jump 1,000 s; no step may show it, and the steady rate is the steps' own."""
+    from mcvqa.train import loop
+
+    jumped = [0.0]
+    real_clock, real_checkpoint = loop.time.perf_counter, loop.checkpoint
+
+    def checkpoint(*a, **k):
+        jumped[0] += 1000.0
+        return real_checkpoint(*a, **k)
+
+    monkeypatch.setattr(loop, "time", SimpleNamespace(perf_counter=lambda: real_clock() + jumped[0]))
+    monkeypatch.setattr(loop, "checkpoint", checkpoint)
+    cfg = cfg_factory(*LORA, "train.epochs=2", "train.batch_size=4", "train.checkpoint_every_steps=2")
+    res = train_split(cfg, data[0], data[1].items[:4], tmp_path / "r", progress=False, log_fn=_quiet)
+    m = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert jumped[0] >= 4000 and len(m["step_seconds"]) == res.steps >= 8  # mid-epoch checkpoints and both epochs' ends
+    assert max(m["step_seconds"]) < 1000, m["step_seconds"]
+    assert m["steady_samples_per_second"] > 4 * len(m["step_seconds"][4:]) / 1000
 
 
 def test_resume_gives_the_same_adapter(cfg_factory, data, tmp_path) -> None:

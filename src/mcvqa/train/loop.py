@@ -109,9 +109,11 @@ class Run:
     fuse: bool = False
     """Whether the micro-batches of one optimiser step run as one pass (``train.fuse_accumulation``)."""
     samples_seen: int = 0
-    marks: list[tuple[float, int]] = field(default_factory=list)
-    """(time, samples) when :func:`fit` began, then after each optimiser step: the steady-state rate and each step's
-    seconds."""
+    steps: list[tuple[float, int]] = field(default_factory=list)
+    """(seconds, samples) of each optimiser step this invocation ran, from its first micro-batch asked of the loader to
+    the optimiser's step; validation and checkpoints fall between steps, not in them. The steady rate reads these."""
+    clock: tuple[float, int] = (0.0, 0)
+    """(time, samples seen) when the step under way began."""
     started: float = field(default_factory=time.perf_counter)
 
     @property
@@ -257,7 +259,6 @@ def fit(run: Run, on_epoch_end: Callable[[int, dict[str, Any]], None] | None = N
     stop_at = state.global_step + tc.stop_after_steps if tc.stop_after_steps else None
     bar = progress_bar(total=run.plan.total_steps, initial=state.global_step, desc="training", unit="step", disable=not run.progress or not run.main)
     run.loss_module.train()
-    run.marks.append((time.perf_counter(), run.samples_seen))
     try:
         with frozen_heap():  # the host's full garbage collections would stall the GPU mid-step
             while state.global_step < run.plan.total_steps and state.epoch < math.ceil(tc.epochs):
@@ -327,6 +328,7 @@ def train_epoch(run: Run, bar: Any, stop_at: int | None) -> bool:
     or the whole schedule ended."""
     tc, state, acc = run.cfg.train, run.state, run.accelerator
     batches, units, loader = epoch_loader(run, state.epoch)
+    run.clock = (time.perf_counter(), run.samples_seen)
     running: list[torch.Tensor] = []  # read once a step: a float() per micro-batch would make the host wait for each
     for batch, (_, first, covered) in zip(loader, units):
         micro = first + covered - 1  # the last micro-batch this unit runs
@@ -347,6 +349,7 @@ def train_epoch(run: Run, bar: Any, stop_at: int | None) -> bool:
         running = []
         if tc.checkpoint_every_steps and state.global_step % tc.checkpoint_every_steps == 0 and micro + 1 < len(batches):
             checkpoint(acc, run.out, run.loss_module, run.optimizer, run.scheduler, state, tc.save_total_limit)
+            run.clock = (time.perf_counter(), run.samples_seen)
         if state.global_step >= run.plan.total_steps:
             return True
         if stop_at is not None and state.global_step >= stop_at:
@@ -374,7 +377,9 @@ def optimizer_step(run: Run, step_loss: float, bar: Any) -> None:
         run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     state.global_step += 1
-    run.marks.append((time.perf_counter(), run.samples_seen))
+    (began, seen), now = run.clock, time.perf_counter()
+    run.steps.append((now - began, run.samples_seen - seen))
+    run.clock = (now, run.samples_seen)
     state.losses.append([state.global_step, step_loss])
     lr = run.scheduler.get_last_lr()[0]
     bar.update(1)
@@ -420,10 +425,10 @@ def finish(run: Run) -> TrainResult:
             "steps": run.state.global_step,
             "seconds": round(seconds, 2),
             "samples_per_second": round(run.samples_seen * world / seconds, 3) if seconds > 0 else None,
-            "steady_samples_per_second": _steady_rate(run.marks, world),
+            "steady_samples_per_second": _steady_rate(run.steps, world),
             # Each optimiser step's wall seconds in this invocation, in order (the same batches in every run of one
             # seed: two settings compare step by step, not only by their totals).
-            "step_seconds": [round(b[0] - a[0], 4) for a, b in zip(run.marks, run.marks[1:])],
+            "step_seconds": [round(seconds, 4) for seconds, _ in run.steps],
             # What the card needed at its peak (this process's allocations), for "does it fit on a smaller GPU".
             "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if run.accelerator.device.type == "cuda" else None,
         }
@@ -459,10 +464,8 @@ def _mean_tail(losses: list[list[float]], n: int) -> float:
     return float(sum(tail) / len(tail)) if tail else float("nan")
 
 
-def _steady_rate(marks: list[tuple[float, int]], world: int, skip: int = 4) -> float | None:
-    """Samples/s over the optimiser steps after the first ``skip`` (allocator growth, kernel autotuning and
-    the first loader batches land there); None when the run is too short to tell. ``marks[0]`` is the start."""
-    if len(marks) <= skip + 1:
-        return None
-    (t0, n0), (t1, n1) = marks[skip], marks[-1]
-    return round((n1 - n0) * world / (t1 - t0), 3) if t1 > t0 else None
+def _steady_rate(steps: list[tuple[float, int]], world: int, skip: int = 4) -> float | None:
+    """Samples/s over the optimiser steps after the first ``skip`` (allocator growth, kernel autotuning and the first
+    loader batches land there), validation and checkpoints left out; None when the run is too short to tell."""
+    seconds = sum(s for s, _ in steps[skip:])
+    return round(sum(n for _, n in steps[skip:]) * world / seconds, 3) if seconds > 0 else None
