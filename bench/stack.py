@@ -56,7 +56,8 @@ ONE_EPOCH = ["--set", "train.epochs=1", "--set", "train.eval_every=never", "--se
 def train_row(model: Path, data: Path, run: Path, label: str, extra: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
     # Every row records its process's garbage collections (gcprobe/sitecustomize.py): a full one holds the host.
     gc_file = run.with_name(run.name + "_gc.json")
-    env = {"PYTHONPATH": os.pathsep.join([str(HERE / "gcprobe"), os.environ.get("PYTHONPATH", "")]), "MCVQA_BENCH_GC_OUT": str(gc_file), **(env or {})}
+    path = [str(HERE / "gcprobe"), *(p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p)]
+    env = {"PYTHONPATH": os.pathsep.join(path), "MCVQA_BENCH_GC_OUT": str(gc_file), **(env or {})}
     try:
         wall, _ = cli(["train", "--config", SEED, "--model", str(model), "--data", str(data / "train.csv"), "--out", str(run), "-q", *ONE_EPOCH, *extra], env)
     except RuntimeError as e:
@@ -151,6 +152,16 @@ def resume_rows(model: Path, data: Path, runs: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def parse_variant(spec: str) -> tuple[str, str, list[str], dict[str, str]]:
+    """``LABEL=KEY=VALUE,...`` -> (label, the settings as given, the CLI's --set arguments, environment variables)."""
+    label, _, sets = spec.partition("=")
+    items = [x for x in sets.split(",") if x]  # a value with a comma in it (a list) is not supported here
+    if not label.replace("_", "").replace("-", "").isalnum() or any("=" not in x for x in items):
+        raise SystemExit(f"--variant {spec!r}: want LABEL=KEY=VALUE,... (LABEL: letters, digits, - and _; env:NAME=VALUE sets a variable)")
+    env = dict(x[4:].split("=", 1) for x in items if x.startswith("env:"))
+    return label, sets, [a for x in items if not x.startswith("env:") for a in ("--set", x)], env
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--like", type=Path, default=HERE.parent / ".fixtures" / "qwen3-vl-8b-instruct")
@@ -168,6 +179,7 @@ def main() -> None:
                     help="an mcvqa train row with these --set values (env:NAME=VALUE sets an environment variable instead), "
                          "after the phases, in the order given; repeat a label to run it twice in one call")
     args = ap.parse_args()
+    variants = [parse_variant(v) for v in args.variant]  # a typo stops the call before any GPU time is spent
     args.out.mkdir(parents=True, exist_ok=True)
     info = versions()
     try:
@@ -204,11 +216,7 @@ def main() -> None:
     if "nofuse" in phases:  # peft's own LoRA forward (clone, multiply, add) instead of the addmm epilogue
         results.append(train_row(args.build, args.data, args.runs / "t_nofuse", "mcvqa train --config configs/seed.yaml, lora.fused=false", ["--set", "lora.fused=false"]))
         save()
-    for i, spec in enumerate(args.variant):
-        label, _, sets = spec.partition("=")
-        items = [x for x in sets.split(",") if x]
-        env = dict(x[4:].split("=", 1) for x in items if x.startswith("env:"))
-        extra = [a for x in items if not x.startswith("env:") for a in ("--set", x)]
+    for i, (label, sets, extra, env) in enumerate(variants):
         results.append(train_row(args.build, args.data, args.runs / f"v{i}_{label}", f"mcvqa train --config configs/seed.yaml, {label}: {sets or 'as is'}", extra, env))
         save()
     if "fp16" in phases:

@@ -243,6 +243,24 @@ def test_steps_run_with_the_loaded_heap_left_out_of_garbage_collection_and_given
     assert gc.get_freeze_count() == 0
 
 
+def test_frozen_heap_nests_and_gives_the_objects_back_when_its_block_raises() -> None:
+    """Only the outermost block freezes and unfreezes; a block that raises (tune prunes a trial from inside training)
+    still hands the objects back to the collector."""
+    import gc
+
+    from mcvqa import runtime
+
+    assert gc.get_freeze_count() == 0
+    with pytest.raises(RuntimeError, match="pruned"):
+        with runtime.frozen_heap():
+            outer = gc.get_freeze_count()
+            with runtime.frozen_heap():
+                assert gc.get_freeze_count() == outer > 0
+            assert gc.get_freeze_count() == outer  # the inner block's end did not unfreeze the outer's objects
+            raise RuntimeError("pruned")
+    assert gc.get_freeze_count() == 0 and runtime._FROZEN == 0
+
+
 def test_option_shuffle_remaps_labels(encoder, data) -> None:
     ds = TrainDataset(data[0].items, encoder, shuffle_options=True, seed=1)
     changed = 0
@@ -341,9 +359,26 @@ def test_resume_gives_the_same_adapter(cfg_factory, data, tmp_path) -> None:
     assert ha == hb
 
 
-def test_kfold_reports_mean_and_std(cfg_factory, synth_data, tmp_path) -> None:
+def test_kfold_reports_mean_and_std(cfg_factory, synth_data, tmp_path, monkeypatch) -> None:
+    import weakref
+
+    from mcvqa.train import loop
+
+    # Each fold's model is freed before the next one loads (its reference cycles were frozen while it trained): one
+    # model on the card at a time, in k-fold as in tune's trials.
+    built: list[weakref.ref] = []
+
+    def build_model(*a, **k):
+        assert all(ref() is None for ref in built), "an earlier fold's model is still alive while the next loads"
+        model, processor = real_build(*a, **k)
+        built.append(weakref.ref(model))
+        return model, processor
+
+    real_build = loop.build_model
+    monkeypatch.setattr(loop, "build_model", build_model)
     cfg = cfg_factory(*LORA, "train.kfold=3", "train.epochs=1", "train.batch_size=8")
     res = train(cfg, synth_data / "train.csv", tmp_path / "kf", progress=False, log_fn=_quiet)
+    assert len(built) == 3
     summary = json.loads((tmp_path / "kf" / "kfold.json").read_text())
     accs = [json.loads((tmp_path / "kf" / f"fold_{k}" / "metrics.json").read_text())["best"]["accuracy"] for k in range(3)]
     assert [f["accuracy"] for f in summary["folds"]] == accs  # each fold's own best, in fold order

@@ -192,9 +192,12 @@ def frozen_heap() -> Iterator[None]:
     A loaded model, the libraries it imported and their caches are hundreds of thousands of objects that live for the
     whole command. Python's full collections walk all of them, holding the host for hundreds of milliseconds while
     the GPU drains its queue and idles (seen in a training step's profile: BENCHMARKS.md). Objects made inside the
-    block are collected as usual. On exit the frozen objects are handed back to the collector, so a process that
-    trains or predicts many times (``mcvqa tune``'s trials) still frees a finished model's reference cycles.
-    Re-entrant: only the outermost block freezes and unfreezes.
+    block are collected as usual. On exit the frozen objects are handed back to the collector, even when the block
+    raises (``mcvqa tune`` prunes a trial from inside training), so a process that trains or predicts many times
+    frees a finished model's reference cycles (:func:`collect_garbage`, before the next model loads).
+    Re-entrant: only the outermost block freezes and unfreezes. Python has one frozen set, so the outermost exit also
+    hands back what anything else froze before it; freezing only decides which objects a collection walks, never
+    which are freed while referenced, so that costs such a freeze its speed, not its correctness.
     """
     global _FROZEN
     if _FROZEN == 0:
@@ -207,3 +210,12 @@ def frozen_heap() -> Iterator[None]:
         _FROZEN -= 1
         if _FROZEN == 0:
             gc.unfreeze()
+
+
+def collect_garbage() -> None:
+    """Free what earlier work left in reference cycles (a finished trial's or fold's model, held by its modules' own
+    references) before another model loads, and give the GPU memory it held back to the device: otherwise two models
+    can share the card until Python's collector next runs a full pass."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

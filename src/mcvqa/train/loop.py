@@ -38,7 +38,7 @@ from mcvqa.evaluate import metrics
 from mcvqa.features import Collator, Encoder, resolve_num_workers, token_lengths
 from mcvqa.io import recover_dir
 from mcvqa.prompts import load_prompt
-from mcvqa.runtime import Dist, distributed, frozen_heap, progress_bar
+from mcvqa.runtime import Dist, collect_garbage, distributed, frozen_heap, progress_bar
 from mcvqa.scoring import Scorer, letter_tokens
 from mcvqa.train.build import build_model, fp16_scaler, make_scheduler, param_groups
 from mcvqa.train.data import TrainDataset, epoch_batches
@@ -218,6 +218,7 @@ def setup(
         cfg.model.name_or_path = str(local.resolve())
         if dist.main:
             log_fn(f"base model {cfg.model.name_or_path} (stored in the adapter as an absolute path)")
+    collect_garbage()  # a process that trains again (tune's trials, k-fold's folds): the last model goes first
     model, processor = build_model(cfg, log_fn)
     family = families.for_model(model)
     encoder = Encoder(processor, load_prompt(cfg.prompt.name), cfg.image, family, family.pixel_dtype(family.core_and_head(model)[0]))
