@@ -13,6 +13,7 @@
 #   bash bench/issue26.sh trainunsloth # carry .whl-u .fixtures  mcvqa train on the Unsloth backend and on peft's, each profiled
 #   bash bench/issue26.sh traincli   # carry .whl .fixtures      mcvqa train's own loop profiled, packed vs rows
 #   bash bench/issue26.sh adapter    # carry .whl .fixtures      predict --adapter (nf4), the adapter merged and not
+#   bash bench/issue26.sh coldload   # carry .whl .fixtures      the 8B's load from a cold page cache, model.read_ahead on and off
 #   bash bench/issue26.sh profile    # carry .whl .fixtures      levers.py (eager vs Liger, stages, kernels), the
 #                                                                CLI's own loop under the profiler (profile_cli.py), fp8
 #
@@ -22,7 +23,7 @@
 # and families.tar.xz (families only: copy it from ../shared/fixtures, and leave it out of the other calls). `train` runs on the
 # machine's own transformers: the Unsloth release accepts no newer one, and both backends must run on the same.
 set -euo pipefail
-what=${1:?predict, headline, train, trainpaired, trainunsloth, families, families2, trainprofile, traincli, adapter or profile}
+what=${1:?predict, headline, train, trainpaired, trainunsloth, families, families2, trainprofile, traincli, adapter, coldload or profile}
 OUT=${OUT:-bench_out}; mkdir -p "$OUT"
 install() {
     rm -rf /tmp/site  # a warm machine keeps the last call's wheels there: run on this call's set only
@@ -71,6 +72,13 @@ adapter)
     # The command a user runs after training: nf4 with a LoRA adapter of the recipe's shape, merged (the default) and not.
     python bench/e2e.py --out "$OUT" --quants nf4:adapter,nf4:adapter_unmerged --phases predict --json e2e_adapter.json
     ;;
+coldload)
+    install .whl
+    # The whole 8B (17 GB of bf16) loaded onto the GPU in fresh processes, each after its files were dropped from the
+    # page cache, with the weights read ahead while the processor loads and without (alternated, 3 each).
+    python bench/random_8b.py /tmp/q8b --like .fixtures/qwen3-vl-8b-instruct
+    python bench/cold_load.py --model /tmp/q8b --device cuda --dtype bf16 --repeats 3 --out "$OUT" --json cold_load_bf16.json
+    ;;
 trainpaired)
     install .whl-u
     # The recipe on both backends and with peft's LoRA forward, and the recipe again: how far one setting moves within
@@ -109,7 +117,7 @@ profile)
     python bench/e2e.py --out "$OUT" --quants fp8 --phases predict --json e2e_fp8.json
     ;;
 *)
-    echo "unknown: $what (predict, headline, train, trainpaired, trainunsloth, families, families2, trainprofile, traincli, adapter or profile)" >&2
+    echo "unknown: $what (predict, headline, train, trainpaired, trainunsloth, families, families2, trainprofile, traincli, adapter, coldload or profile)" >&2
     exit 2
     ;;
 esac

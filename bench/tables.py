@@ -22,7 +22,8 @@ def main(paths: list[str]) -> None:
         data = json.loads(Path(p).read_text())
         print(f"\n### {Path(p).name}\n")
         v = data["versions"]
-        print(f"{v.get('device')} · torch {v['torch']} · transformers {v['transformers']} · peft {v['peft']} · bitsandbytes {v['bitsandbytes']} · CUDA {v.get('cuda')}\n")
+        # a CPU bench (cold_load.py) records no GPU libraries
+        print(" · ".join([str(v.get("device"))] + [f"{k} {v[k]}" for k in ("torch", "transformers", "peft", "bitsandbytes", "cuda", "cpus") if k in v]) + "\n")
         print("| setting | path | rate (q/s or samples/s) | peak GiB | other |")
         print("| --- | --- | --- | --- | --- |")
         for r in data.get("results", data.get("rows", [])):

@@ -5,6 +5,7 @@ language model's projections, and fused gradient accumulation trains the same ad
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -288,3 +289,119 @@ def test_liger_vendor_backend_warnings_are_dropped_and_every_other_warning_kept(
     said = [r.getMessage() for r in caplog.records]
     assert not any("backends._" in m for m in said), said
     assert any("'liger_kernel.ops.rope'" in m for m in said) and any("_discover" in m for m in said), said
+
+
+# ------------------------------------------------------------------------------------------ the weights read ahead
+
+
+def test_read_ahead_reads_the_files_in_order_within_its_budget_and_skips_what_it_cannot_read(tmp_path, monkeypatch) -> None:
+    """The loader's order, never past the budget (the rest is left to the loader), a missing file skipped without a
+    word (the loader names it in its own error), and nothing read at all without a budget (free memory unknown)."""
+    import builtins
+
+    import mcvqa.io as mio
+
+    sizes = {"a": 300_000, "b": 500_000, "c": 400_000}
+    for name, size in sizes.items():
+        (tmp_path / name).write_bytes(bytes([len(name)]) * size)
+    opened: list[str] = []
+
+    def recording_open(path, *args, **kwargs):
+        opened.append(Path(path).name)
+        return builtins.open(path, *args, **kwargs)
+
+    monkeypatch.setattr(mio, "open", recording_open, raising=False)
+    monkeypatch.setattr(mio, "READ_CHUNK", 64 << 10)
+    files = [tmp_path / "a", tmp_path / "missing", tmp_path / "b", tmp_path / "c"]
+    with mio.ReadAhead(files, budget=700_000) as ahead:
+        ahead.join()
+    assert opened == ["a", "missing", "b"] and ahead.bytes_read == 700_000
+    opened.clear()
+    with mio.ReadAhead(files, budget=10 << 20) as ahead:
+        ahead.join()
+    assert opened == ["a", "missing", "b", "c"] and ahead.bytes_read == sum(sizes.values())
+    opened.clear()
+    with mio.ReadAhead(files, budget=None) as ahead:
+        ahead.join()
+    assert opened == [] and ahead.bytes_read == 0
+
+
+def test_read_ahead_stops_when_its_block_ends(monkeypatch) -> None:
+    """A file without end (a read that would go on for the whole budget) stops being read once the load is done."""
+    import threading
+    import time
+
+    import mcvqa.io as mio
+
+    class Endless:
+        def __init__(self):
+            self.reads = 0
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def readinto(self, view):
+            self.reads += 1
+            return len(view)
+
+    endless = Endless()
+    monkeypatch.setattr(mio, "open", lambda *a, **k: endless, raising=False)
+    with mio.ReadAhead(["endless"], budget=1 << 60) as ahead:
+        while endless.reads < 3:
+            time.sleep(0.001)
+    assert not any(t.name == "mcvqa-read-ahead" for t in threading.enumerate())
+    after = endless.reads
+    time.sleep(0.05)
+    assert endless.reads == after and ahead.bytes_read == after * mio.READ_CHUNK
+
+
+def test_load_model_reads_the_weights_ahead_while_the_processor_and_the_weights_load(tiny_model, cfg_factory, monkeypatch) -> None:
+    """The checkpoint's shards, within half the free memory, read from before the processor loads until the weights
+    are in; ``model.read_ahead=false`` reads nothing ahead, and a Hub id resolves to its cached snapshot."""
+    import huggingface_hub
+    import transformers
+
+    import mcvqa.model as mm
+    from mcvqa.io import ReadAhead
+
+    seen: dict[str, object] = {}
+    live: list[ReadAhead] = []
+
+    class Recording(ReadAhead):
+        def __enter__(self):
+            seen["files"], seen["budget"] = list(self.files), self.budget
+            live.append(self)
+            return super().__enter__()
+
+        def __exit__(self, *exc):
+            live.remove(self)
+            return super().__exit__(*exc)
+
+    processor_load, weights_load = mm.load_processor, transformers.AutoModelForImageTextToText.from_pretrained
+
+    def processor(*a, **k):
+        seen["during_processor"] = bool(live)
+        return processor_load(*a, **k)
+
+    def weights(*a, **k):
+        seen["during_weights"] = bool(live)
+        return weights_load(*a, **k)
+
+    monkeypatch.setattr(mm, "ReadAhead", Recording)
+    monkeypatch.setattr(mm, "load_processor", processor)
+    monkeypatch.setattr(transformers.AutoModelForImageTextToText, "from_pretrained", weights)
+    monkeypatch.setattr(mm, "available_memory", lambda: 8 << 30)
+    mm.load_model(cfg_factory().model)
+    shards = sorted(tiny_model.glob("*.safetensors"))
+    assert shards and seen == {"files": shards, "budget": 4 << 30, "during_processor": True, "during_weights": True}
+    assert not live
+    mm.load_model(cfg_factory("model.read_ahead=false").model)
+    assert seen["files"] == []
+
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda repo, name: str(tiny_model / name) if repo == "org/model" else None)
+    assert mm._checkpoint_folder("org/model", local_only=True) == tiny_model
+    assert mm._checkpoint_folder("org/model", local_only=False) is None  # it may download: the files are not known yet
+    assert mm._checkpoint_folder("org/other", local_only=True) is None

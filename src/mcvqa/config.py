@@ -47,6 +47,8 @@ class ModelConfig:
     """Training backend: auto = peft (transformers + peft) | peft | unsloth (only when asked for; needs a GPU and the unsloth package)."""
     kernels: str = "auto"
     """Fused RMSNorm / SwiGLU / RoPE in the language model (and the 2-D RoPE of a Qwen-VL vision tower): auto (Liger's Triton kernels on a CUDA GPU when liger-kernel is installed) | liger (required) | off (transformers' own)."""
+    read_ahead: bool = True
+    """Read the checkpoint's weight files in a background thread while the libraries import and the processor loads (at most half the free memory), so a cold disk is read while Python works; false leaves all reading to the loader."""
 
     def __post_init__(self) -> None:
         _choice("model.quant", self.quant, ("none", "nf4", "int8", "fp8"))

@@ -24,6 +24,7 @@ from mcvqa.compat import require_family
 from mcvqa.config import LoraConfig, ModelConfig, environment
 from mcvqa.errors import ModelError
 from mcvqa.families import Family, core_and_head
+from mcvqa.io import ReadAhead, available_memory
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +187,38 @@ def resolve_source(name_or_path: str) -> tuple[str, bool]:
     )
 
 
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of a checkpoint folder, in the order the loader reads them: the index's shards, else every
+    ``*.safetensors`` file, by name."""
+    index = folder / "model.safetensors.index.json"
+    try:
+        shards = sorted(set(json.loads(index.read_text(encoding="utf-8")).get("weight_map", {}).values()))
+        return [folder / s for s in shards]
+    except (OSError, ValueError, AttributeError):
+        return sorted(folder.glob("*.safetensors"))
+
+
+def _checkpoint_folder(name: str, local_only: bool) -> Path | None:
+    """The folder ``from_pretrained(name)`` will read weights from, where it is known before loading: a local folder, or
+    a Hub id's cached snapshot when nothing is to be downloaded; None when the loader may download."""
+    if Path(name).is_dir():
+        return Path(name)
+    if not local_only:
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    config = try_to_load_from_cache(name, "config.json")
+    return Path(config).parent if isinstance(config, str) else None
+
+
+def _read_ahead(cfg: ModelConfig, name: str, local_only: bool) -> ReadAhead:
+    """:class:`mcvqa.io.ReadAhead` of the checkpoint's weight files (none when ``model.read_ahead`` is off or the files
+    are not known yet), within half of the memory free now."""
+    folder = _checkpoint_folder(name, local_only) if cfg.read_ahead else None
+    free = available_memory()
+    return ReadAhead(weight_files(folder) if folder is not None else [], free // 2 if free else 0)
+
+
 def load_processor(name_or_path: str, trust_remote_code: bool = False, local_files_only: bool = False) -> Any:
     from transformers import AutoProcessor
 
@@ -241,27 +274,29 @@ def load_model(cfg: ModelConfig, adapter: str | Path | None = None, laps: dict[s
     # The processor first: a broken tokenizer stops the command before minutes of loading weights. Loading it in a
     # thread beside the weights was tried and the whole load measured slower (BENCHMARKS.md, "Speed II"); both
     # parts are mostly Python (transformers' imports, the loading loop), so they gain little from a second thread.
-    processor = load_processor(name, cfg.trust_remote_code, local_only)
-    lap("processor")
-    try:
-        # A checkpoint saved already quantised carries its own quantization_config: passing one (even None)
-        # would override it and load the packed 4-bit tensors into full-size layers.
-        model = AutoModelForImageTextToText.from_pretrained(
-            name,
-            dtype=dtype,
-            attn_implementation=cfg.attn_implementation,
-            device_map={"": str(device)},
-            use_safetensors=True,
-            trust_remote_code=cfg.trust_remote_code,
-            local_files_only=local_only,
-            **quant_kwargs,
-        )
-    except OSError as e:
-        raise ModelError(f"{name}: cannot load the model ({str(e).splitlines()[0]})") from None
-    except ValueError as e:
-        if "trust_remote_code" in str(e):
-            raise ModelError(f"{name}: needs custom code; set model.trust_remote_code=true only if you trust it") from None
-        raise
+    # The disk is another matter: the weight files are read ahead while the processor's imports run.
+    with _read_ahead(cfg, name, local_only):
+        processor = load_processor(name, cfg.trust_remote_code, local_only)
+        lap("processor")
+        try:
+            # A checkpoint saved already quantised carries its own quantization_config: passing one (even None)
+            # would override it and load the packed 4-bit tensors into full-size layers.
+            model = AutoModelForImageTextToText.from_pretrained(
+                name,
+                dtype=dtype,
+                attn_implementation=cfg.attn_implementation,
+                device_map={"": str(device)},
+                use_safetensors=True,
+                trust_remote_code=cfg.trust_remote_code,
+                local_files_only=local_only,
+                **quant_kwargs,
+            )
+        except OSError as e:
+            raise ModelError(f"{name}: cannot load the model ({str(e).splitlines()[0]})") from None
+        except ValueError as e:
+            if "trust_remote_code" in str(e):
+                raise ModelError(f"{name}: needs custom code; set model.trust_remote_code=true only if you trust it") from None
+            raise
     if pre is not None:
         settle_dtypes(model, dtype)
     model.eval()
