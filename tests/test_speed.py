@@ -312,18 +312,65 @@ def test_read_ahead_reads_the_files_in_order_within_its_budget_and_skips_what_it
 
     monkeypatch.setattr(mio, "open", recording_open, raising=False)
     monkeypatch.setattr(mio, "READ_CHUNK", 64 << 10)
-    files = [tmp_path / "a", tmp_path / "missing", tmp_path / "b", tmp_path / "c"]
-    with mio.ReadAhead(files, budget=700_000) as ahead:
-        ahead.join()
-    assert opened == ["a", "missing", "b"] and ahead.bytes_read == 700_000
-    opened.clear()
-    with mio.ReadAhead(files, budget=10 << 20) as ahead:
-        ahead.join()
-    assert opened == ["a", "missing", "b", "c"] and ahead.bytes_read == sum(sizes.values())
-    opened.clear()
+    monkeypatch.setattr(mio, "_READ_AHEAD_DONE", set())
+    (tmp_path / "unreadable").mkdir()  # exists, cannot be read as a file
+    files = [tmp_path / "a", tmp_path / "missing", tmp_path / "unreadable", tmp_path / "b", tmp_path / "c"]
     with mio.ReadAhead(files, budget=None) as ahead:
         ahead.join()
     assert opened == [] and ahead.bytes_read == 0
+    with mio.ReadAhead(files, budget=700_000) as ahead:
+        ahead.join()
+    assert opened == ["a", "unreadable", "b"] and ahead.bytes_read == 700_000
+    opened.clear()
+    # The next load of the same checkpoint (a k-fold run's next fold) copies only what the first did not read whole.
+    with mio.ReadAhead(files, budget=10 << 20) as ahead:
+        ahead.join()
+    assert opened == ["unreadable", "b", "c"] and ahead.bytes_read == sizes["b"] + sizes["c"]
+    opened.clear()
+    (tmp_path / "c").write_bytes(b"changed")  # a file replaced since is read again
+    with mio.ReadAhead(files, budget=10 << 20) as ahead:
+        ahead.join()
+    assert opened == ["unreadable", "c"] and ahead.bytes_read == len(b"changed")
+
+
+def test_weight_files_are_the_index_shards_in_the_loaders_order(tmp_path) -> None:
+    """A sharded checkpoint's shards as its index lists them (sorted, each once; an adapter saved beside the base is not
+    a base shard, a malformed entry is ignored); without an index, every safetensors file by name."""
+    import json
+
+    from mcvqa.model import weight_files
+
+    for name in ("model-00002-of-00002.safetensors", "model-00001-of-00002.safetensors", "adapter_model.safetensors"):
+        (tmp_path / name).write_bytes(b"x")
+    index = {"weight_map": {"lm_head.weight": "model-00002-of-00002.safetensors", "embed.weight": "model-00001-of-00002.safetensors",
+                            "norm.weight": "model-00002-of-00002.safetensors", "odd": 3}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index), encoding="utf-8")
+    assert weight_files(tmp_path) == [tmp_path / "model-00001-of-00002.safetensors", tmp_path / "model-00002-of-00002.safetensors"]
+    (tmp_path / "model.safetensors.index.json").unlink()
+    assert weight_files(tmp_path) == sorted(tmp_path.glob("*.safetensors"))
+
+
+def test_free_memory_is_capped_by_the_containers_limit(tmp_path, monkeypatch) -> None:
+    """Inside a container ``MemAvailable`` is the host's: the cgroup's limit less its usage caps it (v2 and v1), and no
+    limit (``max``, v1's sentinel) leaves it alone."""
+    import mcvqa.io as mio
+
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "memory.max").write_text("8589934592\n")
+    (v2 / "memory.current").write_text("2147483648\n")
+    assert mio._cgroup_memory_left(v2) == 6 << 30
+    (v2 / "memory.max").write_text("max\n")
+    assert mio._cgroup_memory_left(v2) is None
+    v1 = tmp_path / "v1"
+    (v1 / "memory").mkdir(parents=True)
+    (v1 / "memory" / "memory.limit_in_bytes").write_text(str(4 << 30))
+    (v1 / "memory" / "memory.usage_in_bytes").write_text(str(1 << 30))
+    assert mio._cgroup_memory_left(v1) == 3 << 30
+    (v1 / "memory" / "memory.limit_in_bytes").write_text(str(2**63 - 4096))
+    assert mio._cgroup_memory_left(v1) is None and mio._cgroup_memory_left(tmp_path / "none") is None
+    monkeypatch.setattr(mio, "_cgroup_memory_left", lambda: 1 << 30)  # a 1 GiB container on a larger machine
+    assert mio.available_memory() == 1 << 30
 
 
 def test_read_ahead_stops_when_its_block_ends(monkeypatch) -> None:
@@ -349,7 +396,8 @@ def test_read_ahead_stops_when_its_block_ends(monkeypatch) -> None:
 
     endless = Endless()
     monkeypatch.setattr(mio, "open", lambda *a, **k: endless, raising=False)
-    with mio.ReadAhead(["endless"], budget=1 << 60) as ahead:
+    monkeypatch.setattr(mio, "_READ_AHEAD_DONE", set())
+    with mio.ReadAhead([__file__], budget=1 << 60) as ahead:
         while endless.reads < 3:
             time.sleep(0.001)
     assert not any(t.name == "mcvqa-read-ahead" for t in threading.enumerate())

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -246,16 +247,42 @@ that a stop is seen within a few milliseconds."""
 
 
 def available_memory() -> int | None:
-    """Bytes the kernel says can be taken without swapping (``MemAvailable``, which counts reclaimable page cache);
-    None where that is not known (no Linux ``/proc``)."""
+    """Bytes that can be taken without swapping or hitting this process's memory limit: the kernel's ``MemAvailable``
+    (which counts reclaimable page cache), lowered to what is left under a container's cgroup limit (v2 ``memory.max``
+    less ``memory.current``, v1 ``memory.limit_in_bytes`` less ``memory.usage_in_bytes``): inside Docker, Kubernetes
+    or Slurm, ``MemAvailable`` is the host's. None where neither is known (no Linux ``/proc``)."""
+    free = None
     try:
         with open("/proc/meminfo", encoding="ascii") as fh:
             for line in fh:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    free = int(line.split()[1]) * 1024
+                    break
     except (OSError, ValueError, IndexError):
         pass
+    left = _cgroup_memory_left()
+    if left is not None:
+        free = left if free is None else min(free, left)
+    return free
+
+
+def _cgroup_memory_left(root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """Bytes left under this process's cgroup memory limit; None without a limit (``max``, or v1's huge sentinel)."""
+    for limit_file, usage_file in (("memory.max", "memory.current"), ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
+        try:
+            limit = (root / limit_file).read_text(encoding="ascii").strip()
+            usage = int((root / usage_file).read_text(encoding="ascii").strip())
+        except (OSError, ValueError):
+            continue
+        if limit == "max" or not limit.isdigit() or int(limit) >= 1 << 60:
+            return None
+        return max(0, int(limit) - usage)
     return None
+
+
+_READ_AHEAD_DONE: set[tuple[str, int, int]] = set()
+"""(path, size, mtime) of the files a :class:`ReadAhead` read whole in this process: a second load of the same
+checkpoint (each fold of a k-fold run, each trial of a study) finds them cached and does not copy them again."""
 
 
 class ReadAhead:
@@ -283,10 +310,15 @@ class ReadAhead:
         view = memoryview(buf)
         for path in self.files:
             try:
+                stat = os.stat(path)
+                key = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+                if key in _READ_AHEAD_DONE:
+                    continue
                 with open(path, "rb", buffering=0) as fh:
                     while not self._stop.is_set() and self.bytes_read < self.budget:
                         n = fh.readinto(view[: min(READ_CHUNK, self.budget - self.bytes_read)])
                         if not n:
+                            _READ_AHEAD_DONE.add(key)
                             break
                         self.bytes_read += n
             except OSError:
@@ -304,6 +336,8 @@ class ReadAhead:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(wait)
+            if self._thread.is_alive():  # one read still under way on a slow mount: it ends on its own, after this load
+                logging.getLogger(__name__).debug("read-ahead: a read outlives the load (%d bytes read so far)", self.bytes_read)
 
     def join(self) -> None:
         """Wait until every file (or the budget) has been read."""

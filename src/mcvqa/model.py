@@ -192,7 +192,7 @@ def weight_files(folder: Path) -> list[Path]:
     ``*.safetensors`` file, by name."""
     index = folder / "model.safetensors.index.json"
     try:
-        shards = sorted(set(json.loads(index.read_text(encoding="utf-8")).get("weight_map", {}).values()))
+        shards = sorted({s for s in json.loads(index.read_text(encoding="utf-8")).get("weight_map", {}).values() if isinstance(s, str)})
         return [folder / s for s in shards]
     except (OSError, ValueError, AttributeError):
         return sorted(folder.glob("*.safetensors"))
