@@ -39,21 +39,23 @@ print("LAPS " + json.dumps(laps))
 """
 
 
+def drop_file(path: Path) -> bool:
+    """The file's pages out of the page cache (clean pages only, hence the sync first); False where the system has no
+    such call or refuses it (macOS, some FUSE mounts)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fdatasync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        return True
+    except (OSError, AttributeError):
+        return False
+    finally:
+        os.close(fd)
+
+
 def drop_from_cache(folder: Path) -> bool:
-    """The folder's files out of the page cache (clean pages only, hence the sync first); False where the system has
-    no such call or refuses it (macOS, some FUSE mounts)."""
-    ok = True
-    for f in folder.iterdir():
-        if f.is_file():
-            fd = os.open(f, os.O_RDONLY)
-            try:
-                os.fdatasync(fd)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            except (OSError, AttributeError):
-                ok = False
-            finally:
-                os.close(fd)
-    return ok
+    """Every file of the folder out of the page cache; False if any could not be dropped."""
+    return all([drop_file(f) for f in folder.iterdir() if f.is_file()])
 
 
 def drop_works(where: Path, size: int = 512 << 20) -> dict[str, float]:
@@ -72,14 +74,7 @@ def drop_works(where: Path, size: int = 512 << 20) -> dict[str, float]:
     try:
         read()
         warm = read()
-        fd = os.open(scratch, os.O_RDONLY)
-        try:
-            os.fdatasync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        except (OSError, AttributeError):
-            pass
-        finally:
-            os.close(fd)
+        drop_file(scratch)
         cold = read()
     finally:
         scratch.unlink()
