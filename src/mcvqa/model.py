@@ -48,12 +48,25 @@ def resolve_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.dtype]
 
 
+INDEX = "model.safetensors.index.json"
+
+
+def _index_shards(folder: Path) -> list[str] | None:
+    """The shard files a sharded checkpoint's index lists, sorted and each once (transformers reads them in this
+    order); None for a checkpoint without an index. Raises OSError or ValueError for an unreadable index."""
+    index = folder / INDEX
+    if not index.exists():
+        return None
+    weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
+    return sorted({s for s in weight_map.values() if isinstance(s, str)})
+
+
 def _check_local_checkpoint(path: Path) -> None:
     if not path.is_dir():
         raise ModelError(f"{path}: model folder not found")
     if not (path / "config.json").exists():
         raise ModelError(f"{path}: no config.json; is this a Hugging Face model folder?")
-    has_safetensors = any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").exists()
+    has_safetensors = any(path.glob("*.safetensors")) or (path / INDEX).exists()
     if not has_safetensors:
         pickled = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")] + [p.name for p in path.glob("*.pth")]
         if pickled:
@@ -72,12 +85,9 @@ def check_files(folder: Path) -> None:
             json.loads(f.read_text(encoding="utf-8"))
         except (ValueError, UnicodeDecodeError) as e:
             raise ModelError(f"{f}: damaged ({str(e).splitlines()[0]}); re-copy it from where it came from") from None
-    index = folder / "model.safetensors.index.json"
-    if index.exists():
-        shards = sorted(set(json.loads(index.read_text(encoding="utf-8")).get("weight_map", {}).values()))
-        for shard in shards:
-            if not (folder / shard).exists():
-                raise ModelError(f"{folder / shard}: missing (listed in {index.name}); re-copy the checkpoint")
+    for shard in _index_shards(folder) or []:
+        if not (folder / shard).exists():
+            raise ModelError(f"{folder / shard}: missing (listed in {INDEX}); re-copy the checkpoint")
     for f in sorted(folder.glob("*.safetensors")):
         check_safetensors(f)
 
@@ -190,12 +200,11 @@ def resolve_source(name_or_path: str) -> tuple[str, bool]:
 def weight_files(folder: Path) -> list[Path]:
     """The safetensors files of a checkpoint folder, in the order the loader reads them: the index's shards, else every
     ``*.safetensors`` file, by name."""
-    index = folder / "model.safetensors.index.json"
     try:
-        shards = sorted({s for s in json.loads(index.read_text(encoding="utf-8")).get("weight_map", {}).values() if isinstance(s, str)})
-        return [folder / s for s in shards]
+        shards = _index_shards(folder)
     except (OSError, ValueError, AttributeError):
-        return sorted(folder.glob("*.safetensors"))
+        shards = None
+    return [folder / s for s in shards] if shards is not None else sorted(folder.glob("*.safetensors"))
 
 
 def _checkpoint_folder(name: str, local_only: bool) -> Path | None:
