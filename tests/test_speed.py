@@ -338,7 +338,7 @@ def test_weight_files_are_the_index_shards_in_the_loaders_order(tmp_path) -> Non
     a base shard, a malformed entry is ignored); without an index, every safetensors file by name."""
     import json
 
-    from mcvqa.model import weight_files
+    from mcvqa.io import weight_files
 
     for name in ("model-00002-of-00002.safetensors", "model-00001-of-00002.safetensors", "adapter_model.safetensors"):
         (tmp_path / name).write_bytes(b"x")
@@ -412,6 +412,7 @@ def test_load_model_reads_the_weights_ahead_while_the_processor_and_the_weights_
     import huggingface_hub
     import transformers
 
+    import mcvqa.io as mio
     import mcvqa.model as mm
     from mcvqa.io import ReadAhead
 
@@ -441,7 +442,7 @@ def test_load_model_reads_the_weights_ahead_while_the_processor_and_the_weights_
     monkeypatch.setattr(mm, "ReadAhead", Recording)
     monkeypatch.setattr(mm, "load_processor", processor)
     monkeypatch.setattr(transformers.AutoModelForImageTextToText, "from_pretrained", weights)
-    monkeypatch.setattr(mm, "available_memory", lambda: 8 << 30)
+    monkeypatch.setattr(mio, "available_memory", lambda: 8 << 30)
     mm.load_model(cfg_factory().model)
     shards = sorted(tiny_model.glob("*.safetensors"))
     assert shards and seen == {"files": shards, "budget": 4 << 30, "during_processor": True, "during_weights": True}
@@ -453,3 +454,48 @@ def test_load_model_reads_the_weights_ahead_while_the_processor_and_the_weights_
     assert mm._checkpoint_folder("org/model", local_only=True) == tiny_model
     assert mm._checkpoint_folder("org/model", local_only=False) is None  # it may download: the files are not known yet
     assert mm._checkpoint_folder("org/other", local_only=True) is None
+
+
+@pytest.mark.parametrize("read_ahead", [True, False])
+def test_the_command_line_starts_reading_the_weights_before_its_imports_and_the_load_takes_the_reader_over(
+        tiny_model, synth_data, tmp_path, monkeypatch, capsys, read_ahead) -> None:
+    """``mcvqa predict``: the reader is running before the recipe (and its imports of torch and transformers) starts, the
+    load adopts that same reader instead of reading the files a second time, and stops it when the weights are in;
+    ``model.read_ahead=false`` starts none."""
+    from conftest import run_cli
+
+    import mcvqa.io as mio
+    import mcvqa.model as mm
+    import mcvqa.predict as mp
+
+    started: list[mio.ReadAhead] = []
+    seen: dict[str, object] = {}
+    start, recipe, load_reader = mio.ReadAhead.start, mp.predict, mm._read_ahead
+
+    def recording_start(self):
+        if self.files and not self._started:
+            started.append(self)
+        return start(self)
+
+    def recording_recipe(*a, **k):
+        seen["early"] = mio._EARLY
+        return recipe(*a, **k)
+
+    def recording_load_reader(*a, **k):
+        seen["load"] = load_reader(*a, **k)
+        return seen["load"]
+
+    monkeypatch.setattr(mio.ReadAhead, "start", recording_start)
+    monkeypatch.setattr(mp, "predict", recording_recipe)
+    monkeypatch.setattr(mm, "_read_ahead", recording_load_reader)
+    monkeypatch.setattr(mio, "_READ_AHEAD_DONE", set())
+    argv = ["predict", "--model", str(tiny_model), "--data", str(synth_data / "test.csv"), "--out", str(tmp_path / "o"), "-q",
+            "--device", "cpu", "--dtype", "fp32", "--image-size", "64", "--set", f"model.read_ahead={str(read_ahead).lower()}"]
+    code, _, err = run_cli(argv, capsys)
+    assert code == 0, err
+    assert mio._EARLY is None
+    if read_ahead:
+        assert len(started) == 1 and seen["early"] is started[0] and seen["load"] is started[0]
+        assert started[0].files == sorted(tiny_model.glob("*.safetensors")) and started[0]._stop.is_set()
+    else:
+        assert started == [] and seen["early"] is None

@@ -89,6 +89,15 @@ def _config(config: Path | None, sets: list[str] | None, inherit: list[Any] | No
     return load_config(config, overrides, inherit=inherit)
 
 
+def _read_ahead(cfg: Any) -> None:
+    """The model's weight files read from now on, while the command imports torch and transformers (seconds of Python
+    with the disk idle); the load takes this reader over (``model.read_ahead``, :func:`mcvqa.io.read_ahead_early`)."""
+    if cfg.model.read_ahead:
+        from mcvqa.io import read_ahead_early
+
+        read_ahead_early(cfg.model.name_or_path)
+
+
 def _echo(msg: str) -> None:
     typer.echo(msg, err=True)
 
@@ -189,7 +198,6 @@ def predict(
 ) -> None:
     """Score a test CSV: letter probabilities from one forward pass per batch, then submission.csv + probs.csv."""
     from mcvqa.io import check_out_dir
-    from mcvqa.predict import predict as run_predict
 
     check_out_dir(out)
 
@@ -201,6 +209,9 @@ def predict(
         prompt__name=prompt, image__size=image_size, image__mode=image_mode,
         data__root=str(data_root) if data_root else None,
     )
+    _read_ahead(cfg)
+    from mcvqa.predict import predict as run_predict
+
     res = run_predict(cfg, data, out, adapter=adapter, resume=resume, progress=not quiet, log=_echo)
     typer.echo(f"submission {res.submission}")
     typer.echo(f"probs      {res.probs}")
@@ -249,7 +260,6 @@ def train(
 ) -> None:
     """Train LoRA/QLoRA adapters (or all weights) on the answer letter; validate each epoch; keep the best."""
     from mcvqa.io import check_out_dir
-    from mcvqa.train import train as run_train
 
     check_out_dir(out)
 
@@ -263,6 +273,9 @@ def train(
     )
     if val_data is not None and cfg.train.kfold:
         raise McvqaError(f"--val-data and train.kfold={cfg.train.kfold} exclude each other: k-fold validates on its own folds; drop one of them")
+    _read_ahead(cfg)
+    from mcvqa.train import train as run_train
+
     res = run_train(cfg, data, out, val_data=val_data, resume=resume, progress=not quiet, log_fn=_echo)
     if res.best_metrics:
         typer.echo(f"best       {res.best} " + " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in res.best_metrics.items()))

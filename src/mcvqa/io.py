@@ -241,6 +241,29 @@ def _why(e: OSError) -> str:
         e.errno or 0, e.strerror or type(e).__name__)
 
 
+INDEX = "model.safetensors.index.json"
+
+
+def index_shards(folder: Path) -> list[str] | None:
+    """The shard files a sharded checkpoint's index lists, sorted and each once (transformers reads them in this
+    order); None for a checkpoint without an index. Raises OSError or ValueError for an unreadable index."""
+    index = folder / INDEX
+    if not index.exists():
+        return None
+    weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
+    return sorted({s for s in weight_map.values() if isinstance(s, str)})
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of a checkpoint folder, in the order the loader reads them: the index's shards, else every
+    ``*.safetensors`` file, by name."""
+    try:
+        shards = index_shards(folder)
+    except (OSError, ValueError, AttributeError):
+        shards = None
+    return [folder / s for s in shards] if shards is not None else sorted(folder.glob("*.safetensors"))
+
+
 READ_CHUNK = 16 << 20
 """Bytes per read of :class:`ReadAhead`: large enough that each read is one long sequential request, small enough
 that a stop is seen within a few milliseconds."""
@@ -302,6 +325,7 @@ class ReadAhead:
         self.files = [Path(f) for f in files]
         self.budget = max(0, budget or 0)
         self.bytes_read = 0
+        self._started = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="mcvqa-read-ahead", daemon=True)
 
@@ -326,8 +350,22 @@ class ReadAhead:
             if self._stop.is_set() or self.bytes_read >= self.budget:
                 return
 
+    @classmethod
+    def for_files(cls, files: Sequence[str | Path]) -> ReadAhead:
+        """A read-ahead of ``files`` within half the memory free now; the one :func:`read_ahead_early` started, if it
+        reads the same files (it goes on, and this block's end stops it)."""
+        global _EARLY
+        early, _EARLY = _EARLY, None
+        if early is not None and early.files == [Path(f) for f in files]:
+            return early
+        if early is not None:  # started for other files (the command loads another model): no longer wanted
+            early.stop(wait=0)
+        free = available_memory()
+        return cls(files, free // 2 if free else 0)
+
     def start(self) -> ReadAhead:
-        if self.files and self.budget:
+        if self.files and self.budget and not self._started:  # an adopted early reader is already going
+            self._started = True
             self._thread.start()
         return self
 
@@ -349,3 +387,17 @@ class ReadAhead:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+
+_EARLY: ReadAhead | None = None
+"""The read-ahead a command line started before its heavy imports, until the model's load adopts it."""
+
+
+def read_ahead_early(name_or_path: str) -> None:
+    """Start reading a local checkpoint's weight files now, before the command imports torch and transformers (seconds
+    of Python with the disk idle); the model's load adopts this reader (:meth:`ReadAhead.for_files`) and stops it when
+    the weights are in. A Hub id is left to the load, which first learns whether its files are cached."""
+    global _EARLY
+    folder = Path(name_or_path).expanduser()
+    if _EARLY is None and folder.is_dir():
+        _EARLY = ReadAhead.for_files(weight_files(folder)).start()

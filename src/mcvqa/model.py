@@ -24,7 +24,7 @@ from mcvqa.compat import require_family
 from mcvqa.config import LoraConfig, ModelConfig, environment
 from mcvqa.errors import ModelError
 from mcvqa.families import Family, core_and_head
-from mcvqa.io import ReadAhead, available_memory
+from mcvqa.io import INDEX, ReadAhead, index_shards, weight_files
 
 log = logging.getLogger(__name__)
 
@@ -46,19 +46,6 @@ def resolve_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.dtype]
-
-
-INDEX = "model.safetensors.index.json"
-
-
-def _index_shards(folder: Path) -> list[str] | None:
-    """The shard files a sharded checkpoint's index lists, sorted and each once (transformers reads them in this
-    order); None for a checkpoint without an index. Raises OSError or ValueError for an unreadable index."""
-    index = folder / INDEX
-    if not index.exists():
-        return None
-    weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
-    return sorted({s for s in weight_map.values() if isinstance(s, str)})
 
 
 def _check_local_checkpoint(path: Path) -> None:
@@ -85,7 +72,7 @@ def check_files(folder: Path) -> None:
             json.loads(f.read_text(encoding="utf-8"))
         except (ValueError, UnicodeDecodeError) as e:
             raise ModelError(f"{f}: damaged ({str(e).splitlines()[0]}); re-copy it from where it came from") from None
-    for shard in _index_shards(folder) or []:
+    for shard in index_shards(folder) or []:
         if not (folder / shard).exists():
             raise ModelError(f"{folder / shard}: missing (listed in {INDEX}); re-copy the checkpoint")
     for f in sorted(folder.glob("*.safetensors")):
@@ -197,16 +184,6 @@ def resolve_source(name_or_path: str) -> tuple[str, bool]:
     )
 
 
-def weight_files(folder: Path) -> list[Path]:
-    """The safetensors files of a checkpoint folder, in the order the loader reads them: the index's shards, else every
-    ``*.safetensors`` file, by name."""
-    try:
-        shards = _index_shards(folder)
-    except (OSError, ValueError, AttributeError):
-        shards = None
-    return [folder / s for s in shards] if shards is not None else sorted(folder.glob("*.safetensors"))
-
-
 def _checkpoint_folder(name: str, local_only: bool) -> Path | None:
     """The folder ``from_pretrained(name)`` will read weights from, where it is known before loading: a local folder, or
     a Hub id's cached snapshot when nothing is to be downloaded; None when the loader may download."""
@@ -222,10 +199,10 @@ def _checkpoint_folder(name: str, local_only: bool) -> Path | None:
 
 def _read_ahead(cfg: ModelConfig, name: str, local_only: bool) -> ReadAhead:
     """:class:`mcvqa.io.ReadAhead` of the checkpoint's weight files (none when ``model.read_ahead`` is off or the files
-    are not known yet), within half of the memory free now."""
+    are not known yet), within half of the memory free now; the one a command line started early, if it reads the
+    same files (:func:`mcvqa.io.read_ahead_early`)."""
     folder = _checkpoint_folder(name, local_only) if cfg.read_ahead else None
-    free = available_memory()
-    return ReadAhead(weight_files(folder) if folder is not None else [], free // 2 if free else 0)
+    return ReadAhead.for_files(weight_files(folder) if folder is not None else [])
 
 
 def load_processor(name_or_path: str, trust_remote_code: bool = False, local_files_only: bool = False) -> Any:
