@@ -399,5 +399,5 @@ def read_ahead_early(name_or_path: str) -> None:
     the weights are in. A Hub id is left to the load, which first learns whether its files are cached."""
     global _EARLY
     folder = Path(name_or_path).expanduser()
-    if _EARLY is None and folder.is_dir():
+    if folder.is_dir():  # an earlier command's reader in this process, never adopted, is taken over or stopped here
         _EARLY = ReadAhead.for_files(weight_files(folder)).start()
