@@ -91,7 +91,8 @@ def _config(config: Path | None, sets: list[str] | None, inherit: list[Any] | No
 
 def _read_ahead(cfg: Any) -> None:
     """The model's weight files read from now on, while the command imports torch and transformers (seconds of Python
-    with the disk idle); the load takes this reader over (``model.read_ahead``, :func:`mcvqa.io.read_ahead_early`)."""
+    with the disk idle); the load takes this reader over (``model.read_ahead``, :func:`mcvqa.io.read_ahead_early`).
+    For the commands that load one model soon after their configuration (predict, train, quantize, serve)."""
     if cfg.model.read_ahead:
         from mcvqa.io import read_ahead_early
 
@@ -293,9 +294,10 @@ def quantize(
     sets: SetOpt = None,
 ) -> None:
     """Save a model already quantised (as predict/train quantise it at load), so later runs load it as it is."""
+    cfg = _config(config, sets, [model], model__name_or_path=model, model__quant=quant, model__device=device, model__dtype=dtype)
+    _read_ahead(cfg)
     from mcvqa.model import save_quantized
 
-    cfg = _config(config, sets, [model], model__name_or_path=model, model__quant=quant, model__device=device, model__dtype=dtype)
     t0 = time.perf_counter()
     path = save_quantized(cfg.model, out)
     typer.echo(str(path))
@@ -422,9 +424,10 @@ def serve(
     device: DeviceOpt = None,
 ) -> None:
     """A Gradio page: drop an image, type a question and four options, see the answer and its probabilities."""
+    cfg = _config(config, sets, [model, adapter], model__name_or_path=model, model__device=device)
+    _read_ahead(cfg)
     from mcvqa.serve import launch
 
-    cfg = _config(config, sets, [model, adapter], model__name_or_path=model, model__device=device)
     launch(cfg, adapter=adapter, examples=examples, host=host, port=port)
 
 
