@@ -456,46 +456,86 @@ def test_load_model_reads_the_weights_ahead_while_the_processor_and_the_weights_
     assert mm._checkpoint_folder("org/other", local_only=True) is None
 
 
-@pytest.mark.parametrize("read_ahead", [True, False])
+@pytest.mark.parametrize("command,read_ahead", [("predict", True), ("predict", False), ("train", True)])
 def test_the_command_line_starts_reading_the_weights_before_its_imports_and_the_load_takes_the_reader_over(
-        tiny_model, synth_data, tmp_path, monkeypatch, capsys, read_ahead) -> None:
-    """``mcvqa predict``: the reader is running before the recipe (and its imports of torch and transformers) starts, the
-    load adopts that same reader instead of reading the files a second time, and stops it when the weights are in;
+        tiny_model, synth_data, tmp_path, monkeypatch, capsys, command, read_ahead) -> None:
+    """``mcvqa predict`` and ``mcvqa train`` (given the model folder as a relative path, which training resolves before
+    it loads): the reader starts before the command imports its recipe (and through it torch and transformers), the
+    load takes that same reader over instead of reading the files a second time and stops it when the weights are in;
     ``model.read_ahead=false`` starts none."""
+    import builtins
+
     from conftest import run_cli
 
     import mcvqa.io as mio
     import mcvqa.model as mm
-    import mcvqa.predict as mp
 
     started: list[mio.ReadAhead] = []
+    events: list[str] = []
     seen: dict[str, object] = {}
-    start, recipe, load_reader = mio.ReadAhead.start, mp.predict, mm._read_ahead
+    start, early, load_reader, real_import = mio.ReadAhead.start, mio.read_ahead_early, mm.read_ahead, builtins.__import__
 
     def recording_start(self):
         if self.files and not self._started:
             started.append(self)
         return start(self)
 
-    def recording_recipe(*a, **k):
-        seen["early"] = mio._EARLY
-        return recipe(*a, **k)
+    def recording_early(name):
+        events.append("reader")
+        return early(name)
+
+    def recording_import(name, *args, **kwargs):
+        if name in ("mcvqa.predict", "mcvqa.train"):
+            events.append(name)
+        return real_import(name, *args, **kwargs)
 
     def recording_load_reader(*a, **k):
         seen["load"] = load_reader(*a, **k)
         return seen["load"]
 
-    monkeypatch.setattr(mio.ReadAhead, "start", recording_start)
-    monkeypatch.setattr(mp, "predict", recording_recipe)
-    monkeypatch.setattr(mm, "_read_ahead", recording_load_reader)
+    monkeypatch.setattr(mio, "_EARLY", None)
     monkeypatch.setattr(mio, "_READ_AHEAD_DONE", set())
-    argv = ["predict", "--model", str(tiny_model), "--data", str(synth_data / "test.csv"), "--out", str(tmp_path / "o"), "-q",
-            "--device", "cpu", "--dtype", "fp32", "--image-size", "64", "--set", f"model.read_ahead={str(read_ahead).lower()}"]
+    monkeypatch.setattr(mio.ReadAhead, "start", recording_start)
+    monkeypatch.setattr(mio, "read_ahead_early", recording_early)
+    monkeypatch.setattr(mm, "read_ahead", recording_load_reader)
+    monkeypatch.setattr(builtins, "__import__", recording_import)
+    monkeypatch.chdir(tiny_model.parent)
+    common = ["--model", tiny_model.name, "--out", str(tmp_path / "o"), "-q", "--device", "cpu", "--dtype", "fp32", "--image-size", "64",
+              "--set", f"model.read_ahead={str(read_ahead).lower()}"]
+    if command == "predict":
+        argv = ["predict", "--data", str(synth_data / "test.csv"), *common]
+    else:
+        argv = ["train", "--data", str(synth_data / "train.csv"), *common, "--set", "train.method=lora", "--set", "lora.r=4",
+                "--set", "train.report_to=[]", "--set", "train.epochs=1", "--set", "train.stop_after_steps=1",
+                "--set", "train.gradient_checkpointing=false", "--set", "prompt.name=plain_ko"]
     code, _, err = run_cli(argv, capsys)
+    monkeypatch.setattr(builtins, "__import__", real_import)
     assert code == 0, err
     assert mio._EARLY is None
     if read_ahead:
-        assert len(started) == 1 and seen["early"] is started[0] and seen["load"] is started[0]
-        assert started[0].files == sorted(tiny_model.glob("*.safetensors")) and started[0]._stop.is_set()
+        assert events[:2] == ["reader", f"mcvqa.{command}"], events
+        assert len(started) == 1 and seen["load"] is started[0], started
+        assert [f.resolve() for f in started[0].files] == sorted(tiny_model.glob("*.safetensors")) and started[0]._stop.is_set()
     else:
-        assert started == [] and seen["early"] is None
+        assert started == []
+
+
+def test_a_command_that_ends_before_its_load_stops_its_reader(tiny_model, tmp_path, monkeypatch, capsys) -> None:
+    """A reader the command line started, when the command fails before any model loads (here: no such CSV), is
+    stopped when the command ends, so a process that goes on (a notebook, the tests) is not left reading."""
+    from conftest import run_cli
+
+    import mcvqa.io as mio
+
+    monkeypatch.setattr(mio, "_EARLY", None)
+    readers: list[mio.ReadAhead] = []
+    early = mio.read_ahead_early
+
+    def recording_early(name):
+        early(name)
+        readers.append(mio._EARLY)
+
+    monkeypatch.setattr(mio, "read_ahead_early", recording_early)
+    code, _, err = run_cli(["predict", "--model", str(tiny_model), "--data", str(tmp_path / "nope.csv"), "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and "nope.csv" in err
+    assert readers and readers[0] is not None and readers[0]._stop.is_set() and mio._EARLY is None

@@ -507,6 +507,9 @@ def main(argv: list[str] | None = None) -> None:
                    " (predict and train: with --resume, which keeps the work already done)", err=True)
         raise SystemExit(2) from None
     finally:
+        from mcvqa.io import stop_early
+
+        stop_early()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 

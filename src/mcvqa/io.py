@@ -356,7 +356,8 @@ class ReadAhead:
         reads the same files (it goes on, and this block's end stops it)."""
         global _EARLY
         early, _EARLY = _EARLY, None
-        if early is not None and early.files == [Path(f) for f in files]:
+        # resolved: a recipe's relative model path, which training resolves before it loads, names the same files
+        if early is not None and [f.resolve() for f in early.files] == [Path(f).resolve() for f in files]:
             return early
         if early is not None:  # started for other files (the command loads another model): no longer wanted
             early.stop(wait=0)
@@ -372,7 +373,7 @@ class ReadAhead:
     def stop(self, wait: float = 1.0) -> None:
         """Stop reading; wait up to ``wait`` seconds for the thread's current read to return."""
         self._stop.set()
-        if self._thread.is_alive():
+        if wait and self._thread.is_alive():
             self._thread.join(wait)
             if self._thread.is_alive():  # one read still under way on a slow mount: it ends on its own, after this load
                 logging.getLogger(__name__).debug("read-ahead: a read outlives the load (%d bytes read so far)", self.bytes_read)
@@ -401,3 +402,12 @@ def read_ahead_early(name_or_path: str) -> None:
     folder = Path(name_or_path).expanduser()
     if folder.is_dir():  # an earlier command's reader in this process, never adopted, is taken over or stopped here
         _EARLY = ReadAhead.for_files(weight_files(folder)).start()
+
+
+def stop_early() -> None:
+    """Stop a reader :func:`read_ahead_early` started that no load took over (the command ended before its load: a bad
+    CSV, an output that exists, a finished run): in a process that goes on (a notebook, tests), it would read on."""
+    global _EARLY
+    early, _EARLY = _EARLY, None
+    if early is not None:
+        early.stop(wait=0)

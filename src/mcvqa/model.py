@@ -197,7 +197,7 @@ def _checkpoint_folder(name: str, local_only: bool) -> Path | None:
     return Path(config).parent if isinstance(config, str) else None
 
 
-def _read_ahead(cfg: ModelConfig, name: str, local_only: bool) -> ReadAhead:
+def read_ahead(cfg: ModelConfig, name: str, local_only: bool) -> ReadAhead:
     """:class:`mcvqa.io.ReadAhead` of the checkpoint's weight files (none when ``model.read_ahead`` is off or the files
     are not known yet), within half of the memory free now; the one a command line started early, if it reads the
     same files (:func:`mcvqa.io.read_ahead_early`)."""
@@ -261,7 +261,7 @@ def load_model(cfg: ModelConfig, adapter: str | Path | None = None, laps: dict[s
     # thread beside the weights was tried and the whole load measured slower (BENCHMARKS.md, "Speed II"); both
     # parts are mostly Python (transformers' imports, the loading loop), so they gain little from a second thread.
     # The disk is another matter: the weight files are read ahead while the processor's imports run.
-    with _read_ahead(cfg, name, local_only):
+    with read_ahead(cfg, name, local_only):
         processor = load_processor(name, cfg.trust_remote_code, local_only)
         lap("processor")
         try:

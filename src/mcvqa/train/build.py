@@ -73,21 +73,22 @@ def _build_unsloth(cfg: Config) -> tuple[Any, Any]:  # pragma: no cover - needs 
     from unsloth import FastVisionModel
 
     from mcvqa import kernels
-    from mcvqa.model import load_processor, resolve_device, resolve_dtype, resolve_source
+    from mcvqa.model import load_processor, read_ahead, resolve_device, resolve_dtype, resolve_source
 
     name, local_only = resolve_source(cfg.model.name_or_path)
     device = resolve_device(cfg.model)
     checkpointing = "unsloth" if cfg.train.gradient_checkpointing else False
-    model, _ = FastVisionModel.from_pretrained(
-        name,
-        dtype=resolve_dtype(cfg.model, device),
-        load_in_4bit=cfg.model.quant == "nf4",
-        load_in_8bit=cfg.model.quant == "int8",
-        device_map={"": str(device)},
-        use_gradient_checkpointing=checkpointing,
-        trust_remote_code=cfg.model.trust_remote_code,
-        random_state=cfg.train.seed,
-    )
+    with read_ahead(cfg.model, name, local_only):  # the command line's reader, taken over and stopped once loaded
+        model, _ = FastVisionModel.from_pretrained(
+            name,
+            dtype=resolve_dtype(cfg.model, device),
+            load_in_4bit=cfg.model.quant == "nf4",
+            load_in_8bit=cfg.model.quant == "int8",
+            device_map={"": str(device)},
+            use_gradient_checkpointing=checkpointing,
+            trust_remote_code=cfg.model.trust_remote_code,
+            random_state=cfg.train.seed,
+        )
     model = FastVisionModel.get_peft_model(
         model,
         finetune_vision_layers=cfg.lora.vision,
