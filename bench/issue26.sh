@@ -14,6 +14,7 @@
 #   bash bench/issue26.sh traincli   # carry .whl .fixtures      mcvqa train's own loop profiled, packed vs rows
 #   bash bench/issue26.sh adapter    # carry .whl .fixtures      predict --adapter (nf4), the adapter merged and not
 #   bash bench/issue26.sh coldload   # carry .whl .fixtures      the 8B's load from a cold page cache, model.read_ahead on and off
+#   bash bench/issue26.sh fp8cold    # carry .whl .fixtures      predict --quant fp8, then coldload's loads on the same build
 #   bash bench/issue26.sh profile    # carry .whl .fixtures      levers.py (eager vs Liger, stages, kernels), the
 #                                                                CLI's own loop under the profiler (profile_cli.py), fp8
 #
@@ -23,7 +24,7 @@
 # and families.tar.xz (families only: copy it from ../shared/fixtures, and leave it out of the other calls). `train` runs on the
 # machine's own transformers: the Unsloth release accepts no newer one, and both backends must run on the same.
 set -euo pipefail
-what=${1:?predict, headline, train, trainpaired, trainunsloth, families, families2, trainprofile, traincli, adapter, coldload or profile}
+what=${1:?predict, headline, train, trainpaired, trainunsloth, families, families2, trainprofile, traincli, adapter, coldload, fp8cold or profile}
 OUT=${OUT:-bench_out}; mkdir -p "$OUT"
 install() {
     rm -rf /tmp/site  # a warm machine keeps the last call's wheels there: run on this call's set only
@@ -73,6 +74,13 @@ adapter)
     # The command a user runs after training: nf4 with a LoRA adapter of the recipe's shape, merged (the default) and not.
     python bench/e2e.py --out "$OUT" --quants nf4:adapter,nf4:adapter_unmerged --phases predict --json e2e_adapter.json
     ;;
+fp8cold)
+    install .whl
+    # The opt-in FP8 row, then the cold loads of `coldload` on the same build (a warm machine keeps the last call's
+    # /tmp/q8b_real; the fp8 row runs first, as the cold loads drop the files from the page cache).
+    python bench/e2e.py --out "$OUT" --quants fp8 --phases predict --json e2e_fp8.json
+    python bench/cold_load.py --model /tmp/q8b_real --device cuda --dtype bf16 --repeats 2 --out "$OUT" --json cold_load_bf16.json
+    ;;
 coldload)
     install .whl
     # The whole 8B (17 GB of bf16) loaded onto the GPU in fresh processes, each after its files were dropped from the
@@ -119,7 +127,7 @@ profile)
     python bench/e2e.py --out "$OUT" --quants fp8 --phases predict --json e2e_fp8.json
     ;;
 *)
-    echo "unknown: $what (predict, headline, train, trainpaired, trainunsloth, families, families2, trainprofile, traincli, adapter, coldload or profile)" >&2
+    echo "unknown: $what (predict, headline, train, trainpaired, trainunsloth, families, families2, trainprofile, traincli, adapter, coldload, fp8cold or profile)" >&2
     exit 2
     ;;
 esac
