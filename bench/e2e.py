@@ -81,11 +81,15 @@ def make_data(root: Path, n_test: int, n_train: int) -> dict[str, Any]:
     return {"photo_kb": float((root / "photo_kb.txt").read_text())}
 
 
-def cli(args: list[str], env_extra: dict[str, str] | None = None) -> tuple[float, str]:
-    """Run ``python -m mcvqa ...`` and return (wall seconds from process start, stderr tail)."""
+TEARDOWN_ENTRY = ["-c", "import sys; sys.argv[0] = 'mcvqa'; from mcvqa.cli import main; main()"]
+"""The command as it ended before ``mcvqa.cli.run``: ``main`` alone, then the interpreter's own teardown."""
+
+
+def cli(args: list[str], env_extra: dict[str, str] | None = None, entry: list[str] | None = None) -> tuple[float, str]:
+    """Run ``python -m mcvqa ...`` (or ``python <entry> ...``) and return (wall seconds from process start, stderr tail)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env_extra or {})}
     t = time.perf_counter()
-    r = subprocess.run([sys.executable, "-m", "mcvqa", *args], env=env, capture_output=True, text=True)
+    r = subprocess.run([sys.executable, *(entry or ["-m", "mcvqa"]), *args], env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t
     if r.returncode != 0:
         err = r.stderr
@@ -98,6 +102,13 @@ def cli(args: list[str], env_extra: dict[str, str] | None = None) -> tuple[float
     return wall, r.stderr[-400:]
 
 
+def after_scoring(wall: float, summary: dict[str, Any]) -> float | None:
+    """Seconds of a command's wall after its scoring: the outputs written, then the process's end (its teardown)."""
+    t = summary.get("timeline") or {}
+    parts = [t.get(k) for k in ("process_start_to_predict", "read", "load", "score")]
+    return None if any(p is None for p in parts) else round(wall - sum(parts), 2)
+
+
 def in_run_rate(summary: dict[str, Any]) -> float | None:
     """Questions per second after the first batch, from a run's own timeline (predict_summary.json)."""
     t, bs = summary.get("timeline") or {}, summary.get("batch_size_used") or summary.get("batch_size") or 0
@@ -108,9 +119,10 @@ def in_run_rate(summary: dict[str, Any]) -> float | None:
 
 ADAPTER = Path("/tmp/q8b_adapter")
 VARIANTS = {"packed": ["--set", "predict.unpack_4bit=off"], "adapter": ["--adapter", str(ADAPTER)],
-            "adapter_unmerged": ["--adapter", str(ADAPTER), "--set", "predict.merge_adapter=off"]}
+            "adapter_unmerged": ["--adapter", str(ADAPTER), "--set", "predict.merge_adapter=off"], "teardown": []}
 """``--quants`` entries may name a variant after a colon (``nf4:packed``): extra CLI settings for that row. ``adapter``
-is the command a user runs after training (``--adapter runs/seed/best``), on :func:`make_adapter`'s adapter."""
+is the command a user runs after training (``--adapter runs/seed/best``), on :func:`make_adapter`'s adapter;
+``teardown`` the same command entered as before ``mcvqa.cli.run`` (:data:`TEARDOWN_ENTRY`)."""
 
 
 def make_adapter(model: Path, out: Path = ADAPTER) -> Path:
@@ -135,13 +147,14 @@ def make_adapter(model: Path, out: Path = ADAPTER) -> Path:
     return out
 
 
-def predict_rows(model: Path, data: Path, out: Path, quant: str, tag: str, extra: list[str] | None = None) -> list[dict[str, Any]]:
+def predict_rows(model: Path, data: Path, out: Path, quant: str, tag: str, extra: list[str] | None = None,
+                 entry: list[str] | None = None) -> list[dict[str, Any]]:
     rows = []
     walls = {}
     for n in (200, "full"):
         csv = data / ("test.csv" if n == "full" else f"test_{n}.csv")
         run = out / f"pred_{tag}_{n}"
-        wall, _ = cli(["predict", "--model", str(model), "--quant", quant, "--data", str(csv), "--out", str(run), "-q", *(extra or [])])
+        wall, _ = cli(["predict", "--model", str(model), "--quant", quant, "--data", str(csv), "--out", str(run), "-q", *(extra or [])], entry=entry)
         summary = json.loads((run / "predict_summary.json").read_text())
         walls[n] = (wall, summary["questions"], summary)
     (w_small, n_small, _), (w_full, n_full, s_full) = walls[200], walls["full"]
@@ -150,7 +163,9 @@ def predict_rows(model: Path, data: Path, out: Path, quant: str, tag: str, extra
                  "q_per_s": n_full / w_full, "steady_q_per_s": steady, "load_seconds": s_full.get("load_seconds"),
                  "batch_size": s_full.get("batch_size_used"), "timeline": s_full.get("timeline"),
                  # Within the full run alone (no second run whose warm-up may differ): after its first batch.
-                 "steady_in_run_q_per_s": in_run_rate(s_full)})
+                 "steady_in_run_q_per_s": in_run_rate(s_full),
+                 # The command's wall less its timeline's parts: writing the outputs and the process's end.
+                 "after_scoring_seconds": after_scoring(w_full, s_full)})
     log(rows[-1])
     return rows
 
@@ -292,7 +307,8 @@ def main() -> None:
         if "predict" in args.phases:
             if variant.startswith("adapter"):
                 make_adapter(args.build)
-            results += predict_rows(args.build, args.data, args.runs, quant, tag, VARIANTS[variant] if variant else None)
+            results += predict_rows(args.build, args.data, args.runs, quant, tag, VARIANTS[variant] if variant else None,
+                                    TEARDOWN_ENTRY if variant == "teardown" else None)
             save()
         if variant:
             continue

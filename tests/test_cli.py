@@ -106,3 +106,79 @@ def test_invalid_combinations_fail_before_any_model_loads(tmp_path: Path, synth_
     code, out, err = run([*argv, "--data", str(synth_data / "train.csv"), "--out", str(tmp_path / "o"), "--model", "x"], capsys)
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and says in err, err
     assert time.perf_counter() - t0 < 5 and not (tmp_path / "o").exists()
+
+
+_ENTRY_PROBE = """
+import atexit, os, pathlib, runpy, sys, threading, time
+out = pathlib.Path(sys.argv[1])
+class Teardown:  # its __del__ runs only if the interpreter tears its modules down
+    def __del__(self):
+        (out / "teardown").write_text("ran")
+keep = Teardown()
+atexit.register(lambda: (out / "atexit").write_text("ran"))
+command_ended = threading.Event()
+def late():  # a thread still at work when the command returns
+    command_ended.wait()
+    time.sleep(0.2)
+    (out / "thread").write_text("ran")
+threading.Thread(target=late).start()
+import mcvqa.cli as cli
+command = cli.main
+def main(*args):
+    try:
+        return command(*args)
+    finally:
+        command_ended.set()
+        print("probe: the last line, still in the pipe's buffer")
+cli.main = main
+real_exit = os._exit
+def exit_(status):
+    (out / "exit").write_text(str(status))
+    try:  # under tools/mutate.py: keep what coverage saw (its own save is an atexit handler, maybe skipped)
+        import coverage
+        cov = coverage.Coverage.current()
+        if cov is not None:
+            cov.stop()
+            cov.save()
+    except ImportError:
+        pass
+    real_exit(status)
+os._exit = exit_
+sys.argv = ["mcvqa", *sys.argv[2:]]
+runpy.run_module("mcvqa", run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("argv, status", [(["config"], 0), (["predict", "--model", "m", "--data", "missing.csv", "--out", "o"], 2)])
+def test_the_command_line_leaves_without_the_interpreters_teardown_and_keeps_what_an_exit_does(tmp_path: Path, argv: list[str], status: int) -> None:
+    """``python -m mcvqa`` (and the ``mcvqa`` script) end through ``os._exit``, without Python's teardown (about a
+    second after any command that imported torch): an object only module teardown would delete is never deleted.
+    What a normal exit does that matters still happens: the exit status is the command's, a thread still at work
+    finishes, atexit handlers run, and what was printed to a pipe (block-buffered there) arrives."""
+    import subprocess
+    import sys
+
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # a pipe's output block-buffered, as a user's
+    done = subprocess.run([sys.executable, "-c", _ENTRY_PROBE, str(tmp_path), *argv], capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
+    assert done.returncode == status, done.stderr
+    assert (tmp_path / "exit").read_text() == str(status)
+    assert not (tmp_path / "teardown").exists()
+    assert (tmp_path / "atexit").read_text() == "ran"
+    assert (tmp_path / "thread").read_text() == "ran"
+    assert done.stdout.rstrip().splitlines()[-1] == "probe: the last line, still in the pipe's buffer"
+    if status:
+        assert done.stderr.startswith("error: missing.csv: file not found")
+    else:
+        assert "model:" in done.stdout
+
+
+def test_the_installed_script_and_python_m_enter_through_run() -> None:
+    """Both ways in take the same exit (``run``); ``main`` stays the in-process entry tests and notebooks call."""
+    import tomllib
+
+    root = Path(__file__).resolve().parent.parent
+    scripts = tomllib.loads((root / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts == {"mcvqa": "mcvqa.cli:run"}
+    assert (root / "src" / "mcvqa" / "__main__.py").read_text().rstrip().endswith("from mcvqa.cli import run\n\nrun()")

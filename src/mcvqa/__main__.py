@@ -1,5 +1,5 @@
 """``python -m mcvqa`` (and ``accelerate launch -m mcvqa``)."""
 
-from mcvqa.cli import main
+from mcvqa.cli import run
 
-main()
+run()

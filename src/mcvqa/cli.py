@@ -520,5 +520,47 @@ def _in_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
+def run() -> None:
+    """The process's entry (the ``mcvqa`` script, ``python -m mcvqa``): :func:`main`, then :func:`_leave` with its
+    exit status. A traceback (a bug) takes the interpreter's own way out. Whoever calls :func:`main` in a process of
+    their own (tests, a notebook) keeps it running."""
+    try:
+        main()
+    except SystemExit as e:
+        _leave(e.code)
+    _leave(0)
+
+
+def _leave(code: object) -> None:
+    """End the process with ``code`` as ``sys.exit`` would, without the interpreter's teardown.
+
+    After any command that imported torch and transformers, Python's teardown (every module cleared, a last
+    collection over their objects) keeps the process alive about a second longer (BENCHMARKS.md), and nothing
+    waits on it: mcvqa's outputs are closed files by then. What a normal exit does that matters is kept, in its
+    order: threads that are not daemons are waited for, atexit handlers run (logging's flush, multiprocessing
+    reaping its children, weakref finalizers, trackers' own), and the standard streams are flushed.
+    """
+    import atexit
+    import threading
+
+    if code is None:
+        status = 0
+    elif isinstance(code, int):
+        status = code
+    else:  # sys.exit("message"): the message goes to stderr and the status is 1
+        print(code, file=sys.stderr)
+        status = 1
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):  # after the handlers: what they print arrives too
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a reader that went away (``mcvqa config | head``), a stream already closed
+            pass
+    os._exit(status)
+
+
 if __name__ == "__main__":
-    main()
+    run()
