@@ -154,7 +154,7 @@ def test_fast_paths_equal_the_models_own_forward(family_models, prompt_file, key
         assert enc.frame.tail.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
     items, raw = _items_and_images(2)
     images = [letterbox(im, 256) for im in raw]
-    scorer = Scorer(model, enc)
+    scorer = Scorer(model, enc, keep_rows=True)  # predict's scorer: the prefix kept laid out per row (PrefixRows)
     letters = scorer.letters
     reference = []
     for it, im in zip(items, images):
@@ -176,6 +176,7 @@ def test_fast_paths_equal_the_models_own_forward(family_models, prompt_file, key
         orders = scorer.logprobs_orders([enc.encode_orders(it, cyclic_orders(4), image=im) for it, im in zip(items, images)]).exp()
     if fla_states is not None:  # the batch-2 forwards read the prefix's state, one dense row each
         assert any(shape[0] == 2 for shape in fla_states), fla_states
+    assert any(k is not None for k in scorer.prefix().rows.keys)
     for name, got in (("cached", cached), ("whole sequence", plain), ("packed", packed), ("prefix recomputed", again)):
         torch.testing.assert_close(got, reference, atol=1e-5, rtol=0, msg=f"{key} {name}")
     torch.testing.assert_close(orders[:, 0], reference, atol=1e-5, rtol=0, msg=f"{key} orders, identity order")

@@ -86,6 +86,26 @@ def test_batches_run_with_the_loaded_model_left_out_of_garbage_collection_and_gi
     assert gc.get_freeze_count() == 0
 
 
+def test_predict_writes_each_batch_after_the_prefix_laid_out_once(cfg_factory, scorer, tiny_loaded, synth_data, tmp_path, monkeypatch) -> None:
+    """``mcvqa predict``'s scorer keeps the prefix laid out per row (``scoring.PrefixRows``, ``predict.prefix_rows``):
+    every batch's attention layers read it in place instead of concatenating it again, and the submission is the
+    concatenating scorer's (``predict.prefix_rows=false``, which never touches the buffers)."""
+    from mcvqa.scoring import PrefixRows
+
+    joined: list[bool] = []
+    real = PrefixRows.join
+    monkeypatch.setattr(PrefixRows, "join", lambda self, *a: (lambda r: (joined.append(r is not None), r)[1])(real(self, *a)))
+    cfg = cfg_factory("predict.batch_size=5")
+    kept = predict(cfg, synth_data / "test.csv", tmp_path / "kept", scorer=scorer, progress=False, log=lambda s: None)
+    assert joined and all(joined)
+    joined.clear()
+    plain = build_scorer(cfg_factory("predict.prefix_rows=false"), model=tiny_loaded[0], processor=tiny_loaded[1])
+    again = predict(cfg, synth_data / "test.csv", tmp_path / "plain", scorer=plain, progress=False, log=lambda s: None)
+    assert not joined
+    assert kept.submission.read_bytes() == again.submission.read_bytes()
+    pd.testing.assert_frame_equal(pd.read_csv(kept.probs), pd.read_csv(again.probs), atol=1e-6, rtol=0)
+
+
 def test_validate_submission_catches_mistakes() -> None:
     ids = ["t1", "t2", "t3"]
     validate_submission(pd.DataFrame({"id": ids, "answer": ["a", "b", "d"]}), ids)

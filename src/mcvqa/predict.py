@@ -79,7 +79,7 @@ def build_scorer(cfg: Config, adapter: str | Path | None = None, model: Any = No
         from mcvqa.families import core_and_head
 
         compile_blocks(core_and_head(model)[0], cfg.predict.compile)
-    return Scorer(model, encoder, prefix_cache=cfg.predict.prefix_cache)
+    return Scorer(model, encoder, prefix_cache=cfg.predict.prefix_cache, keep_rows=cfg.predict.prefix_rows)
 
 
 def _stage_summary(

@@ -8,6 +8,8 @@ The shared system prompt is run once per model (per weight state) and its keys/v
 every batch through :class:`PrefixCache`, a read-only cache: it returns ``cat(prefix, new)`` but never
 stores anything, so it is safe under gradient checkpointing (a recomputed layer reads the same prefix)
 and one prefix serves any batch size. A causal prefix does not depend on what follows, so this is exact.
+Prediction's scorer keeps, per layer, the prefix already laid out for each row (:class:`PrefixRows`), so a batch
+writes only its own keys and values there instead of concatenating the whole prefix again in every layer.
 """
 
 from __future__ import annotations
@@ -96,19 +98,91 @@ def allow_prefix_cache_under_checkpointing(model: Any) -> None:
 # ------------------------------------------------------------------------------------------ prefix cache
 
 
+class PrefixRows:
+    """For each attention layer, keys and values laid out for a batch's rows with the prefix's already in place:
+    a batch writes its own after them and attention reads a view, where ``cat(prefix, new)`` would copy the whole
+    prefix once per row in every layer, for every batch. The same values in the same order, so exact.
+
+    Without gradients only (a tensor written in place and read again by the next batch has no place in a graph:
+    training and test-time adaptation take the concatenation), and only with room for it: prediction's scorer
+    (:class:`Scorer` with ``keep_rows``) keeps about 2 GiB for Qwen3-VL-8B at batch 16 while it lives; where
+    that would leave under :data:`HEADROOM` of the device's memory free (a quarter of the free host memory on
+    a CPU), every layer concatenates as before.
+    """
+
+    HEADROOM = 0.1
+    """Share of the GPU's memory that must stay free after the buffers are made (and at least 2 GiB)."""
+    STEP = 64
+    """Token rows are kept in multiples of this, so batches of slightly longer questions reuse the buffers."""
+
+    def __init__(self, n_layers: int):
+        self.keys: list[torch.Tensor | None] = [None] * n_layers
+        self.values: list[torch.Tensor | None] = [None] * n_layers
+        self.checked = False
+        self.declined = False
+
+    def join(self, i: int, pk: torch.Tensor, pv: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Layer ``i``'s (keys, values) over prefix and rows, or None when the buffers are not for this call."""
+        if self.declined or torch.is_grad_enabled() or pk.requires_grad:
+            return None
+        b, p, s = k.shape[0], pk.shape[-2], k.shape[-2]
+        keys = self.keys[i]
+        if keys is None or not self._fits(keys, b, p + s, k):
+            rows = max(b, keys.shape[0] if keys is not None and self._same_kind(keys, k) else 0)
+            shape = (rows, k.shape[1], p + self.STEP * math.ceil(s / self.STEP), k.shape[-1])
+            if not self.checked:  # once, before the first buffer: room for every layer's
+                self.checked = True
+                if not self._room(k, 2 * math.prod(shape) * k.element_size() * len(self.keys)):
+                    self.declined = True
+                    return None
+            self.keys[i] = keys = torch.empty(shape, dtype=k.dtype, device=k.device)
+            self.values[i] = torch.empty(shape, dtype=v.dtype, device=v.device)
+            keys[:, :, :p] = pk
+            self.values[i][:, :, :p] = pv  # type: ignore[index]
+        values = self.values[i]
+        assert values is not None
+        keys[:b, :, p : p + s] = k
+        values[:b, :, p : p + s] = v
+        return keys[:b, :, : p + s], values[:b, :, : p + s]
+
+    @staticmethod
+    def _same_kind(buf: torch.Tensor, k: torch.Tensor) -> bool:
+        # An inference-mode tensor cannot be written outside inference mode (and the other way round costs nothing
+        # to redo): a scorer used both ways makes its buffers again.
+        return (buf.dtype == k.dtype and buf.device == k.device and buf.shape[1] == k.shape[1] and buf.shape[-1] == k.shape[-1]
+                and buf.is_inference() == torch.is_inference_mode_enabled())
+
+    def _fits(self, buf: torch.Tensor, rows: int, length: int, k: torch.Tensor) -> bool:
+        return self._same_kind(buf, k) and buf.shape[0] >= rows and buf.shape[-2] >= length
+
+    def _room(self, like: torch.Tensor, need: int) -> bool:
+        """Whether ``need`` bytes (every layer's buffers) leave enough free on ``like``'s device."""
+        if like.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(like.device)
+            return free - need >= max(self.HEADROOM * total, 2 * 2**30)
+        from mcvqa.io import available_memory
+
+        free = available_memory()
+        return free is not None and need <= free // 4
+
+
 class PrefixLayer(DynamicLayer):
-    """Read-only layer cache: returns ``cat(prefix, new)``; optionally records the newest keys/values.
+    """Read-only layer cache: returns ``cat(prefix, new)`` (or, with ``rows``, the same through
+    :class:`PrefixRows`); optionally records the newest keys/values.
 
     Recording overwrites instead of appending, so a checkpointed layer recomputed in the backward pass
     leaves the same state behind.
     """
 
-    def __init__(self, keys: torch.Tensor | None = None, values: torch.Tensor | None = None, record: bool = False):
+    def __init__(self, keys: torch.Tensor | None = None, values: torch.Tensor | None = None, record: bool = False,
+                 rows: PrefixRows | None = None, index: int = 0):
         super().__init__()
         self.prefix_keys = keys
         self.prefix_values = values
         self.record = record
         self.recorded: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.rows = rows
+        self.index = index
         self.is_initialized = True
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -122,6 +196,10 @@ class PrefixLayer(DynamicLayer):
         b = key_states.shape[0]
         pk, pv = self.prefix_keys, self.prefix_values
         assert pv is not None
+        if self.rows is not None:
+            joined = self.rows.join(self.index, pk, pv, key_states, value_states)
+            if joined is not None:
+                return joined
         if pk.shape[0] != b:  # one prefix serves every row: broadcast, cat materialises
             pk = pk.expand(b, -1, -1, -1)
             pv = pv.expand(b, -1, -1, -1)
@@ -199,11 +277,11 @@ class PrefixCache(Cache):
         super().__init__(layers=layers)  # type: ignore[arg-type]
 
     @staticmethod
-    def _layer(kind: str, state: Any, record: bool, batch: int | None = None) -> Any:
+    def _layer(kind: str, state: Any, record: bool, batch: int | None = None, rows: PrefixRows | None = None, index: int = 0) -> Any:
         if kind == "linear":
             return PrefixLinearLayer(*(state or (None, None)), record=record, batch=batch)
         # "none": the layer reuses another layer's keys (Gemma 4's shared layers) and never calls the cache.
-        return PrefixLayer(*(state or (None, None)), record=record and kind == "kv")
+        return PrefixLayer(*(state or (None, None)), record=record and kind == "kv", rows=rows, index=index)
 
     @classmethod
     def recorder(cls, kinds: list[str], prefix: PrefixKV | None = None) -> PrefixCache:
@@ -213,7 +291,7 @@ class PrefixCache(Cache):
     @classmethod
     def reading(cls, prefix: PrefixKV, batch: int) -> PrefixCache:
         """The prefix's states for a forward over ``batch`` rows."""
-        return cls([cls._layer(k, st, False, batch) for k, st in zip(prefix.kinds, prefix.states)])
+        return cls([cls._layer(k, st, False, batch, prefix.rows, i) for i, (k, st) in enumerate(zip(prefix.kinds, prefix.states))])
 
     def recorded(self) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
         return [getattr(layer, "recorded", None) for layer in self.layers]
@@ -227,6 +305,8 @@ class PrefixKV:
     states: list[tuple[torch.Tensor, torch.Tensor] | None]
     kinds: list[str]
     length: int
+    rows: PrefixRows | None = None
+    """Set by prediction's scorer: the prefix laid out per row, kept from batch to batch (:class:`PrefixRows`)."""
 
 
 def _family(model: Any, family: Family | None) -> Family:
@@ -378,9 +458,12 @@ class Scorer:
     Call :meth:`invalidate` after changing weights (test-time adaptation) so the prefix is recomputed.
     """
 
-    def __init__(self, model: Any, encoder: Encoder, *, prefix_cache: bool = True) -> None:
+    def __init__(self, model: Any, encoder: Encoder, *, prefix_cache: bool = True, keep_rows: bool = False) -> None:
         self.model = model
         self.encoder = encoder
+        self.keep_rows = keep_rows
+        """Keep the prefix laid out per row between batches (:class:`PrefixRows`): prediction's scorer does; training's
+        validation does not (its memory is the training run's)."""
         self.letters = letter_tokens(encoder.tokenizer)
         self.family = families.for_model(model)
         # Families without a cacheable prefix (the plain path for unlisted checkpoints) run whole sequences.
@@ -397,6 +480,8 @@ class Scorer:
         if self._prefix is None:
             with torch.no_grad():
                 self._prefix = compute_prefix(self.model, self.encoder.prefix_ids, self.device, self.family)
+            if self.keep_rows:
+                self._prefix.rows = PrefixRows(len(self._prefix.states))
         return self._prefix
 
     def logprobs(self, batch: Batch, grad: bool = False, prefix_grad: bool = True) -> torch.Tensor:
