@@ -93,17 +93,39 @@ def test_predict_writes_each_batch_after_the_prefix_laid_out_once(cfg_factory, s
     from mcvqa.scoring import PrefixRows
 
     joined: list[bool] = []
+    buffers: set[int] = set()
     real = PrefixRows.join
-    monkeypatch.setattr(PrefixRows, "join", lambda self, *a: (lambda r: (joined.append(r is not None), r)[1])(real(self, *a)))
+
+    def join(self, i, *args):
+        out = real(self, i, *args)
+        joined.append(out is not None)
+        if out is not None and i == 0:
+            buffers.add(self.keys[0].data_ptr())
+        return out
+
+    monkeypatch.setattr(PrefixRows, "join", join)
     cfg = cfg_factory("predict.batch_size=5")
     kept = predict(cfg, synth_data / "test.csv", tmp_path / "kept", scorer=scorer, progress=False, log=lambda s: None)
     assert joined and all(joined)
+    batches = -(-len(pd.read_csv(synth_data / "test.csv")) // 5)
+    assert 1 <= len(buffers) < batches  # made once (again only for longer rows), not per batch
     joined.clear()
     plain = build_scorer(cfg_factory("predict.prefix_rows=false"), model=tiny_loaded[0], processor=tiny_loaded[1])
     again = predict(cfg, synth_data / "test.csv", tmp_path / "plain", scorer=plain, progress=False, log=lambda s: None)
     assert not joined
     assert kept.submission.read_bytes() == again.submission.read_bytes()
     pd.testing.assert_frame_equal(pd.read_csv(kept.probs), pd.read_csv(again.probs), atol=1e-6, rtol=0)
+
+
+def test_predict_keeps_no_prefix_rows_where_whole_layers_are_compiled(cfg_factory, tiny_loaded, monkeypatch) -> None:
+    """``predict.compile=layers`` traces whole decoder layers, where the kept rows' bookkeeping would break their
+    graphs (a graph break and a recompile per layer): that scorer concatenates; narrower scopes keep the rows."""
+    import mcvqa.kernels
+
+    monkeypatch.setattr(mcvqa.kernels, "compile_blocks", lambda core, scope: 0)
+    keep = {scope: build_scorer(cfg_factory(f"predict.compile={scope}"), model=tiny_loaded[0], processor=tiny_loaded[1]).keep_rows
+            for scope in ("off", "mlp", "layers")}
+    assert keep == {"off": True, "mlp": True, "layers": False}
 
 
 def test_validate_submission_catches_mistakes() -> None:

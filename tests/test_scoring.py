@@ -384,18 +384,19 @@ def test_last_layer_at_the_answers_only_scores_and_trains_as_the_whole_layer(cfg
             torch.testing.assert_close(g1[mode][1][n], g2[mode][1][n], atol=1e-5, rtol=1e-4, msg=f"{mode} {n}")
 
 
-def test_prefix_rows_kept_between_batches_score_as_the_concatenation(tiny_loaded, encoder, items) -> None:
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_prefix_rows_kept_between_batches_score_as_the_concatenation(tiny_loaded, encoder, items, mode) -> None:
     """Prediction's scorer keeps the prefix laid out per row (``PrefixRows``) and writes only each batch's keys and
     values after it: batches that shrink, grow in rows and grow in length (new buffers) score as the concatenating
-    scorer does, in inference mode as predict runs, and the buffers are reused while a batch fits them (the prefix
-    written once, not once per batch)."""
+    scorer does, under ``no_grad`` (as predict runs) and in inference mode, and the buffers are reused while a batch
+    fits them (the prefix written once, not once per batch)."""
     model = tiny_loaded[0]
     exs = sorted(_long_short(encoder, items), key=lambda e: len(e.suffix_ids))[:-1]
     longer = dataclasses.replace(items[2], question=items[2].question + " 그리고 아주 길게 덧붙인 설명이 있는 질문입니다" * 12)
     batches = [exs[:3], exs[:2], exs[:5], [*exs[-2:], encoder.encode(longer)]]  # shrink, more rows, longer rows
     kept, plain = Scorer(model, encoder, keep_rows=True), Scorer(model, encoder)
     shapes, pointers = [], []
-    with torch.inference_mode():
+    with getattr(torch, mode)():
         for exs_b in batches:
             batch = collate(exs_b, encoder.pad_id)
             torch.testing.assert_close(kept.logprobs(batch), plain.logprobs(batch), atol=1e-6, rtol=0)
@@ -406,24 +407,27 @@ def test_prefix_rows_kept_between_batches_score_as_the_concatenation(tiny_loaded
             pk = prefix.states[0][0]
             torch.testing.assert_close(keys[: len(exs_b), :, : prefix.length], pk.expand(len(exs_b), -1, -1, -1), atol=0, rtol=0)
     assert plain.prefix().rows is None
-    assert all(k is not None for k in prefix.rows.keys)
+    assert all(k is not None for k, kind in zip(prefix.rows.keys, prefix.kinds) if kind == "kv")
     assert pointers[0] == pointers[1]  # the smaller batch fitted the first one's buffers: no new ones, no prefix copy
     assert shapes[2][0] == 5 > shapes[1][0] and shapes[3][-2] > shapes[2][-2]  # more rows, then longer rows: new ones
 
 
 def test_prefix_rows_stay_out_of_gradients_and_out_of_a_full_device(tiny_loaded, encoder, items, monkeypatch) -> None:
     """With gradients (test-time adaptation) the scorer concatenates and the prefix's gradient is the concatenating
-    scorer's; without room for every layer's buffers it concatenates too, and says no once rather than per batch."""
+    scorer's. Without room for every layer's buffers it concatenates too, and says no once rather than per batch;
+    without room for a larger buffer later, or when a forward runs out of memory, the buffers are given back and the
+    scores stay the concatenation's."""
+    from mcvqa import scoring
     from mcvqa.scoring import PrefixRows
 
     model = tiny_loaded[0]
     batch = collate([encoder.encode(it) for it in items[:4]], encoder.pad_id)
-    kept, plain = Scorer(model, encoder, keep_rows=True), Scorer(model, encoder)
+    plain = Scorer(model, encoder)
     got = {}
-    for name, scorer in (("kept", kept), ("plain", plain)):
+    for name in ("kept", "plain"):
         prefix = compute_prefix(model, encoder.prefix_ids)  # with gradients: what adapting the weights scores through
         if name == "kept":
-            prefix.rows = PrefixRows(len(prefix.states))
+            prefix.rows = PrefixRows(prefix.kinds)
         keys = prefix.states[0][0]
         keys.retain_grad()
         answer_hidden(model, batch, prefix).square().sum().backward()
@@ -440,3 +444,29 @@ def test_prefix_rows_stay_out_of_gradients_and_out_of_a_full_device(tiny_loaded,
             torch.testing.assert_close(full.logprobs(batch), plain.logprobs(batch), atol=1e-6, rtol=0)
     assert all(k is None for k in full.prefix().rows.keys) and full.prefix().rows.declined
     assert len(asked) == 1 and asked[0] > 0
+
+    # Room for the first buffers, none for the longer ones a later batch needs: given back, still exact.
+    room = {"left": True}
+    monkeypatch.setattr(PrefixRows, "_room", lambda self, like, need: room["left"])
+    later = Scorer(model, encoder, keep_rows=True)
+    longer = collate([encoder.encode(dataclasses.replace(it, question=it.question + " 덧붙인 설명" * 40)) for it in items[:4]], encoder.pad_id)
+    with torch.no_grad():
+        later.logprobs(batch)
+        assert later.prefix().rows.keys[0] is not None
+        room["left"] = False
+        torch.testing.assert_close(later.logprobs(longer), plain.logprobs(longer), atol=1e-6, rtol=0)
+    assert later.prefix().rows.declined and all(k is None for k in later.prefix().rows.keys)
+
+    # A forward that runs out of memory gives the buffers back before the engine halves the batch.
+    monkeypatch.setattr(PrefixRows, "_room", lambda self, like, need: True)
+    oom = Scorer(model, encoder, keep_rows=True)
+    real = scoring.answer_hidden
+    with torch.no_grad():
+        oom.logprobs(batch)
+        assert oom.prefix().rows.keys[0] is not None
+        monkeypatch.setattr(scoring, "answer_hidden", lambda *a, **k: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError("CUDA out of memory")))
+        with pytest.raises(torch.cuda.OutOfMemoryError):
+            oom.logprobs(batch)
+        monkeypatch.setattr(scoring, "answer_hidden", real)
+        torch.testing.assert_close(oom.logprobs(batch), plain.logprobs(batch), atol=1e-6, rtol=0)
+    assert oom.prefix().rows.declined and all(k is None for k in oom.prefix().rows.keys)

@@ -537,7 +537,7 @@ def _leave(code: object) -> None:
     After any command that imported torch and transformers, Python's teardown (every module cleared, a last
     collection over their objects) keeps the process alive about a second longer (BENCHMARKS.md), and nothing
     waits on it: mcvqa's outputs are closed files by then. What a normal exit does that matters is kept, in its
-    order: threads that are not daemons are waited for, atexit handlers run (logging's flush, multiprocessing
+    order: threads that are not daemons are waited for (idle executors told to stop first), atexit handlers run (logging's flush, multiprocessing
     reaping its children, weakref finalizers, trackers' own), and the standard streams are flushed.
     """
     import atexit
@@ -550,9 +550,10 @@ def _leave(code: object) -> None:
     else:  # sys.exit("message"): the message goes to stderr and the status is 1
         print(code, file=sys.stderr)
         status = 1
-    for thread in threading.enumerate():
-        if thread is not threading.main_thread() and not thread.daemon:
-            thread.join()
+    # What the interpreter's own exit calls first: idle executor workers (torch.compile's compile pool among them)
+    # are told to stop, then every thread that is not a daemon is waited for. Joining those threads directly would
+    # wait forever on an executor nobody shut down.
+    threading._shutdown()  # type: ignore[attr-defined]
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):  # after the handlers: what they print arrives too
         try:

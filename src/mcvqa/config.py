@@ -257,7 +257,8 @@ class PredictConfig:
     prefix_rows: bool = True
     """Keep that cache laid out once per row of a batch, so each layer writes only a batch's own keys and values after
     it instead of concatenating the whole prompt again (exact; about 2 GiB for Qwen3-VL-8B at batch 16, taken only
-    where the device keeps a tenth of its memory and 2 GiB free after it) | false: concatenate in every layer."""
+    where the device keeps a tenth of its memory and 2 GiB free after it, given back if a batch runs out of memory; not
+    with compile=layers) | false: concatenate in every layer."""
     sort_by_length: bool = True
     """Batch questions of similar token length together (less padding); outputs stay in the CSV's order."""
     num_workers: int = -1

@@ -79,7 +79,8 @@ def build_scorer(cfg: Config, adapter: str | Path | None = None, model: Any = No
         from mcvqa.families import core_and_head
 
         compile_blocks(core_and_head(model)[0], cfg.predict.compile)
-    return Scorer(model, encoder, prefix_cache=cfg.predict.prefix_cache, keep_rows=cfg.predict.prefix_rows)
+    # Whole compiled decoder layers would trace the kept rows' bookkeeping and break their graphs on it.
+    return Scorer(model, encoder, prefix_cache=cfg.predict.prefix_cache, keep_rows=cfg.predict.prefix_rows and cfg.predict.compile != "layers")
 
 
 def _stage_summary(

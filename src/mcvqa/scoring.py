@@ -14,10 +14,11 @@ writes only its own keys and values there instead of concatenating the whole pre
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -105,9 +106,12 @@ class PrefixRows:
 
     Without gradients only (a tensor written in place and read again by the next batch has no place in a graph:
     training and test-time adaptation take the concatenation), and only with room for it: prediction's scorer
-    (:class:`Scorer` with ``keep_rows``) keeps about 2 GiB for Qwen3-VL-8B at batch 16 while it lives; where
-    that would leave under :data:`HEADROOM` of the device's memory free (a quarter of the free host memory on
-    a CPU), every layer concatenates as before.
+    (:class:`Scorer` with ``keep_rows``) keeps about 2 GiB for Qwen3-VL-8B at batch 16 while it lives. Before the
+    first buffers (room for every attention layer's) and before each larger one, the device must keep
+    :data:`HEADROOM` of its memory free after them (a quarter of the free host memory on a CPU); where it would not,
+    or an allocation runs out of memory, or a forward does (:meth:`Scorer.logprobs`), the buffers are given back
+    and every layer concatenates from then on. One batch at a time: a scorer that keeps rows is not for concurrent
+    calls from several threads.
     """
 
     HEADROOM = 0.1
@@ -115,10 +119,10 @@ class PrefixRows:
     STEP = 64
     """Token rows are kept in multiples of this, so batches of slightly longer questions reuse the buffers."""
 
-    def __init__(self, n_layers: int):
-        self.keys: list[torch.Tensor | None] = [None] * n_layers
-        self.values: list[torch.Tensor | None] = [None] * n_layers
-        self.checked = False
+    def __init__(self, kinds: list[str]):
+        self.keys: list[torch.Tensor | None] = [None] * len(kinds)
+        self.values: list[torch.Tensor | None] = [None] * len(kinds)
+        self.attention_layers = max(1, sum(kind == "kv" for kind in kinds))
         self.declined = False
 
     def join(self, i: int, pk: torch.Tensor, pv: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -128,22 +132,31 @@ class PrefixRows:
         b, p, s = k.shape[0], pk.shape[-2], k.shape[-2]
         keys = self.keys[i]
         if keys is None or not self._fits(keys, b, p + s, k):
-            rows = max(b, keys.shape[0] if keys is not None and self._same_kind(keys, k) else 0)
-            shape = (rows, k.shape[1], p + self.STEP * math.ceil(s / self.STEP), k.shape[-1])
-            if not self.checked:  # once, before the first buffer: room for every layer's
-                self.checked = True
-                if not self._room(k, 2 * math.prod(shape) * k.element_size() * len(self.keys)):
-                    self.declined = True
-                    return None
-            self.keys[i] = keys = torch.empty(shape, dtype=k.dtype, device=k.device)
-            self.values[i] = torch.empty(shape, dtype=v.dtype, device=v.device)
+            shape = (b, k.shape[1], p + self.STEP * math.ceil(s / self.STEP), k.shape[-1])
+            need = 2 * math.prod(shape) * k.element_size()
+            first = all(x is None for x in self.keys)
+            if not self._room(k, need * (self.attention_layers if first else 1)):
+                self.release()
+                return None
+            try:
+                keys, values = torch.empty(shape, dtype=k.dtype, device=k.device), torch.empty(shape, dtype=v.dtype, device=v.device)
+            except torch.cuda.OutOfMemoryError:
+                self.release()
+                return None
+            self.keys[i], self.values[i] = keys, values
             keys[:, :, :p] = pk
-            self.values[i][:, :, :p] = pv  # type: ignore[index]
+            values[:, :, :p] = pv
         values = self.values[i]
         assert values is not None
         keys[:b, :, p : p + s] = k
         values[:b, :, p : p + s] = v
         return keys[:b, :, : p + s], values[:b, :, : p + s]
+
+    def release(self) -> None:
+        """Give the buffers back; every layer concatenates from now on."""
+        self.keys = [None] * len(self.keys)
+        self.values = [None] * len(self.values)
+        self.declined = True
 
     @staticmethod
     def _same_kind(buf: torch.Tensor, k: torch.Tensor) -> bool:
@@ -156,9 +169,10 @@ class PrefixRows:
         return self._same_kind(buf, k) and buf.shape[0] >= rows and buf.shape[-2] >= length
 
     def _room(self, like: torch.Tensor, need: int) -> bool:
-        """Whether ``need`` bytes (every layer's buffers) leave enough free on ``like``'s device."""
+        """Whether ``need`` more bytes leave enough free on ``like``'s device."""
         if like.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(like.device)
+            free += torch.cuda.memory_reserved(like.device) - torch.cuda.memory_allocated(like.device)  # torch's cache is free to it
             return free - need >= max(self.HEADROOM * total, 2 * 2**30)
         from mcvqa.io import available_memory
 
@@ -481,7 +495,7 @@ class Scorer:
             with torch.no_grad():
                 self._prefix = compute_prefix(self.model, self.encoder.prefix_ids, self.device, self.family)
             if self.keep_rows:
-                self._prefix.rows = PrefixRows(len(self._prefix.states))
+                self._prefix.rows = PrefixRows(self._prefix.kinds)
         return self._prefix
 
     def logprobs(self, batch: Batch, grad: bool = False, prefix_grad: bool = True) -> torch.Tensor:
@@ -493,13 +507,25 @@ class Scorer:
         batch = batch.to(self.device)
         if grad:
             self._ready_for_backward()
-        with torch.set_grad_enabled(grad):
+        with torch.set_grad_enabled(grad), self._rows_given_back_on_oom():
             if self.use_prefix_cache and not batch.prefix_len:
                 prefix = self.prefix() if not (grad and prefix_grad) else compute_prefix(self.model, self.encoder.prefix_ids, self.device, self.family)
                 hidden = answer_hidden(self.model, batch, prefix, self.family)
             else:
                 hidden = answer_hidden(self.model, batch, None, self.family)
             return letter_logprobs(head_rows(self.head, hidden, self.letters.all_ids, self.family), self.letters)
+
+    @contextlib.contextmanager
+    def _rows_given_back_on_oom(self) -> Iterator[None]:
+        """A forward that runs out of memory gives the kept prefix rows back before the engine halves the batch and
+        tries again (:class:`PrefixRows`): the retries then have that memory."""
+        try:
+            yield
+        except (torch.cuda.OutOfMemoryError, RuntimeError) as e:
+            rows = self._prefix.rows if self._prefix is not None else None
+            if rows is not None and (isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e)):
+                rows.release()
+            raise
 
     def logprobs_orders(self, examples: Sequence[OrderedExample], grad: bool = False) -> torch.Tensor:
         """(B, V, 4) log-probabilities of each question under each option order, indexed by ORIGINAL option.
@@ -515,7 +541,7 @@ class Scorer:
         else:
             if grad:
                 self._ready_for_backward()
-            with torch.set_grad_enabled(grad):
+            with torch.set_grad_enabled(grad), self._rows_given_back_on_oom():
                 prefix = self.prefix() if not grad else compute_prefix(self.model, self.encoder.prefix_ids, self.device, self.family)
                 lp = shared_prefix_logprobs(self.model, self.encoder, examples, prefix, self.letters, self.head, self.device, self.family)
         # The option shown at letter j is original option order[j]: one scatter with an index built on the host (a
