@@ -552,7 +552,9 @@ def _leave(code: object) -> None:
         status = 1
     # What the interpreter's own exit calls first: idle executor workers (torch.compile's compile pool among them)
     # are told to stop, then every thread that is not a daemon is waited for. Joining those threads directly would
-    # wait forever on an executor nobody shut down.
+    # wait forever on an executor nobody shut down. A Python without it takes its own way out.
+    if not hasattr(threading, "_shutdown"):
+        raise SystemExit(status)
     threading._shutdown()  # type: ignore[attr-defined]
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):  # after the handlers: what they print arrives too
