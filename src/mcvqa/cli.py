@@ -537,8 +537,9 @@ def _leave(code: object) -> None:
     After any command that imported torch and transformers, Python's teardown (every module cleared, a last
     collection over their objects) keeps the process alive about a second longer (BENCHMARKS.md), and nothing
     waits on it: mcvqa's outputs are closed files by then. What a normal exit does that matters is kept, in its
-    order: threads that are not daemons are waited for (idle executors told to stop first), atexit handlers run (logging's flush, multiprocessing
-    reaping its children, weakref finalizers, trackers' own), and the standard streams are flushed.
+    order: threads that are not daemons are waited for (idle executors told to stop first), atexit handlers run
+    (logging's flush, multiprocessing reaping its children, weakref finalizers, trackers' own), and the standard
+    streams are flushed.
     """
     import atexit
     import threading
