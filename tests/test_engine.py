@@ -166,7 +166,9 @@ def test_blend_through_the_cli_weighs_the_base_model_as_told(tiny_model: Path, a
     adapted = probs("adapted", "--adapter", str(adapter))
     base = probs("base")
     blend = ["--adapter", str(adapter), "--tta", "blend", "--set", "tta.blend_fraction=1.0"]
-    np.testing.assert_allclose(probs("w0", *blend, "--set", "tta.blend_weight=0.0"), adapted, atol=1e-6)
+    # The adapted run folds the adapter into the weights (predict.merge_adapter) and the blend keeps it apart to switch
+    # it off: the same model up to fp32 rounding (1.4e-6 seen after other tests in the same process), hence 1e-5.
+    np.testing.assert_allclose(probs("w0", *blend, "--set", "tta.blend_weight=0.0"), adapted, atol=1e-5)
     np.testing.assert_allclose(probs("w1", *blend, "--set", "tta.blend_weight=1.0"), base, atol=1e-6)
     half = probs("w03", *blend, "--set", "tta.blend_weight=0.3")
     mixed = np.exp(0.7 * np.log(adapted) + 0.3 * np.log(base))

@@ -42,6 +42,20 @@ def test_segments_tokenize_like_the_whole_string(tiny_loaded, cfg_factory, items
         assert enc.prefix_ids + ex.suffix_ids == whole
 
 
+@pytest.mark.parametrize("prompt", ["fewshot_ko", "plain_en"])
+def test_length_grouping_counts_the_tokens_encoding_makes(tiny_loaded, cfg_factory, items, prompt) -> None:
+    """Batches are grouped by ``token_lengths``, counted for all questions in two batched tokenizer calls: each count
+    is the suffix an item encodes to (image, question and option tokens), for questions and options of every length,
+    an empty option included."""
+    import dataclasses
+
+    from mcvqa.features import Encoder, token_lengths
+
+    enc = Encoder(tiny_loaded[1], load_prompt(prompt), cfg_factory().image)
+    its = [*items, dataclasses.replace(items[0], question=items[0].question * 5, options=("", "b", "아주 긴 선택지 " * 9, "d"))]
+    assert token_lengths(its, enc) == [len(enc.encode(it).suffix_ids) for it in its]
+
+
 def test_every_letter_resolves(tiny_loaded) -> None:
     letters = letter_tokens(tiny_loaded[1].tokenizer)
     tok = tiny_loaded[1].tokenizer
