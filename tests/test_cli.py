@@ -117,9 +117,9 @@ class Teardown:  # its __del__ runs only if the interpreter tears its modules do
 keep = Teardown()
 atexit.register(lambda: (out / "atexit").write_text("ran"))
 command_ended = threading.Event()
-def late():  # a thread still at work when the command returns
+def late():  # a thread still at work when the command returns (for a minute with MCVQA_PROBE_SLOW_THREAD)
     command_ended.wait()
-    time.sleep(0.2)
+    time.sleep(60 if os.environ.get("MCVQA_PROBE_SLOW_THREAD") else 0.2)
     (out / "thread").write_text("ran")
 threading.Thread(target=late).start()
 import concurrent.futures
@@ -133,6 +133,7 @@ def main(*args):
     finally:
         command_ended.set()
         print("probe: the last line, still in the pipe's buffer")
+        (out / "command_ended").write_text("yes")
 cli.main = main
 real_exit = os._exit
 def exit_(status):
@@ -181,6 +182,32 @@ def test_the_command_line_leaves_without_the_interpreters_teardown_and_keeps_wha
         assert done.stderr.startswith("error: missing.csv: file not found")
     else:
         assert "model:" in done.stdout
+
+
+def test_ctrl_c_while_the_exit_waits_for_a_thread_ends_it_in_one_line_with_the_commands_status(tmp_path: Path) -> None:
+    """Ctrl-C while the exit waits for a slow thread the command left behind: the wait stops at once, one line says
+    the outputs were written (no traceback), the atexit handlers still run and the status is the command's."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = {**{k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}, "MCVQA_PROBE_SLOW_THREAD": "1"}
+    child = subprocess.Popen([sys.executable, "-c", _ENTRY_PROBE, str(tmp_path), "config"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env)
+    deadline = time.monotonic() + 30
+    while not (tmp_path / "command_ended").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # into the exit's wait for the thread
+    child.send_signal(signal.SIGINT)
+    out, err = child.communicate(timeout=30)
+    assert child.returncode == 0, err
+    assert (tmp_path / "exit").read_text() == "0"  # through the fast exit, not the watchdog's 99
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("interrupted (Ctrl-C) while waiting for a background thread"), err
+    assert (tmp_path / "atexit").read_text() == "ran"
+    assert not (tmp_path / "thread").exists()
+    assert out.rstrip().splitlines()[-1] == "probe: the last line, still in the pipe's buffer"
 
 
 def test_the_installed_script_and_python_m_enter_through_run() -> None:

@@ -556,7 +556,12 @@ def _leave(code: object) -> None:
     # wait forever on an executor nobody shut down. A Python without it takes its own way out.
     if not hasattr(threading, "_shutdown"):
         raise SystemExit(status)
-    threading._shutdown()  # type: ignore[attr-defined]
+    try:
+        threading._shutdown()  # type: ignore[attr-defined]
+    except KeyboardInterrupt:
+        # Ctrl-C while a thread the command left (a tracker's upload, say) is still waited for: stop waiting, in one
+        # line rather than the traceback Python's own exit prints. The command itself had finished: its status stays.
+        print("interrupted (Ctrl-C) while waiting for a background thread to finish; the command's outputs were already written", file=sys.stderr)
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):  # after the handlers: what they print arrives too
         try:
