@@ -16,6 +16,7 @@
 #   bash bench/issue26.sh coldload   # carry .whl .fixtures      the 8B's load from a cold page cache, model.read_ahead on and off
 #   bash bench/issue26.sh fp8cold    # carry .whl .fixtures      predict --quant fp8, then coldload's loads on the same build
 #   bash bench/issue26.sh ab         # carry .whl .fixtures      prefix rows kept vs concatenated (bf16); the fast exit vs the teardown (nf4)
+#   bash bench/issue26.sh firstbatch # carry .whl .fixtures      predict's first batches timed (host marks, CUDA events, cProfile), bf16 and nf4
 #   bash bench/issue26.sh profile    # carry .whl .fixtures      levers.py (eager vs Liger, stages, kernels), the
 #                                                                CLI's own loop under the profiler (profile_cli.py), fp8
 #
@@ -25,7 +26,7 @@
 # and families.tar.xz (families only: copy it from ../shared/fixtures, and leave it out of the other calls). `train` runs on the
 # machine's own transformers: the Unsloth release accepts no newer one, and both backends must run on the same.
 set -euo pipefail
-what=${1:?predict, headline, train, trainpaired, trainunsloth, families, families2, trainprofile, traincli, adapter, coldload, fp8cold, ab or profile}
+what=${1:?predict, headline, train, trainpaired, trainunsloth, families, families2, trainprofile, traincli, adapter, coldload, fp8cold, ab, firstbatch or profile}
 OUT=${OUT:-bench_out}; mkdir -p "$OUT"
 install() {
     rm -rf /tmp/site  # a warm machine keeps the last call's wheels there: run on this call's set only
@@ -90,6 +91,12 @@ ab)
     python bench/e2e.py --out "$OUT" --quants none,none:rowsoff --phases predict --json e2e_rows_ab.json
     python bench/e2e.py --out "$OUT" --quants nf4,nf4:teardown --phases predict --json e2e_exit_ab.json
     ;;
+firstbatch)
+    install .whl
+    # The ~2.4 s between the load and the first result: the loader's start, the GPU's work, the host's warm-ups. Each
+    # quantisation in a fresh process (as a user's command), the second one finding Triton's cache warm.
+    for quant in none nf4; do python bench/first_batch.py --out "$OUT" --quant $quant; done
+    ;;
 coldload)
     install .whl
     # The whole 8B (17 GB of bf16) loaded onto the GPU in fresh processes, each after its files were dropped from the
@@ -136,7 +143,7 @@ profile)
     python bench/e2e.py --out "$OUT" --quants fp8 --phases predict --json e2e_fp8.json
     ;;
 *)
-    echo "unknown: $what (predict, headline, train, trainpaired, trainunsloth, families, families2, trainprofile, traincli, adapter, coldload, fp8cold, ab or profile)" >&2
+    echo "unknown: $what (predict, headline, train, trainpaired, trainunsloth, families, families2, trainprofile, traincli, adapter, coldload, fp8cold, ab, firstbatch or profile)" >&2
     exit 2
     ;;
 esac
