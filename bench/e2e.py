@@ -273,12 +273,19 @@ def train_rows(model: Path, data: Path, out: Path, args: argparse.Namespace) -> 
     return rows
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_build_arguments(ap: argparse.ArgumentParser) -> None:
+    """``--like``, ``--build``, ``--data``, ``--out``: the real checkpoint's files the random 8B is built like, where it
+    is built (kept on a warm machine), the competition-like set (:func:`make_data`) and the results' folder. Every
+    script of ``bench/issue26.sh`` takes these, so they share one build and one set within a call."""
     ap.add_argument("--like", type=Path, default=HERE.parent / ".fixtures" / "qwen3-vl-8b-instruct")
     ap.add_argument("--build", type=Path, default=Path("/tmp/q8b_real"))
     ap.add_argument("--data", type=Path, default=Path("/tmp/e2e_data"))
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench_out")))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_build_arguments(ap)
     ap.add_argument("--runs", type=Path, default=Path("/tmp/e2e_runs"))
     ap.add_argument("--phases", default="predict,orders,reference,train")
     ap.add_argument("--quants", default="none,nf4")

@@ -35,22 +35,19 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 sys.path.insert(0, str(HERE))
 
+from e2e import add_build_arguments, make_data  # noqa: E402
 from gpu_bench import log, versions  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--like", type=Path, default=HERE.parent / ".fixtures" / "qwen3-vl-8b-instruct")
-    ap.add_argument("--build", type=Path, default=Path("/tmp/q8b_real"))
-    ap.add_argument("--data", type=Path, default=Path("/tmp/e2e_data"))
-    ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench_out")))
+    add_build_arguments(ap)
     ap.add_argument("--quant", default="none")
     ap.add_argument("--batches", type=int, default=4, help="batches observed from the first")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
     import mcvqa.engine as engine
-    from e2e import make_data
     from mcvqa.cli import main as cli
     from mcvqa.scoring import Scorer
 

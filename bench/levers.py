@@ -32,6 +32,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 sys.path.insert(0, str(HERE))
 
+from e2e import add_build_arguments, make_data  # noqa: E402
 from gpu_bench import log, sync, versions  # noqa: E402
 
 
@@ -264,10 +265,7 @@ def data_phase(args: argparse.Namespace, items: list, rows: list) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--like", type=Path, default=HERE.parent / ".fixtures" / "qwen3-vl-8b-instruct")
-    ap.add_argument("--build", type=Path, default=Path("/tmp/q8b_real"))
-    ap.add_argument("--data", type=Path, default=Path("/tmp/e2e_data"))
-    ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench_out")))
+    add_build_arguments(ap)
     ap.add_argument("--phases", default="data,predict,train")
     ap.add_argument("--n", type=int, default=512)
     ap.add_argument("--n-test", type=int, default=3887)
@@ -297,7 +295,6 @@ def main() -> None:
         t = time.perf_counter()
         build_random_8b(args.build, like=args.like)
         log(f"built random 8B in {time.perf_counter() - t:.0f}s")
-    from e2e import make_data
 
     from mcvqa.data import read_csv
 

@@ -41,6 +41,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 sys.path.insert(0, str(HERE))
 
+from e2e import add_build_arguments, make_data  # noqa: E402
 from gpu_bench import log, versions  # noqa: E402
 
 
@@ -126,10 +127,7 @@ def gaps(events: list[dict[str, Any]], min_us: float = 20.0, top: int = 20) -> d
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--like", type=Path, default=HERE.parent / ".fixtures" / "qwen3-vl-8b-instruct")
-    ap.add_argument("--build", type=Path, default=Path("/tmp/q8b_real"))
-    ap.add_argument("--data", type=Path, default=Path("/tmp/e2e_data"))
-    ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench_out")))
+    add_build_arguments(ap)
     ap.add_argument("--command", choices=("predict", "train"), default="predict")
     ap.add_argument("--shared-prefix", default="auto", help="train only: train.shared_prefix (auto, packed, rows, cache)")
     ap.add_argument("--set", dest="sets", action="append", default=[], help="train only: more --set KEY=VALUE for the CLI")
@@ -152,7 +150,6 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     from torch.profiler import ProfilerActivity, profile, schedule
 
-    from e2e import make_data
     from mcvqa.cli import main as cli
     from mcvqa.scoring import Scorer
 

@@ -27,6 +27,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 sys.path.insert(0, str(HERE))
 
+from e2e import add_build_arguments, make_data  # noqa: E402
 from gpu_bench import log, sync, versions  # noqa: E402
 
 
@@ -57,10 +58,7 @@ class Timers:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--like", type=Path, default=HERE.parent / ".fixtures" / "qwen3-vl-8b-instruct")
-    ap.add_argument("--build", type=Path, default=Path("/tmp/q8b_real"))
-    ap.add_argument("--data", type=Path, default=Path("/tmp/e2e_data"))
-    ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench_out")))
+    add_build_arguments(ap)
     ap.add_argument("--quant", default="none")
     ap.add_argument("--n", type=int, default=800)
     ap.add_argument("--batch-sizes", default="16,32")
@@ -70,7 +68,6 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     info = versions()
     log(info)
-    from e2e import make_data
 
     from mcvqa.config import load_config
     from mcvqa.data import read_csv

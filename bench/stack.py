@@ -45,7 +45,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 sys.path.insert(0, str(HERE))
 
-from e2e import cli, make_data  # noqa: E402
+from e2e import add_build_arguments, cli, make_data  # noqa: E402
 from gpu_bench import log, versions  # noqa: E402
 from tables import median  # noqa: E402
 
@@ -164,10 +164,7 @@ def parse_variant(spec: str) -> tuple[str, str, list[str], dict[str, str]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--like", type=Path, default=HERE.parent / ".fixtures" / "qwen3-vl-8b-instruct")
-    ap.add_argument("--build", type=Path, default=Path("/tmp/q8b_real"))
-    ap.add_argument("--data", type=Path, default=Path("/tmp/e2e_data"))
-    ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench_out")))
+    add_build_arguments(ap)
     ap.add_argument("--runs", type=Path, default=Path("/tmp/stack_runs"))
     ap.add_argument("--phases", default="train,fp16")
     ap.add_argument("--backends", default="peft,unsloth")
