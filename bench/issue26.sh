@@ -5,6 +5,7 @@
 #
 #   bash bench/issue26.sh predict    # carry .whl .fixtures      start-up probe; e2e bf16 (+ reference loop), nf4 (+ orders), nf4 packed
 #   bash bench/issue26.sh headline   # carry .whl .fixtures      predict's rows and the merged adapter's in one call (~520 s; no cold probe, no packed row)
+#   bash bench/issue26.sh goals      # carry .whl .fixtures      predict's goal rows with their anchors, and bf16 with the prefix rows off (~500 s)
 #   bash bench/issue26.sh train      # carry .whl-u .fixtures    stack.py: mcvqa vs Unsloth vs plain peft; + the dense-mask step, + peft's LoRA forward; the recipe profiled
 #   bash bench/issue26.sh trainpaired # carry .whl-u .fixtures   mcvqa, Unsloth, peft's LoRA forward, mcvqa again: one call, step times (410 s with a cold start)
 #   bash bench/issue26.sh families   # carry .whl-f .fixtures    families.py with Liger and flash-linear-attention
@@ -26,7 +27,7 @@
 # and families.tar.xz (families only: copy it from ../shared/fixtures, and leave it out of the other calls). `train` runs on the
 # machine's own transformers: the Unsloth release accepts no newer one, and both backends must run on the same.
 set -euo pipefail
-what=${1:?predict, headline, train, trainpaired, trainunsloth, families, families2, trainprofile, traincli, adapter, coldload, fp8cold, ab, firstbatch or profile}
+what=${1:?predict, headline, train, trainpaired, trainunsloth, families, families2, trainprofile, traincli, adapter, coldload, fp8cold, ab, firstbatch, goals or profile}
 OUT=${OUT:-bench_out}; mkdir -p "$OUT"
 install() {
     rm -rf /tmp/site  # a warm machine keeps the last call's wheels there: run on this call's set only
@@ -43,6 +44,15 @@ predict)
     python bench/startup.py --out "$OUT" --json startup.json || true
     python bench/e2e.py --out "$OUT" --quants none --phases predict,reference --json e2e_bf16.json
     python bench/e2e.py --out "$OUT" --quants nf4,nf4:packed --phases predict,orders --json e2e_nf4.json
+    ;;
+goals)
+    install .whl
+    # Every predict goal of the issue with its anchors in one call (bf16 + the reference loop, nf4 whole + orders), and
+    # bf16 again with the prefix rows off (predict.prefix_rows=false): the lever the eleventh session made the default,
+    # against its absence on the same machine.
+    python bench/startup.py --out "$OUT" --json startup.json || true
+    python bench/e2e.py --out "$OUT" --quants none,none:rowsoff --phases predict,reference --json e2e_bf16.json
+    python bench/e2e.py --out "$OUT" --quants nf4 --phases predict,orders --json e2e_nf4.json
     ;;
 headline)
     install .whl
@@ -143,7 +153,7 @@ profile)
     python bench/e2e.py --out "$OUT" --quants fp8 --phases predict --json e2e_fp8.json
     ;;
 *)
-    echo "unknown: $what (predict, headline, train, trainpaired, trainunsloth, families, families2, trainprofile, traincli, adapter, coldload, fp8cold, ab, firstbatch or profile)" >&2
+    echo "unknown: $what (predict, headline, train, trainpaired, trainunsloth, families, families2, trainprofile, traincli, adapter, coldload, fp8cold, ab, firstbatch, goals or profile)" >&2
     exit 2
     ;;
 esac
