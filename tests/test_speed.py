@@ -539,3 +539,53 @@ def test_a_command_that_ends_before_its_load_stops_its_reader(tiny_model, tmp_pa
     code, _, err = run_cli(["predict", "--model", str(tiny_model), "--data", str(tmp_path / "nope.csv"), "--out", str(tmp_path / "o")], capsys)
     assert code == 2 and "nope.csv" in err
     assert readers and readers[0] is not None and readers[0]._stop.is_set() and mio._EARLY is None
+
+
+def test_triton_key_is_computed_in_a_daemon_thread() -> None:
+    """Triton's once-a-process cache key (a hash of its compiler library) is computed by the thread, so Liger's first
+    kernel finds it cached instead of hashing while the GPU waits."""
+    cache = pytest.importorskip("triton.runtime.cache")
+    from mcvqa.kernels import warm_triton_key
+
+    cache.triton_key.cache_clear()
+    thread = warm_triton_key()
+    assert thread is not None and thread.daemon
+    thread.join(timeout=60)
+    assert cache.triton_key.cache_info().currsize == 1
+    hits = cache.triton_key.cache_info().hits
+    cache.triton_key()
+    assert cache.triton_key.cache_info().hits == hits + 1  # what the first kernel's lookup now finds
+
+
+@pytest.mark.parametrize("device, kernels, warmed", [("cuda", "auto", True), ("cuda", "off", False), ("cpu", "auto", False)])
+def test_the_load_warms_triton_key_after_the_processor_where_liger_will_run(tiny_model, cfg_factory, monkeypatch, device, kernels, warmed) -> None:
+    """On a GPU with Liger's kernels to come, the load starts the key's thread once the processor (whose imports
+    bring Triton in) is loaded and before the weights; nowhere else. The CUDA case stops at the weights, which this
+    machine cannot place on a GPU."""
+    import importlib.util
+
+    import transformers
+
+    import mcvqa.kernels as mk
+    import mcvqa.model as mm
+
+    order: list[str] = []
+    processor_load = mm.load_processor
+    monkeypatch.setattr(mm, "load_processor", lambda *a, **k: (order.append("processor"), processor_load(*a, **k))[1])
+    monkeypatch.setattr(mk, "warm_triton_key", lambda: order.append("triton key"))
+    monkeypatch.setattr(mm, "resolve_device", lambda cfg: torch.device(device))
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "liger_kernel" else find_spec(name, *a))
+
+    class WeightsReached(Exception):
+        pass
+
+    def weights(*a, **k):
+        order.append("weights")
+        raise WeightsReached
+
+    monkeypatch.setattr(transformers.AutoModelForImageTextToText, "from_pretrained", weights)
+    cfg = cfg_factory(f"model.kernels={kernels}")
+    with pytest.raises(WeightsReached):
+        mm.load_model(cfg.model)
+    assert order == (["processor", "triton key", "weights"] if warmed else ["processor", "weights"])

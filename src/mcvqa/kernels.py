@@ -502,6 +502,32 @@ class _OptionalLigerBackends(logging.Filter):
 _LIGER_REGISTRY_LOG = "liger_kernel.backends.registry"
 
 
+def warm_triton_key() -> Any:
+    """Start computing Triton's cache key in a daemon thread; the thread, or None where Triton has no such key.
+
+    Triton keys every kernel it compiles or finds in its disk cache by a hash of its own installation, its ~400 MB
+    compiler library included, computed once a process at the first Triton kernel: Liger's first launch in the first
+    batch, with the GPU waiting (BENCHMARKS.md, "Speed II", twelfth session). Reading the file and hashing it release
+    the GIL, so the load computes it beside the weights' copy instead. Call it once Triton is imported (the
+    processor's imports bring it in): the thread then imports nothing that the main thread may be importing."""
+    import threading
+
+    try:
+        from triton.runtime.cache import triton_key
+    except Exception:  # no Triton, or one that keys its cache otherwise: the first kernel computes what it needs
+        return None
+
+    def run() -> None:
+        try:
+            triton_key()
+        except Exception:  # best effort: the first kernel computes it again and reports any real problem
+            pass
+
+    thread = threading.Thread(target=run, name="mcvqa-triton-key", daemon=True)
+    thread.start()
+    return thread
+
+
 def liger_ops() -> FusedOps | None:
     """Liger's kernels as :class:`FusedOps`; None when liger-kernel (or Triton) is not installed."""
     registry_log = logging.getLogger(_LIGER_REGISTRY_LOG)

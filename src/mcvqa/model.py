@@ -264,6 +264,8 @@ def load_model(cfg: ModelConfig, adapter: str | Path | None = None, laps: dict[s
     with read_ahead(cfg, name, local_only):
         processor = load_processor(name, cfg.trust_remote_code, local_only)
         lap("processor")
+        if device.type == "cuda" and cfg.kernels != "off" and family.rms_norm_offset is not None and importlib.util.find_spec("liger_kernel"):
+            kernels.warm_triton_key()  # Liger's first kernel would compute it with the GPU waiting
         try:
             # A checkpoint saved already quantised carries its own quantization_config: passing one (even None)
             # would override it and load the packed 4-bit tensors into full-size layers.
