@@ -172,15 +172,17 @@ def predict_rows(model: Path, data: Path, out: Path, quant: str, tag: str, extra
     return rows
 
 
-def orders_rows(model: Path, data: Path, out: Path, quant: str, tag: str) -> list[dict[str, Any]]:
-    csv = data / "test_1000.csv"
-    plain, _ = cli(["predict", "--model", str(model), "--quant", quant, "--data", str(csv), "--out", str(out / f"o_plain_{tag}"), "-q"])
-    small, _ = cli(["predict", "--model", str(model), "--quant", quant, "--data", str(data / "test_200.csv"), "--out", str(out / f"o_small_{tag}"), "-q", "--tta", "orders"])
-    orders, _ = cli(["predict", "--model", str(model), "--quant", quant, "--data", str(csv), "--out", str(out / f"o_orders_{tag}"), "-q", "--tta", "orders"])
-    plain_small = json.loads((out / f"pred_{tag}_200" / "predict_summary.json").read_text())
+def orders_rows(model: Path, data: Path, out: Path, quant: str, tag: str, extra: list[str] | None = None) -> list[dict[str, Any]]:
+    csv, more = data / "test_1000.csv", extra or []
+    plain, _ = cli(["predict", "--model", str(model), "--quant", quant, "--data", str(csv), "--out", str(out / f"o_plain_{tag}"), "-q", *more])
+    small, _ = cli(["predict", "--model", str(model), "--quant", quant, "--data", str(data / "test_200.csv"), "--out", str(out / f"o_small_{tag}"), "-q", "--tta", "orders", *more])
+    orders, _ = cli(["predict", "--model", str(model), "--quant", quant, "--data", str(csv), "--out", str(out / f"o_orders_{tag}"), "-q", "--tta", "orders", *more])
+    summary = json.loads((out / f"o_orders_{tag}" / "predict_summary.json").read_text())
     row = {"setting": tag, "path": "mcvqa predict --tta orders vs plain, 1,000 questions", "plain_seconds": round(plain, 1), "orders_seconds": round(orders, 1),
-           "orders_steady_q_per_s": 800 / (orders - small), "cost_ratio_wall": orders / plain}
-    log(row, plain_small.get("seconds"))
+           "orders_steady_q_per_s": 800 / (orders - small), "cost_ratio_wall": orders / plain,
+           # Within the orders run alone (its load and start-up left out): after its first batch.
+           "orders_in_run_q_per_s": in_run_rate(summary), "orders_timeline": summary.get("timeline")}
+    log(row)
     return [row]
 
 
@@ -319,11 +321,11 @@ def main() -> None:
             results += predict_rows(args.build, args.data, args.runs, quant, tag, VARIANTS[variant] if variant else None,
                                     TEARDOWN_ENTRY if variant == "teardown" else None)
             save()
+        if "orders" in args.phases and quant == "nf4" and not variant.startswith("adapter"):
+            results += orders_rows(args.build, args.data, args.runs, quant, tag, VARIANTS[variant] if variant else None)
+            save()
         if variant:
             continue
-        if "orders" in args.phases and quant == "nf4":
-            results += orders_rows(args.build, args.data, args.runs, quant, tag)
-            save()
         if "reference" in args.phases:
             results.append(reference_predict(args.build, args.data, quant, tag, args.n_reference))
             save()

@@ -18,6 +18,7 @@
 #   bash bench/issue26.sh fp8cold    # carry .whl .fixtures      predict --quant fp8, then coldload's loads on the same build
 #   bash bench/issue26.sh ab         # carry .whl .fixtures      prefix rows kept vs concatenated (bf16); the fast exit vs the teardown (nf4)
 #   bash bench/issue26.sh firstbatch # carry .whl .fixtures      predict's first batches timed (host marks, CUDA events, cProfile), bf16 and nf4
+#   bash bench/issue26.sh orders     # carry .whl .fixtures      --tta orders (nf4) with the prefix rows and without, in one call (~300 s)
 #   bash bench/issue26.sh profile    # carry .whl .fixtures      levers.py (eager vs Liger, stages, kernels), the
 #                                                                CLI's own loop under the profiler (profile_cli.py), fp8
 #
@@ -27,7 +28,7 @@
 # and families.tar.xz (families only: copy it from ../shared/fixtures, and leave it out of the other calls). `train` runs on the
 # machine's own transformers: the Unsloth release accepts no newer one, and both backends must run on the same.
 set -euo pipefail
-what=${1:?predict, headline, train, trainpaired, trainunsloth, families, families2, trainprofile, traincli, adapter, coldload, fp8cold, ab, firstbatch, goals or profile}
+what=${1:?predict, headline, train, trainpaired, trainunsloth, families, families2, trainprofile, traincli, adapter, coldload, fp8cold, ab, firstbatch, goals, orders or profile}
 OUT=${OUT:-bench_out}; mkdir -p "$OUT"
 install() {
     rm -rf /tmp/site  # a warm machine keeps the last call's wheels there: run on this call's set only
@@ -101,6 +102,12 @@ ab)
     python bench/e2e.py --out "$OUT" --quants none,none:rowsoff --phases predict --json e2e_rows_ab.json
     python bench/e2e.py --out "$OUT" --quants nf4,nf4:teardown --phases predict --json e2e_exit_ab.json
     ;;
+orders)
+    install .whl
+    # --tta orders cost 1.30x plain in the twelfth session against 1.15x in the eleventh, its in-run rate 49 against 64
+    # q/s, the first measurement with the prefix rows on (its masked attention keeps them too): both ways, one call.
+    python bench/e2e.py --out "$OUT" --quants nf4,nf4:rowsoff --phases orders --json e2e_orders.json
+    ;;
 firstbatch)
     install .whl
     # The ~2.4 s between the load and the first result: the loader's start, the GPU's work, the host's warm-ups. Each
@@ -153,7 +160,7 @@ profile)
     python bench/e2e.py --out "$OUT" --quants fp8 --phases predict --json e2e_fp8.json
     ;;
 *)
-    echo "unknown: $what (predict, headline, train, trainpaired, trainunsloth, families, families2, trainprofile, traincli, adapter, coldload, fp8cold, ab, firstbatch, goals or profile)" >&2
+    echo "unknown: $what (predict, headline, train, trainpaired, trainunsloth, families, families2, trainprofile, traincli, adapter, coldload, fp8cold, ab, firstbatch, goals, orders or profile)" >&2
     exit 2
     ;;
 esac
