@@ -120,11 +120,12 @@ def in_run_rate(summary: dict[str, Any]) -> float | None:
 ADAPTER = Path("/tmp/q8b_adapter")
 VARIANTS = {"packed": ["--set", "predict.unpack_4bit=off"], "adapter": ["--adapter", str(ADAPTER)],
             "adapter_unmerged": ["--adapter", str(ADAPTER), "--set", "predict.merge_adapter=off"], "teardown": [],
-            "rowsoff": ["--set", "predict.prefix_rows=false"]}
+            "rowsoff": ["--set", "predict.prefix_rows=false"], "lateloader": ["--set", "predict.early_loader=false"]}
 """``--quants`` entries may name a variant after a colon (``nf4:packed``): extra CLI settings for that row. ``adapter``
 is the command a user runs after training (``--adapter runs/seed/best``), on :func:`make_adapter`'s adapter;
 ``teardown`` the same command entered as before ``mcvqa.cli.run`` (:data:`TEARDOWN_ENTRY`); ``rowsoff`` with the cached
-prefix concatenated in every layer again (``predict.prefix_rows=false``)."""
+prefix concatenated in every layer again (``predict.prefix_rows=false``); ``lateloader`` with the loader's workers started
+after the weights load, as before the thirteenth session (``predict.early_loader=false``)."""
 
 
 def make_adapter(model: Path, out: Path = ADAPTER) -> Path:

@@ -79,10 +79,15 @@ def main() -> None:
         return original_map(self, *a, **k)
 
     def iterate(*a: Any, **k: Any) -> Any:
-        for batch in original_iterate(*a, **k):
-            if len(marks["loader_yield"]) < args.batches:
-                marks["loader_yield"].append(now())
-            yield batch
+        loader = original_iterate(*a, **k)  # its workers start here (predict starts them while the weights load)
+
+        def marked() -> Any:
+            for batch in loader:
+                if len(marks["loader_yield"]) < args.batches:
+                    marks["loader_yield"].append(now())
+                yield batch
+
+        return marked()
 
     def logprobs(self: Any, *a: Any, **k: Any) -> Any:
         i = len(marks["logprobs_start"])

@@ -5,7 +5,7 @@
 #
 #   bash bench/issue26.sh predict    # carry .whl .fixtures      start-up probe; e2e bf16 (+ reference loop), nf4 (+ orders), nf4 packed
 #   bash bench/issue26.sh headline   # carry .whl .fixtures      predict's rows and the merged adapter's in one call (~520 s; no cold probe, no packed row)
-#   bash bench/issue26.sh goals      # carry .whl .fixtures      predict's goal rows with their anchors, and bf16 with the prefix rows off (~500 s)
+#   bash bench/issue26.sh goals      # carry .whl .fixtures      predict's goal rows with their anchors, and bf16 with the loader started late (~540 s)
 #   bash bench/issue26.sh train      # carry .whl-u .fixtures    stack.py: mcvqa vs Unsloth vs plain peft; + the dense-mask step, + peft's LoRA forward; the recipe profiled
 #   bash bench/issue26.sh trainpaired # carry .whl-u .fixtures   mcvqa, Unsloth, peft's LoRA forward, mcvqa again: one call, step times (410 s with a cold start)
 #   bash bench/issue26.sh families   # carry .whl-f .fixtures    families.py with Liger and flash-linear-attention
@@ -49,10 +49,10 @@ predict)
 goals)
     install .whl
     # Every predict goal of the issue with its anchors in one call (bf16 + the reference loop, nf4 whole + orders), and
-    # bf16 again with the prefix rows off (predict.prefix_rows=false): the lever the eleventh session made the default,
-    # against its absence on the same machine.
+    # bf16 again with the loader's workers started after the weights (predict.early_loader=false): the lever the
+    # thirteenth session made the default, against its absence on the same machine.
     python bench/startup.py --out "$OUT" --json startup.json || true
-    python bench/e2e.py --out "$OUT" --quants none,none:rowsoff --phases predict,reference --json e2e_bf16.json
+    python bench/e2e.py --out "$OUT" --quants none,none:lateloader --phases predict,reference --json e2e_bf16.json
     python bench/e2e.py --out "$OUT" --quants nf4 --phases predict,orders --json e2e_nf4.json
     ;;
 headline)

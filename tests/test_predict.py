@@ -150,6 +150,113 @@ def test_four_thousand_rows_with_progress(cfg_factory, scorer, tmp_path, capsys)
     assert "1500/1500" in capsys.readouterr().err
 
 
+def _watch_the_load(monkeypatch, events: list, fail: bool = False) -> list:
+    """Record, in order, each loader the engine starts (``iterate_batches``) and the weights' load (with the child
+    processes alive then); the pixel dtype of every batch scored is returned in a list as it fills."""
+    import multiprocessing
+
+    import transformers
+
+    from mcvqa import engine
+    from mcvqa.scoring import Scorer
+
+    iterate, load, logprobs = engine.iterate_batches, transformers.AutoModelForImageTextToText.from_pretrained, Scorer.logprobs
+    dtypes: list = []
+
+    def iterate_(*a, **k):
+        events.append("loader")
+        return iterate(*a, **k)
+
+    def load_(*a, **k):
+        events.append(("weights", len(multiprocessing.active_children())))  # the loader's workers running by now
+        if fail:
+            raise OSError("weights unreadable")
+        return load(*a, **k)
+
+    def logprobs_(self, batch, *a, **k):
+        dtypes.append(batch.vision["pixel_values"].dtype)
+        return logprobs(self, batch, *a, **k)
+
+    monkeypatch.setattr(engine, "iterate_batches", iterate_)
+    monkeypatch.setattr(transformers.AutoModelForImageTextToText, "from_pretrained", staticmethod(load_))
+    monkeypatch.setattr(Scorer, "logprobs", logprobs_)
+    return dtypes
+
+
+def test_the_loaders_workers_start_before_the_weights_and_their_batches_are_scored(cfg_factory, synth_data, tmp_path, monkeypatch) -> None:
+    """``predict`` starts its loader once the processor is loaded, so the first batches are made while the weights
+    load; the scoring takes that loader (no second one) and its probabilities are a fresh loader's, byte for byte."""
+    cfg = cfg_factory("predict.batch_size=5", "predict.num_workers=2")
+    reference = predict(cfg, synth_data / "test.csv", tmp_path / "fresh", scorer=build_scorer(cfg), progress=False, log=lambda s: None)
+    events: list = []
+    _watch_the_load(monkeypatch, events)
+    res = predict(cfg, synth_data / "test.csv", tmp_path / "early", progress=False, log=lambda s: None)
+    assert events == ["loader", ("weights", 2)], "the two workers run before the weights load"
+    assert res.probs.read_bytes() == reference.probs.read_bytes()
+
+
+def test_an_early_loader_for_other_pixels_than_the_model_takes_is_stopped_and_replaced(cfg_factory, synth_data, tmp_path, monkeypatch) -> None:
+    """The pixel dtype said before the load (:meth:`Family.pixel_dtype_for`) is checked against the loaded model's:
+    where they differ, the batches already made are dropped and a loader for the right encoder starts."""
+    from mcvqa.families.qwen_vl import QwenVL
+
+    cfg = cfg_factory("predict.batch_size=5", "predict.num_workers=2")
+    monkeypatch.setattr(QwenVL, "pixel_dtype_for", lambda self, dtype: torch.float16)  # the tiny model loads in fp32
+    events: list = []
+    dtypes = _watch_the_load(monkeypatch, events)
+    predict(cfg, synth_data / "test.csv", tmp_path / "run", progress=False, log=lambda s: None)
+    assert events == ["loader", ("weights", 2), "loader"]
+    assert dtypes and set(dtypes) == {torch.float32}
+
+
+def test_a_model_that_fails_to_load_leaves_no_loader_worker_running(cfg_factory, synth_data, tmp_path, monkeypatch) -> None:
+    import multiprocessing
+
+    from mcvqa.errors import ModelError
+
+    cfg = cfg_factory("predict.batch_size=5", "predict.num_workers=2")
+    events: list = []
+    _watch_the_load(monkeypatch, events, fail=True)
+    with pytest.raises(ModelError, match="cannot load the model") as caught:
+        predict(cfg, synth_data / "test.csv", tmp_path / "run", progress=False, log=lambda s: None)
+    assert events == ["loader", ("weights", 2)] and caught.traceback  # the traceback (and predict's frame) still held
+    assert multiprocessing.active_children() == []
+    assert not (tmp_path / "run" / "journal.jsonl").exists()
+
+
+def test_a_started_loader_is_taken_only_by_the_scoring_it_was_started_for(scorer, synth_data, monkeypatch) -> None:
+    """:meth:`Engine.start` makes plain scoring's batches ahead; :meth:`Engine.map` takes them for exactly that
+    scoring (same probabilities as a loader of its own) and starts its own for anything else: other prefix setting,
+    another encoder, other questions, or after :meth:`Engine.stop`."""
+    import copy
+
+    from mcvqa import engine as eng
+    from mcvqa.data import read_csv
+
+    items = read_csv(synth_data / "test.csv").items
+    iterate, made = eng.iterate_batches, []
+    monkeypatch.setattr(eng, "iterate_batches", lambda *a, **k: (made.append(1), iterate(*a, **k))[1])
+    fresh = eng.Engine(items, scorer.encoder, 5, progress=False).score(scorer).probs
+    engine = eng.Engine(items, scorer.encoder, 5, progress=False)
+    made.clear()
+    engine.start(with_prefix=scorer.with_prefix_in_batch)
+    assert np.array_equal(engine.score(scorer).probs, fresh) and len(made) == 1
+    for change in ("prefix", "encoder", "questions", "stopped"):
+        made.clear()
+        engine.encoder = scorer.encoder
+        engine.start(with_prefix=scorer.with_prefix_in_batch != (change == "prefix"))
+        if change == "encoder":
+            engine.encoder = copy.copy(scorer.encoder)
+        if change == "stopped":
+            engine.stop()
+        out = engine.score(scorer, indices=range(7) if change == "questions" else None).probs
+        assert len(made) == 2, change  # the started one and its own
+        if change == "questions":  # other batches, other padding: equal within fp32
+            assert np.allclose(out, fresh[:7], atol=1e-5)
+        else:
+            assert np.array_equal(out, fresh), change
+
+
 def test_auto_workers_decode_in_parallel_only_on_a_gpu(monkeypatch) -> None:
     from mcvqa.features import resolve_num_workers
 

@@ -179,7 +179,8 @@ def iterate_batches(
     with_prefix: bool,
     num_workers: int = 0,
 ) -> Iterator[Batch]:
-    """Batches in the given order; images decoded in ``num_workers`` processes, overlapped with scoring."""
+    """Batches in the given order; images decoded in ``num_workers`` processes, overlapped with scoring. The workers
+    start at once, not at the first ``next`` (see :meth:`Engine.start`)."""
     ds = ItemDataset(items, encoder, on_bad_image="skip")  # the engine decides whether a bad image is fatal
     loader = torch.utils.data.DataLoader(
         ds,
@@ -190,7 +191,7 @@ def iterate_batches(
         pin_memory=torch.cuda.is_available(),
         generator=torch.Generator().manual_seed(0),  # leave the global RNG alone (see train.py)
     )
-    yield from loader
+    return iter(loader)
 
 
 def score_items_generate(model: Any, encoder: Encoder, questions: Sequence[Loaded], *, max_new_tokens: int, stats: ScoreStats) -> np.ndarray:
@@ -289,6 +290,33 @@ class Engine:
     stats: ScoreStats = field(default_factory=ScoreStats)
     progress: bool = True
     num_workers: int = 0
+    _started: tuple[tuple[Any, ...], list[list[int]], Iterator[Batch]] | None = field(default=None, repr=False)
+
+    def start(self, *, with_prefix: bool, sort_by_length: bool = True) -> None:
+        """Start making the batches :meth:`score` of every item will ask for, before there is a model to score them:
+        ``predict`` calls this once the processor is loaded, so the loader's workers decode, collate and pin the
+        first batches while the weights load. :meth:`map` takes them only when it asks for exactly these batches
+        (same encoder, prefix setting and order); otherwise, or on :meth:`stop`, the workers are shut down."""
+        key = self._key("", range(len(self.items)), self.batch_size, sort_by_length, with_prefix)
+        slices = self._slices(list(range(len(self.items))), self.batch_size, sort_by_length)
+        chosen = [slices[b] for b in self._todo("", slices, {})]
+        self._started = (key, slices, iterate_batches(self.items, self.encoder, chosen, with_prefix=with_prefix, num_workers=self.num_workers))
+
+    def stop(self) -> None:
+        """Shut down the workers :meth:`start` began, if :meth:`map` has not taken them."""
+        self._started = None  # the loader's iterator, no longer referenced, shuts its workers down
+
+    def _key(self, phase: str, indices: Sequence[int], batch_size: int, sort_by_length: bool, with_prefix: bool) -> tuple[Any, ...]:
+        return (phase, tuple(indices), batch_size, sort_by_length, with_prefix, self.encoder, self.num_workers)
+
+    def _todo(self, phase: str, slices: list[list[int]], results: dict[int, Any]) -> list[int]:
+        """This process's batches not already in the journal (``results`` receives those that are)."""
+        mine = [b for b in range(len(slices)) if b % self.dist.world == self.dist.rank]
+        for b in mine:
+            rec = self.done.get((phase, b))
+            if rec is not None and rec["ids"] == [self.items[i].id for i in slices[b]]:
+                results[b] = (slices[b], rec["probs"], rec.get("per_order"), rec.get("bad", []))
+        return [b for b in mine if b not in results]
 
     def map(
         self, phase: str, indices: Sequence[int], fn: Callable[[Any], Scored], desc: str = "", batch_size: int | None = None,
@@ -296,18 +324,19 @@ class Engine:
         prepare: Callable[[Item], Any] | None = None, raw: bool = False,
     ) -> Scored:
         indices = list(indices)
-        slices = self._slices(indices, batch_size or self.batch_size, sort_by_length)
-        mine = [b for b in range(len(slices)) if b % self.dist.world == self.dist.rank]
+        bs = batch_size or self.batch_size
+        started, self._started = self._started, None
+        if not (encode and started is not None and started[0] == self._key(phase, indices, bs, sort_by_length, with_prefix)):
+            started = None  # dropped here: its workers stop
+        slices = started[1] if started is not None else self._slices(indices, bs, sort_by_length)
         results: dict[int, tuple[list[int], list[list[float]], Any, list[Any]]] = {}
-        for b in mine:
-            rec = self.done.get((phase, b))
-            if rec is not None and rec["ids"] == [self.items[i].id for i in slices[b]]:
-                results[b] = (slices[b], rec["probs"], rec.get("per_order"), rec.get("bad", []))
-        todo = [b for b in mine if b not in results]
-        total = sum(len(slices[b]) for b in mine)
+        todo = self._todo(phase, slices, results)
+        total = sum(len(slices[b]) for b in range(len(slices)) if b % self.dist.world == self.dist.rank)
         chosen = [slices[b] for b in todo]
         works: Iterator[Any]
-        if encode:
+        if started is not None:
+            works = started[2]
+        elif encode:
             works = iterate_batches(self.items, self.encoder, chosen, with_prefix=with_prefix, num_workers=self.num_workers)
         else:
             load = prepare or functools.partial(self.encoder.load, raw=raw)

@@ -13,7 +13,7 @@ import json
 import logging
 import socket
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -215,10 +215,15 @@ def load_processor(name_or_path: str, trust_remote_code: bool = False, local_fil
         raise ModelError(f"{name_or_path}: cannot load the tokenizer and processor ({first}); if a file there is damaged, re-copy it") from None
 
 
-def load_model(cfg: ModelConfig, adapter: str | Path | None = None, laps: dict[str, float] | None = None) -> tuple[Any, Any]:
+def load_model(
+    cfg: ModelConfig, adapter: str | Path | None = None, laps: dict[str, float] | None = None,
+    on_processor: Callable[[Any, Family, torch.dtype], None] | None = None,
+) -> tuple[Any, Any]:
     """(model, processor) on the configured device, in eval mode; with a LoRA adapter when given.
 
     ``laps``, when given, receives the seconds each part took (checks, processor, weights, adapter, kernels).
+    ``on_processor(processor, family, dtype)``, when given, runs once the processor is loaded and before the weights
+    are (``predict`` starts its loader's workers there, so the first batches are ready when the model is).
     """
     from transformers import AutoModelForImageTextToText
 
@@ -266,6 +271,9 @@ def load_model(cfg: ModelConfig, adapter: str | Path | None = None, laps: dict[s
         lap("processor")
         if device.type == "cuda" and cfg.kernels != "off" and family.rms_norm_offset is not None and importlib.util.find_spec("liger_kernel"):
             kernels.warm_triton_key()  # Liger's first kernel would compute it with the GPU waiting
+        if on_processor is not None:
+            on_processor(processor, family, dtype)
+            lap("on_processor")
         try:
             # A checkpoint saved already quantised carries its own quantization_config: passing one (even None)
             # would override it and load the packed 4-bit tensors into full-size layers.

@@ -52,11 +52,20 @@ class PredictResult:
         return self.n / self.seconds if self.seconds > 0 else float("inf")
 
 
-def build_scorer(cfg: Config, adapter: str | Path | None = None, model: Any = None, processor: Any = None, laps: dict[str, float] | None = None) -> Scorer:
+def build_scorer(
+    cfg: Config, adapter: str | Path | None = None, model: Any = None, processor: Any = None, laps: dict[str, float] | None = None,
+    on_processor: Callable[[Any, families.Family, Any], None] | None = None, encoder: Callable[[], Encoder | None] | None = None,
+) -> Scorer:
+    """The prediction scorer: the model loaded (``on_processor`` as :func:`mcvqa.model.load_model` takes it), its
+    4-bit weights unpacked and an adapter merged where that pays, its encoder and kernels set.
+
+    ``encoder()``, when given, may return an encoder made from this processor, prompt and image settings before the
+    weights were loaded (``predict``'s early loader); it is used when its family and pixel dtype are the loaded
+    model's, so the batches it already made are the ones this scorer needs."""
     from mcvqa.model import load_model
 
     if model is None:
-        model, processor = load_model(cfg.model, adapter, laps)
+        model, processor = load_model(cfg.model, adapter, laps, on_processor)
         if cfg.model.quant in ("nf4", "fp4"):
             from mcvqa.model import unpack_4bit
 
@@ -73,14 +82,19 @@ def build_scorer(cfg: Config, adapter: str | Path | None = None, model: Any = No
             if merged and laps is not None:
                 laps["merge_adapter"] = round(time.perf_counter() - t, 3)
     family = families.for_model(model)
-    encoder = Encoder(processor, load_prompt(cfg.prompt.name), cfg.image, family, family.pixel_dtype(family.core_and_head(model)[0]))
+    pixel_dtype = family.pixel_dtype(family.core_and_head(model)[0])
+    early = encoder() if encoder is not None else None
+    if early is not None and type(early.family) is type(family) and early.pixel_dtype == pixel_dtype:
+        enc = early
+    else:
+        enc = Encoder(processor, load_prompt(cfg.prompt.name), cfg.image, family, pixel_dtype)
     if cfg.predict.compile != "off":
         from mcvqa.kernels import compile_blocks
         from mcvqa.families import core_and_head
 
         compile_blocks(core_and_head(model)[0], cfg.predict.compile)
     # Whole compiled decoder layers would trace the kept rows' bookkeeping and break their graphs on it.
-    return Scorer(model, encoder, prefix_cache=cfg.predict.prefix_cache, keep_rows=cfg.predict.prefix_rows and cfg.predict.compile != "layers")
+    return Scorer(model, enc, prefix_cache=cfg.predict.prefix_cache, keep_rows=cfg.predict.prefix_rows and cfg.predict.compile != "layers")
 
 
 def _stage_summary(
@@ -149,16 +163,40 @@ def predict(
     done = journal.load() if resume else {}
     t_load = time.perf_counter()
     laps: dict[str, float] = {}
-    scorer = scorer or build_scorer(cfg, adapter, laps=laps)
+
+    # Every path runs batch by batch through the engine: journaled (--resume), sharded, bad-image policy.
+    def engine_for(encoder: Encoder) -> Engine:
+        return Engine(
+            ds.items, encoder, cfg.predict.batch_size, journal, done, dist, cfg.predict.on_bad_image, ds.source, ScoreStats(), progress,
+            num_workers=cfg.predict.num_workers,
+        )
+
+    early: list[Engine] = []
+
+    def start_loader(processor: Any, family: families.Family, dtype: Any) -> None:
+        """Plain scoring's batches depend on the processor, not the weights: its workers start while they load."""
+        if cfg.tta.methods or cfg.predict.scoring != "logits" or not cfg.predict.early_loader:
+            return
+        encoder = Encoder(processor, load_prompt(cfg.prompt.name), cfg.image, family, family.pixel_dtype_for(dtype))
+        early.append(engine_for(encoder))
+        early[0].start(with_prefix=not (cfg.predict.prefix_cache and family.prefix_cache), sort_by_length=cfg.predict.sort_by_length)
+
+    try:
+        scorer = scorer or build_scorer(cfg, adapter, laps=laps, on_processor=start_loader, encoder=lambda: early[0].encoder if early else None)
+    except BaseException:
+        for e in early:
+            e.stop()
+        raise
     load_seconds = time.perf_counter() - t_load
     journal.start()  # after loading: a model that fails to load leaves no journal to trip over
     if done:
         log(f"resuming: {sum(len(r['ids']) for r in done.values())} of {len(ds)} questions already scored")
-    # Every path runs batch by batch through the engine: journaled (--resume), sharded, bad-image policy.
-    engine = Engine(
-        ds.items, scorer.encoder, cfg.predict.batch_size, journal, done, dist, cfg.predict.on_bad_image, ds.source, ScoreStats(), progress,
-        num_workers=cfg.predict.num_workers,
-    )
+    if early and early[0].encoder is scorer.encoder:
+        engine = early[0]
+    else:
+        for e in early:
+            e.stop()  # made for another encoder than the loaded model needs
+        engine = engine_for(scorer.encoder)
     with frozen_heap():  # the loaded model is never garbage: full collections would stall the GPU (runtime.frozen_heap)
         probs, tta_result = _score(cfg, scorer, engine)
     seconds = time.perf_counter() - t0

@@ -130,6 +130,12 @@ class Family:
         GPU), else None (kept as the processor makes them)."""
         return None
 
+    def pixel_dtype_for(self, dtype: torch.dtype) -> torch.dtype | None:
+        """What :meth:`pixel_dtype` will say of a model loaded in ``dtype``, said before its weights exist: ``predict``
+        starts its loader's workers while the weights load, and uses the encoder made with this only where
+        :meth:`pixel_dtype` of the loaded model agrees."""
+        return None
+
     def native_image_tokens(self, width: int, height: int, factor: int) -> int | None:
         """Tokens of an image at native resolution ``width`` x ``height`` (already fitted to the pixel budget), without
         running the processor; None when the family cannot tell that cheaply (used to sort batches by length)."""

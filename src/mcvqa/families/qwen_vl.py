@@ -47,6 +47,10 @@ class QwenVL(Family):
             return None
         return proj.weight.dtype
 
+    def pixel_dtype_for(self, dtype: torch.dtype) -> torch.dtype | None:
+        # The vision tower is never quantised (skip_quant), so its patch embedding loads in the load's dtype.
+        return dtype if dtype.is_floating_point else None
+
     def native_image_tokens(self, width: int, height: int, factor: int) -> int | None:
         return (width // factor) * (height // factor) + 2  # merged patches between <|vision_start|> and <|vision_end|>
 
