@@ -80,7 +80,7 @@ def test_auto_unpacking_leaves_gradient_test_time_methods_packed(cfg_factory, ti
     from mcvqa.predict import build_scorer
 
     seen = []
-    monkeypatch.setattr(model_module, "load_model", lambda cfg, adapter=None, laps=None: tiny_loaded)
+    monkeypatch.setattr(model_module, "load_model", lambda cfg, adapter=None, laps=None, on_processor=None: tiny_loaded)
     monkeypatch.setattr(model_module, "unpack_4bit", lambda model, mode="auto": seen.append(mode) or 0)
     cfg = cfg_factory("model.quant=nf4", f"predict.unpack_4bit={asked}")
     cfg.tta.methods = list(methods)

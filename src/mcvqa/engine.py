@@ -292,15 +292,21 @@ class Engine:
     num_workers: int = 0
     _started: tuple[tuple[Any, ...], list[list[int]], Iterator[Batch]] | None = field(default=None, repr=False)
 
-    def start(self, *, with_prefix: bool, sort_by_length: bool = True) -> None:
+    def start(self, *, with_prefix: bool, sort_by_length: bool = True, laps: dict[str, float] | None = None) -> None:
         """Start making the batches :meth:`score` of every item will ask for, before there is a model to score them:
         ``predict`` calls this once the processor is loaded, so the loader's workers decode, collate and pin the
         first batches while the weights load. :meth:`map` takes them only when it asks for exactly these batches
-        (same encoder, prefix setting and order); otherwise, or on :meth:`stop`, the workers are shut down."""
+        (same encoder, prefix setting and order); otherwise, or on :meth:`stop`, the workers are shut down.
+        ``laps``, when given, receives the seconds of the batches' order (``early_order``) and of the workers' start
+        (``early_workers``)."""
+        t = time.perf_counter()
         key = self._key("", range(len(self.items)), self.batch_size, sort_by_length, with_prefix)
         slices = self._slices(list(range(len(self.items))), self.batch_size, sort_by_length)
         chosen = [slices[b] for b in self._todo("", slices, {})]
+        t_order = time.perf_counter()
         self._started = (key, slices, iterate_batches(self.items, self.encoder, chosen, with_prefix=with_prefix, num_workers=self.num_workers))
+        if laps is not None:
+            laps |= {"early_order": round(t_order - t, 3), "early_workers": round(time.perf_counter() - t_order, 3)}
 
     def stop(self) -> None:
         """Shut down the workers :meth:`start` began, if :meth:`map` has not taken them."""

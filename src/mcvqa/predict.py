@@ -177,9 +177,11 @@ def predict(
         """Plain scoring's batches depend on the processor, not the weights: its workers start while they load."""
         if cfg.tta.methods or cfg.predict.scoring != "logits" or not cfg.predict.early_loader:
             return
+        t = time.perf_counter()
         encoder = Encoder(processor, load_prompt(cfg.prompt.name), cfg.image, family, family.pixel_dtype_for(dtype))
         early.append(engine_for(encoder))
-        early[0].start(with_prefix=not (cfg.predict.prefix_cache and family.prefix_cache), sort_by_length=cfg.predict.sort_by_length)
+        laps["early_encoder"] = round(time.perf_counter() - t, 3)
+        early[0].start(with_prefix=not (cfg.predict.prefix_cache and family.prefix_cache), sort_by_length=cfg.predict.sort_by_length, laps=laps)
 
     try:
         scorer = scorer or build_scorer(cfg, adapter, laps=laps, on_processor=start_loader, encoder=lambda: early[0].encoder if early else None)
