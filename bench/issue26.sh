@@ -19,6 +19,7 @@
 #   bash bench/issue26.sh ab         # carry .whl .fixtures      prefix rows kept vs concatenated (bf16); the fast exit vs the teardown (nf4)
 #   bash bench/issue26.sh firstbatch # carry .whl .fixtures      predict's first batches timed (host marks, CUDA events, cProfile), bf16 and nf4
 #   bash bench/issue26.sh orders     # carry .whl .fixtures      --tta orders (nf4) with the prefix rows and without, in one call (~300 s)
+#   bash bench/issue26.sh fp8        # carry .whl .fixtures      the CLI's loop profiled in bf16 and fp8; fp8 with the prefix rows and without (~400 s)
 #   bash bench/issue26.sh profile    # carry .whl .fixtures      levers.py (eager vs Liger, stages, kernels), the
 #                                                                CLI's own loop under the profiler (profile_cli.py), fp8
 #
@@ -28,7 +29,7 @@
 # and families.tar.xz (families only: copy it from ../shared/fixtures, and leave it out of the other calls). `train` runs on the
 # machine's own transformers: the Unsloth release accepts no newer one, and both backends must run on the same.
 set -euo pipefail
-what=${1:?predict, headline, train, trainpaired, trainunsloth, families, families2, trainprofile, traincli, adapter, coldload, fp8cold, ab, firstbatch, goals, orders or profile}
+what=${1:?predict, headline, train, trainpaired, trainunsloth, families, families2, trainprofile, traincli, adapter, coldload, fp8cold, fp8, ab, firstbatch, goals, orders or profile}
 OUT=${OUT:-bench_out}; mkdir -p "$OUT"
 install() {
     rm -rf /tmp/site  # a warm machine keeps the last call's wheels there: run on this call's set only
@@ -151,6 +152,15 @@ trainprofile)
     python bench/levers.py --out "$OUT" --phases train --train-variants liger:16,liger:16:rows \
         --profile-train liger:16,liger:16:rows --json levers_train.json
     ;;
+fp8)
+    install .whl
+    # Why --quant fp8 ran slower than bf16 on the H200 (87 against 102 q/s; 10% faster on the H100s): the CLI's own
+    # loop profiled in bf16 and in fp8 (kernel tables side by side), then fp8 with the prefix rows and without (its
+    # first run with them on was that H200 call).
+    python bench/profile_cli.py --out "$OUT" --quant none --n 1000 || true
+    python bench/profile_cli.py --out "$OUT" --quant fp8 --n 1000 || true
+    python bench/e2e.py --out "$OUT" --quants fp8,fp8:rowsoff --phases predict --json e2e_fp8.json
+    ;;
 profile)
     install .whl
     python bench/levers.py --out "$OUT" --phases predict --n 256 --batch-sizes 16 \
@@ -160,7 +170,7 @@ profile)
     python bench/e2e.py --out "$OUT" --quants fp8 --phases predict --json e2e_fp8.json
     ;;
 *)
-    echo "unknown: $what (predict, headline, train, trainpaired, trainunsloth, families, families2, trainprofile, traincli, adapter, coldload, fp8cold, ab, firstbatch, goals, orders or profile)" >&2
+    echo "unknown: $what (predict, headline, train, trainpaired, trainunsloth, families, families2, trainprofile, traincli, adapter, coldload, fp8cold, fp8, ab, firstbatch, goals, orders or profile)" >&2
     exit 2
     ;;
 esac
