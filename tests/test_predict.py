@@ -209,25 +209,43 @@ def test_an_early_loader_for_other_pixels_than_the_model_takes_is_stopped_and_re
     assert dtypes and set(dtypes) == {torch.float32}
 
 
-def test_a_model_that_fails_to_load_leaves_no_loader_worker_running(cfg_factory, synth_data, tmp_path, monkeypatch) -> None:
+@pytest.mark.parametrize("failing", ["weights", "journal"])
+def test_a_run_that_fails_before_scoring_leaves_no_loader_worker_running(cfg_factory, synth_data, tmp_path, monkeypatch, failing) -> None:
+    """The early loader's workers end with the command's failure: a model that cannot load, or a journal that cannot
+    be written once it has (a full disk), even while the caller still holds the exception (and predict's frame)."""
+    import errno
     import multiprocessing
 
-    from mcvqa.errors import ModelError
+    from mcvqa.engine import Journal
 
     cfg = cfg_factory("predict.batch_size=5", "predict.num_workers=2")
     events: list = []
-    _watch_the_load(monkeypatch, events, fail=True)
-    with pytest.raises(ModelError, match="cannot load the model") as caught:
+    _watch_the_load(monkeypatch, events, fail=failing == "weights")
+    if failing == "journal":
+        monkeypatch.setattr(Journal, "_start", lambda self: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")))
+    with pytest.raises(McvqaError, match="cannot load the model" if failing == "weights" else "space") as caught:
         predict(cfg, synth_data / "test.csv", tmp_path / "run", progress=False, log=lambda s: None)
-    assert events == ["loader", ("weights", 2)] and caught.traceback  # the traceback (and predict's frame) still held
+    assert events == ["loader", ("weights", 2)] and caught.traceback
     assert multiprocessing.active_children() == []
     assert not (tmp_path / "run" / "journal.jsonl").exists()
+
+
+def test_a_loader_with_no_batches_to_make_starts_no_worker(encoder, synth_data) -> None:
+    """A resumed phase whose batches are all in the journal, or a rank with none, forks no worker for nothing."""
+    import multiprocessing
+
+    from mcvqa.data import read_csv
+    from mcvqa.engine import iterate_batches
+
+    loader = iterate_batches(read_csv(synth_data / "test.csv").items, encoder, [], with_prefix=False, num_workers=2)
+    assert multiprocessing.active_children() == []
+    assert list(loader) == []
 
 
 def test_a_started_loader_is_taken_only_by_the_scoring_it_was_started_for(scorer, synth_data, monkeypatch) -> None:
     """:meth:`Engine.start` makes plain scoring's batches ahead; :meth:`Engine.map` takes them for exactly that
     scoring (same probabilities as a loader of its own) and starts its own for anything else: other prefix setting,
-    another encoder, other questions, or after :meth:`Engine.stop`."""
+    another encoder, other questions, other batches left to do (the journal), or after :meth:`Engine.stop`."""
     import copy
 
     from mcvqa import engine as eng
@@ -241,14 +259,17 @@ def test_a_started_loader_is_taken_only_by_the_scoring_it_was_started_for(scorer
     made.clear()
     engine.start(with_prefix=scorer.with_prefix_in_batch)
     assert np.array_equal(engine.score(scorer).probs, fresh) and len(made) == 1
-    for change in ("prefix", "encoder", "questions", "stopped"):
+    for change in ("prefix", "encoder", "questions", "stopped", "journal"):
         made.clear()
-        engine.encoder = scorer.encoder
+        engine.encoder, engine.done = scorer.encoder, {}
         engine.start(with_prefix=scorer.with_prefix_in_batch != (change == "prefix"))
         if change == "encoder":
             engine.encoder = copy.copy(scorer.encoder)
         if change == "stopped":
             engine.stop()
+        if change == "journal":  # a batch found done after the start: the started loader's batches are one too many
+            first = engine._started[2][0]
+            engine.done = {("", 0): {"ids": [items[i].id for i in first], "probs": fresh[first].tolist()}}
         out = engine.score(scorer, indices=range(7) if change == "questions" else None).probs
         assert len(made) == 2, change  # the started one and its own
         if change == "questions":  # other batches, other padding: equal within fp32

@@ -181,6 +181,8 @@ def iterate_batches(
 ) -> Iterator[Batch]:
     """Batches in the given order; images decoded in ``num_workers`` processes, overlapped with scoring. The workers
     start at once, not at the first ``next`` (see :meth:`Engine.start`)."""
+    if not batches:
+        return iter(())  # nothing left to make (a resumed phase, a rank without batches): no workers to start
     ds = ItemDataset(items, encoder, on_bad_image="skip")  # the engine decides whether a bad image is fatal
     loader = torch.utils.data.DataLoader(
         ds,
@@ -290,7 +292,7 @@ class Engine:
     stats: ScoreStats = field(default_factory=ScoreStats)
     progress: bool = True
     num_workers: int = 0
-    _started: tuple[tuple[Any, ...], list[list[int]], Iterator[Batch]] | None = field(default=None, repr=False)
+    _started: tuple[tuple[Any, ...], list[list[int]], list[list[int]], Iterator[Batch]] | None = field(default=None, repr=False)
 
     def start(self, *, with_prefix: bool, sort_by_length: bool = True, laps: dict[str, float] | None = None) -> None:
         """Start making the batches :meth:`score` of every item will ask for, before there is a model to score them:
@@ -304,7 +306,7 @@ class Engine:
         slices = self._slices(list(range(len(self.items))), self.batch_size, sort_by_length)
         chosen = [slices[b] for b in self._todo("", slices, {})]
         t_order = time.perf_counter()
-        self._started = (key, slices, iterate_batches(self.items, self.encoder, chosen, with_prefix=with_prefix, num_workers=self.num_workers))
+        self._started = (key, slices, chosen, iterate_batches(self.items, self.encoder, chosen, with_prefix=with_prefix, num_workers=self.num_workers))
         if laps is not None:
             laps |= {"early_order": round(t_order - t, 3), "early_workers": round(time.perf_counter() - t_order, 3)}
 
@@ -329,19 +331,22 @@ class Engine:
         *, encode: bool = False, with_prefix: bool = False, sort_by_length: bool = False, leave: bool = False,
         prepare: Callable[[Item], Any] | None = None, raw: bool = False,
     ) -> Scored:
+        t_pass = time.perf_counter()
         indices = list(indices)
         bs = batch_size or self.batch_size
-        started, self._started = self._started, None
-        if not (encode and started is not None and started[0] == self._key(phase, indices, bs, sort_by_length, with_prefix)):
-            started = None  # dropped here: its workers stop
-        slices = started[1] if started is not None else self._slices(indices, bs, sort_by_length)
+        early, self._started = self._started, None
+        if not (encode and early is not None and early[0] == self._key(phase, indices, bs, sort_by_length, with_prefix)):
+            early = None  # dropped here: its workers stop
+        slices = early[1] if early is not None else self._slices(indices, bs, sort_by_length)
         results: dict[int, tuple[list[int], list[list[float]], Any, list[Any]]] = {}
         todo = self._todo(phase, slices, results)
         total = sum(len(slices[b]) for b in range(len(slices)) if b % self.dist.world == self.dist.rank)
         chosen = [slices[b] for b in todo]
+        if early is not None and early[2] != chosen:
+            early = None  # the journal or the sharding changed since: those batches are not these
         works: Iterator[Any]
-        if started is not None:
-            works = started[2]
+        if early is not None:
+            works = early[3]
         elif encode:
             works = iterate_batches(self.items, self.encoder, chosen, with_prefix=with_prefix, num_workers=self.num_workers)
         else:
@@ -350,12 +355,10 @@ class Engine:
         with progress_bar(total=total, initial=total - sum(len(slices[b]) for b in todo), desc=desc or phase, unit="q",
                           disable=not self.progress or not self.dist.main, leave=leave) as bar:
 
-            started = time.perf_counter()
-
             def record(b: int, out: Scored, bad: list[list[str]]) -> None:
                 out = out.on_host()
-                if self.stats.first_batch_seconds is None:
-                    self.stats.first_batch_seconds = round(time.perf_counter() - started, 3)
+                if self.stats.first_batch_seconds is None:  # from the pass's start: a loader of its own starts in it
+                    self.stats.first_batch_seconds = round(time.perf_counter() - t_pass, 3)
                 p = out.probs / out.probs.sum(axis=1, keepdims=True)
                 po = None if out.per_order is None else out.per_order.tolist()
                 results[b] = (slices[b], p.tolist(), po, bad)

@@ -185,22 +185,21 @@ def predict(
 
     try:
         scorer = scorer or build_scorer(cfg, adapter, laps=laps, on_processor=start_loader, encoder=lambda: early[0].encoder if early else None)
-    except BaseException:
+        load_seconds = time.perf_counter() - t_load
+        journal.start()  # after loading: a model that fails to load leaves no journal to trip over
+        if done:
+            log(f"resuming: {sum(len(r['ids']) for r in done.values())} of {len(ds)} questions already scored")
+        if early and early[0].encoder is scorer.encoder:
+            engine = early[0]
+        else:
+            for e in early:
+                e.stop()  # made for another encoder than the loaded model needs
+            engine = engine_for(scorer.encoder)
+        with frozen_heap():  # the loaded model is never garbage: full collections would stall the GPU (runtime.frozen_heap)
+            probs, tta_result = _score(cfg, scorer, engine)
+    finally:
         for e in early:
-            e.stop()
-        raise
-    load_seconds = time.perf_counter() - t_load
-    journal.start()  # after loading: a model that fails to load leaves no journal to trip over
-    if done:
-        log(f"resuming: {sum(len(r['ids']) for r in done.values())} of {len(ds)} questions already scored")
-    if early and early[0].encoder is scorer.encoder:
-        engine = early[0]
-    else:
-        for e in early:
-            e.stop()  # made for another encoder than the loaded model needs
-        engine = engine_for(scorer.encoder)
-    with frozen_heap():  # the loaded model is never garbage: full collections would stall the GPU (runtime.frozen_heap)
-        probs, tta_result = _score(cfg, scorer, engine)
+            e.stop()  # workers not taken by the scoring (a failed load, a journal that cannot be written) end here
     seconds = time.perf_counter() - t0
     stats = engine.stats
     timeline |= {"load": round(load_seconds, 3), **{f"load_{k}": v for k, v in laps.items()}, "first_batch": stats.first_batch_seconds, "score": round(seconds - load_seconds, 3)}
