@@ -160,12 +160,17 @@ def _watch_the_load(monkeypatch, events: list, fail: bool = False) -> list:
     from mcvqa import engine
     from mcvqa.scoring import Scorer
 
-    iterate, load, logprobs = engine.iterate_batches, transformers.AutoModelForImageTextToText.from_pretrained, Scorer.logprobs
+    iterate, prepared = engine.iterate_batches, engine.iterate_prepared
+    load, logprobs = transformers.AutoModelForImageTextToText.from_pretrained, Scorer.logprobs
     dtypes: list = []
 
     def iterate_(*a, **k):
         events.append("loader")
         return iterate(*a, **k)
+
+    def prepared_(*a, **k):
+        events.append("loader")
+        return prepared(*a, **k)
 
     def load_(*a, **k):
         events.append(("weights", len(multiprocessing.active_children())))  # the loader's workers running by now
@@ -178,21 +183,39 @@ def _watch_the_load(monkeypatch, events: list, fail: bool = False) -> list:
         return logprobs(self, batch, *a, **k)
 
     monkeypatch.setattr(engine, "iterate_batches", iterate_)
+    monkeypatch.setattr(engine, "iterate_prepared", prepared_)
     monkeypatch.setattr(transformers.AutoModelForImageTextToText, "from_pretrained", staticmethod(load_))
     monkeypatch.setattr(Scorer, "logprobs", logprobs_)
     return dtypes
 
 
-def test_the_loaders_workers_start_before_the_weights_and_their_batches_are_scored(cfg_factory, synth_data, tmp_path, monkeypatch) -> None:
+@pytest.mark.parametrize("methods", ["", "orders"])
+def test_the_loaders_workers_start_before_the_weights_and_their_batches_are_scored(cfg_factory, synth_data, tmp_path, monkeypatch, methods) -> None:
     """``predict`` starts its loader once the processor is loaded, so the first batches are made while the weights
-    load; the scoring takes that loader (no second one) and its probabilities are a fresh loader's, byte for byte."""
-    cfg = cfg_factory("predict.batch_size=5", "predict.num_workers=2")
+    load (plain scoring's, or the orders pass of ``--tta orders``); the scoring takes that loader (no second one for
+    that pass) and its probabilities are a fresh loader's, byte for byte."""
+    cfg = cfg_factory("predict.batch_size=5", "predict.num_workers=2", *([f"tta.methods=[{methods}]"] if methods else []))
     reference = predict(cfg, synth_data / "test.csv", tmp_path / "fresh", scorer=build_scorer(cfg), progress=False, log=lambda s: None)
     events: list = []
     _watch_the_load(monkeypatch, events)
     res = predict(cfg, synth_data / "test.csv", tmp_path / "early", progress=False, log=lambda s: None)
     assert events == ["loader", ("weights", 2)], "the two workers run before the weights load"
     assert res.probs.read_bytes() == reference.probs.read_bytes()
+
+
+@pytest.mark.parametrize("methods", ["views", "orders,views", "pride", "tent"])
+def test_a_first_pass_that_needs_the_model_starts_no_loader_before_the_weights(cfg_factory, synth_data, tmp_path, monkeypatch, methods) -> None:
+    """Views, PriDe's sample and the adapting methods make their first batches with the model: nothing starts early."""
+    from mcvqa.config import TTAConfig
+    from mcvqa.tta.compose import first_pass
+
+    assert first_pass(TTAConfig(methods=methods.split(",")), None, 3) is None
+    assert first_pass(TTAConfig(methods=["orders"]), None, 3)["phase"] == "orders"
+    cfg = cfg_factory("predict.batch_size=5", "predict.num_workers=2", f"tta.methods=[{methods}]", "tta.views=[crop]", "tta.pride_min=6", "tta.params=norm")
+    events: list = []
+    _watch_the_load(monkeypatch, events)
+    predict(cfg, synth_data / "test.csv", tmp_path / "run", progress=False, log=lambda s: None)
+    assert events[0] == ("weights", 0)
 
 
 def test_an_early_loader_for_other_pixels_than_the_model_takes_is_stopped_and_replaced(cfg_factory, synth_data, tmp_path, monkeypatch) -> None:
@@ -235,11 +258,12 @@ def test_a_loader_with_no_batches_to_make_starts_no_worker(encoder, synth_data) 
     import multiprocessing
 
     from mcvqa.data import read_csv
-    from mcvqa.engine import iterate_batches
+    from mcvqa.engine import iterate_batches, iterate_prepared
 
-    loader = iterate_batches(read_csv(synth_data / "test.csv").items, encoder, [], with_prefix=False, num_workers=2)
+    items = read_csv(synth_data / "test.csv").items
+    loaders = [iterate_batches(items, encoder, [], with_prefix=False, num_workers=2), iterate_prepared(items, [], encoder.load, num_workers=2)]
     assert multiprocessing.active_children() == []
-    assert list(loader) == []
+    assert [list(loader) for loader in loaders] == [[], []]
 
 
 def test_a_started_loader_is_taken_only_by_the_scoring_it_was_started_for(scorer, synth_data, monkeypatch) -> None:

@@ -265,7 +265,8 @@ class PredictConfig:
     """DataLoader workers decoding images in parallel with the model (0: in the main process; -1: auto = up to 8 on a GPU, 0 on CPU)."""
     early_loader: bool = True
     """Start those workers once the tokenizer and processor are loaded, so the first batches are ready when the weights
-    are (plain scoring; the batches are used only if the loaded model needs exactly them) | false: after the load."""
+    are (plain scoring, and the orders pass of --tta orders; the batches are used only if the loaded model needs
+    exactly them) | false: after the load."""
     on_bad_image: str = "fail"
     """What to do with a test row whose image cannot be read: fail (stop with a message naming the row) | skip (answer from the text with a blank grey image; listed in bad_images.csv)."""
     max_new_tokens: int = 8

@@ -162,13 +162,16 @@ def _as_list(xs: list[Any]) -> list[Any]:
 
 
 def iterate_prepared(items: Sequence[Item], batches: Sequence[Sequence[int]], prepare: Callable[[Item], Any], num_workers: int = 0) -> Iterator[list[Any]]:
-    """Lists of ``prepare(item)`` in the given batch order, made in ``num_workers`` processes ahead of use."""
+    """Lists of ``prepare(item)`` in the given batch order, made in ``num_workers`` processes ahead of use; the workers
+    start at once, as :func:`iterate_batches`' do."""
+    if not batches:
+        return iter(())  # nothing left to make: no workers to start
     loader = torch.utils.data.DataLoader(
         _Prepared(items, prepare), batch_sampler=[list(b) for b in batches], collate_fn=_as_list,
         num_workers=resolve_num_workers(num_workers), persistent_workers=False,
         generator=torch.Generator().manual_seed(0),
     )
-    yield from loader
+    return iter(loader)
 
 
 def iterate_batches(
@@ -294,19 +297,27 @@ class Engine:
     num_workers: int = 0
     _started: tuple[tuple[Any, ...], list[list[int]], list[list[int]], Iterator[Batch]] | None = field(default=None, repr=False)
 
-    def start(self, *, with_prefix: bool, sort_by_length: bool = True, laps: dict[str, float] | None = None) -> None:
-        """Start making the batches :meth:`score` of every item will ask for, before there is a model to score them:
-        ``predict`` calls this once the processor is loaded, so the loader's workers decode, collate and pin the
-        first batches while the weights load. :meth:`map` takes them only when it asks for exactly these batches
-        (same encoder, prefix setting and order); otherwise, or on :meth:`stop`, the workers are shut down.
-        ``laps``, when given, receives the seconds of the batches' order (``early_order``) and of the workers' start
-        (``early_workers``)."""
+    def start(
+        self, phase: str = "", indices: Sequence[int] | None = None, *, with_prefix: bool = False, sort_by_length: bool = True,
+        prepare: Callable[[Item], Any] | None = None, laps: dict[str, float] | None = None,
+    ) -> None:
+        """Start making the batches a later pass will ask for, before there is a model to run them: ``predict`` calls
+        this once the processor is loaded, so the loader's workers decode, encode and pin the first batches while the
+        weights load. Without ``prepare``, the encoded batches of :meth:`score` (of every item by default); with it
+        (a function of one item that compares equal to the one the pass will pass, e.g. encoding under every option
+        order), the lists of its results that :meth:`map` with that ``prepare`` makes. :meth:`map` takes them only
+        when it asks for exactly these batches (same phase, questions, order, encoder and ``prepare``, and the same
+        batches left to do); otherwise, or on :meth:`stop`, the workers are shut down. ``laps``, when given, receives
+        the seconds of the batches' order (``early_order``) and of the workers' start (``early_workers``)."""
         t = time.perf_counter()
-        key = self._key("", range(len(self.items)), self.batch_size, sort_by_length, with_prefix)
-        slices = self._slices(list(range(len(self.items))), self.batch_size, sort_by_length)
-        chosen = [slices[b] for b in self._todo("", slices, {})]
+        indices = list(range(len(self.items)) if indices is None else indices)
+        key = self._key(phase, indices, self.batch_size, sort_by_length, with_prefix, "encode" if prepare is None else prepare)
+        slices = self._slices(indices, self.batch_size, sort_by_length)
+        chosen = [slices[b] for b in self._todo(phase, slices, {})]
         t_order = time.perf_counter()
-        self._started = (key, slices, chosen, iterate_batches(self.items, self.encoder, chosen, with_prefix=with_prefix, num_workers=self.num_workers))
+        works = (iterate_batches(self.items, self.encoder, chosen, with_prefix=with_prefix, num_workers=self.num_workers) if prepare is None
+                 else iterate_prepared(self.items, chosen, prepare, self.num_workers))
+        self._started = (key, slices, chosen, works)
         if laps is not None:
             laps |= {"early_order": round(t_order - t, 3), "early_workers": round(time.perf_counter() - t_order, 3)}
 
@@ -314,8 +325,8 @@ class Engine:
         """Shut down the workers :meth:`start` began, if :meth:`map` has not taken them."""
         self._started = None  # the loader's iterator, no longer referenced, shuts its workers down
 
-    def _key(self, phase: str, indices: Sequence[int], batch_size: int, sort_by_length: bool, with_prefix: bool) -> tuple[Any, ...]:
-        return (phase, tuple(indices), batch_size, sort_by_length, with_prefix, self.encoder, self.num_workers)
+    def _key(self, phase: str, indices: Sequence[int], batch_size: int, sort_by_length: bool, with_prefix: bool, made: Any) -> tuple[Any, ...]:
+        return (phase, tuple(indices), batch_size, sort_by_length, with_prefix, made, self.encoder, self.num_workers)
 
     def _todo(self, phase: str, slices: list[list[int]], results: dict[int, Any]) -> list[int]:
         """This process's batches not already in the journal (``results`` receives those that are)."""
@@ -335,7 +346,8 @@ class Engine:
         indices = list(indices)
         bs = batch_size or self.batch_size
         early, self._started = self._started, None
-        if not (encode and early is not None and early[0] == self._key(phase, indices, bs, sort_by_length, with_prefix)):
+        made = "encode" if encode else prepare  # the default loading (a fresh partial) is never started early
+        if not (early is not None and made is not None and early[0] == self._key(phase, indices, bs, sort_by_length, with_prefix, made)):
             early = None  # dropped here: its workers stop
         slices = early[1] if early is not None else self._slices(indices, bs, sort_by_length)
         results: dict[int, tuple[list[int], list[list[float]], Any, list[Any]]] = {}

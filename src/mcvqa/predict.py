@@ -174,14 +174,23 @@ def predict(
     early: list[Engine] = []
 
     def start_loader(processor: Any, family: families.Family, dtype: Any) -> None:
-        """Plain scoring's batches depend on the processor, not the weights: its workers start while they load."""
-        if cfg.tta.methods or cfg.predict.scoring != "logits" or not cfg.predict.early_loader:
+        """The first pass's batches depend on the processor, not the weights (plain scoring, or the orders of
+        ``--tta orders``): its workers start while they load."""
+        if cfg.predict.scoring != "logits" or not cfg.predict.early_loader:
             return
         t = time.perf_counter()
         encoder = Encoder(processor, load_prompt(cfg.prompt.name), cfg.image, family, family.pixel_dtype_for(dtype))
+        if cfg.tta.methods:
+            from mcvqa.tta.compose import first_pass
+
+            spec = first_pass(cfg.tta, encoder, len(ds))
+        else:
+            spec = {"with_prefix": not (cfg.predict.prefix_cache and family.prefix_cache), "sort_by_length": cfg.predict.sort_by_length}
+        if spec is None:
+            return
         early.append(engine_for(encoder))
         laps["early_encoder"] = round(time.perf_counter() - t, 3)
-        early[0].start(with_prefix=not (cfg.predict.prefix_cache and family.prefix_cache), sort_by_length=cfg.predict.sort_by_length, laps=laps)
+        early[0].start(**spec, laps=laps)
 
     try:
         scorer = scorer or build_scorer(cfg, adapter, laps=laps, on_processor=start_loader, encoder=lambda: early[0].encoder if early else None)

@@ -28,6 +28,16 @@ from mcvqa.tta.views import ADAPT_VIEWS, views_batch, zero_batch
 from mcvqa.tta.weights import SAR, Tent
 
 
+def first_pass(cfg: TTAConfig, encoder: Any, n: int) -> dict[str, Any] | None:
+    """The engine pass :func:`run` makes first, as :meth:`Engine.start`'s arguments, where it needs the encoder alone
+    (``predict`` starts its loader while the weights load): the orders pass of orders (with or without blend). None
+    where the first pass needs the model (views, PriDe's sample, the adapting methods)."""
+    methods = set(cfg.methods)
+    if "orders" not in methods or methods & ({"views", "pride"} | set(ADAPTIVE)):
+        return None
+    return {"phase": "orders", "indices": range(n), "prepare": OrdersEncoding(encoder, cfg.orders), "sort_by_length": False}
+
+
 def run(scorer: Scorer, items: Sequence[Item], cfg: TTAConfig, engine: Engine | None = None, *, batch_size: int = 16, progress: bool = False) -> TTAResult:
     """The methods named in ``cfg.methods``, composed, every batch through ``engine`` (by default one without a
     journal, ``batch_size`` questions a batch).
@@ -53,7 +63,7 @@ def run(scorer: Scorer, items: Sequence[Item], cfg: TTAConfig, engine: Engine | 
     if "pride" in methods:
         res = _pride(scorer, items, cfg, engine, orders_fn, encode)
     elif "orders" in methods:
-        out = engine.map("orders", every, orders_fn, "orders", prepare=encode)
+        out = engine.map("orders", every, orders_fn, "orders", prepare=encode)  # the pass first_pass describes
         res = TTAResult(out.probs, Cost(float(cfg.orders), 0.0), per_order=out.per_order)
     elif views is not None:
         res, views = TTAResult(views.probs, views_cost), None  # the views include the original image: no plain pass

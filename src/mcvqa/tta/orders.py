@@ -34,6 +34,13 @@ class OrdersEncoding:
     def __call__(self, item: Item) -> OrderedExample:
         return self.encoder.encode_orders(item, item_orders(item, self.k), on_bad_image="skip")
 
+    # Equal for the same encoder and orders: the engine takes the batches a loader started early made with an equal one.
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, OrdersEncoding) and other.encoder is self.encoder and other.k == self.k
+
+    def __hash__(self) -> int:
+        return hash((id(self.encoder), self.k))
+
 
 def orders_batch(scorer: Scorer, examples: list[OrderedExample]) -> Scored:
     """One batch under every order (image and question shared): the log-probabilities averaged over orders, mapped
