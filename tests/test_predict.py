@@ -224,11 +224,33 @@ def test_an_early_loader_for_other_pixels_than_the_model_takes_is_stopped_and_re
     from mcvqa.families.qwen_vl import QwenVL
 
     cfg = cfg_factory("predict.batch_size=5", "predict.num_workers=2")
-    monkeypatch.setattr(QwenVL, "pixel_dtype_for", lambda self, dtype: torch.float16)  # the tiny model loads in fp32
+    monkeypatch.setattr(QwenVL, "pixel_dtype_for", lambda self, dtype, wrapped=None: torch.float16)  # the tiny model loads in fp32
     events: list = []
     dtypes = _watch_the_load(monkeypatch, events)
     predict(cfg, synth_data / "test.csv", tmp_path / "run", progress=False, log=lambda s: None)
     assert events == ["loader", ("weights", 2), "loader"]
+    assert dtypes and set(dtypes) == {torch.float32}
+
+
+@pytest.mark.parametrize("vision", [True, False])
+def test_an_adapter_on_the_patch_embedding_is_foreseen_by_the_early_loader(cfg_factory, synth_data, tmp_path, monkeypatch, vision) -> None:
+    """An adapter trained with ``lora.vision`` wraps the patch embedding, is never merged, and the loaded model then
+    takes the processor's pixels as they are: the early loader, told so by the adapter's own config before the
+    weights exist, makes those and is kept (not replaced by a second loader after the load)."""
+    from mcvqa.families.qwen_vl import PATCH_EMBED
+    from mcvqa.model import adapter_wraps, attach_lora, load_model
+
+    cfg = cfg_factory("lora.r=4", f"lora.vision={str(vision).lower()}", "predict.batch_size=5", "predict.num_workers=2")
+    model, _ = load_model(cfg.model)
+    model = attach_lora(model, cfg.lora)
+    model.save_pretrained(str(tmp_path / "adapter"))
+    # The name the family foresees is the one peft wraps in the loaded model.
+    assert adapter_wraps(tmp_path / "adapter")(PATCH_EMBED) is vision
+    assert hasattr(model.base_model.model.get_submodule(PATCH_EMBED), "lora_A") is vision
+    events: list = []
+    dtypes = _watch_the_load(monkeypatch, events)
+    predict(cfg, synth_data / "test.csv", tmp_path / "run", adapter=tmp_path / "adapter", progress=False, log=lambda s: None)
+    assert events == ["loader", ("weights", 2)]
     assert dtypes and set(dtypes) == {torch.float32}
 
 
@@ -251,6 +273,33 @@ def test_a_run_that_fails_before_scoring_leaves_no_loader_worker_running(cfg_fac
     assert events == ["loader", ("weights", 2)] and caught.traceback
     assert multiprocessing.active_children() == []
     assert not (tmp_path / "run" / "journal.jsonl").exists()
+
+
+@pytest.mark.parametrize("early", ["true", "false"])
+def test_a_run_interrupted_while_scoring_leaves_no_loader_worker_running(cfg_factory, synth_data, tmp_path, monkeypatch, early) -> None:
+    """Ctrl-C (or any failure) in the middle of the scoring ends the loader's workers even while the caller still
+    holds the exception, whose traceback keeps the engine's frame (a notebook, ``mcvqa demo``'s one process); the
+    batches scored before it are in the journal."""
+    import multiprocessing
+
+    from mcvqa import engine as eng
+
+    scored, calls = eng.Engine._scored, []
+
+    def interrupted(self, fn, work):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return scored(self, fn, work)
+
+    monkeypatch.setattr(eng.Engine, "_scored", interrupted)
+    cfg = cfg_factory("predict.batch_size=4", "predict.num_workers=2", f"predict.early_loader={early}")
+    with pytest.raises(KeyboardInterrupt) as caught:
+        predict(cfg, synth_data / "test.csv", tmp_path / "run", progress=False, log=lambda s: None)
+    assert caught.traceback and len(calls) == 3
+    assert multiprocessing.active_children() == []
+    journal = (tmp_path / "run" / "journal.jsonl").read_text(encoding="utf-8").splitlines()
+    assert [json.loads(line).get("batch") for line in journal[1:]] == [0, 1]
 
 
 def test_a_loader_with_no_batches_to_make_starts_no_worker(encoder, synth_data) -> None:

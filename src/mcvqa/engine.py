@@ -391,6 +391,9 @@ class Engine:
             finally:
                 if pending is not None:
                     record(*pending)
+                # A failure's traceback keeps this frame while the caller holds it (a notebook, demo's one process):
+                # the loader's iterator must not live on with it, or its workers would.
+                works, early = iter(()), None  # noqa: F841
         return self._assemble(indices, results)
 
     def score(

@@ -575,6 +575,16 @@ def load_adapter(model: Any, adapter: str | Path, trainable: bool = False) -> An
     return peft_model
 
 
+def adapter_wraps(adapter: str | Path) -> Callable[[str], bool]:
+    """Whether the adapter in this folder, once loaded, wraps the module of a given name: its own config's targets
+    and exclusions as peft matches them (said before the model exists; see ``Family.pixel_dtype_for``)."""
+    from peft import PeftConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    config = PeftConfig.from_pretrained(str(adapter))
+    return lambda name: bool(check_target_module_exists(config, name))
+
+
 def lora_targets(cfg: LoraConfig, family: Family) -> list[str]:
     text = list(cfg.target_modules) + [t for t in family.extra_lora_targets if t not in cfg.target_modules]
     return text + (list(family.vision_lora_targets) if cfg.vision else [])

@@ -179,7 +179,15 @@ def predict(
         if cfg.predict.scoring != "logits" or not cfg.predict.early_loader:
             return
         t = time.perf_counter()
-        encoder = Encoder(processor, load_prompt(cfg.prompt.name), cfg.image, family, family.pixel_dtype_for(dtype))
+        wrapped = None
+        if adapter is not None:
+            from mcvqa.model import adapter_wraps
+
+            try:
+                wrapped = adapter_wraps(adapter)
+            except (OSError, ValueError):  # an unreadable adapter config fails in the load, with its own message
+                return
+        encoder = Encoder(processor, load_prompt(cfg.prompt.name), cfg.image, family, family.pixel_dtype_for(dtype, wrapped))
         if cfg.tta.methods:
             from mcvqa.tta.compose import first_pass
 

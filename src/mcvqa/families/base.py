@@ -15,7 +15,7 @@ their fast path needs; each is tested for exactness against the plain full-seque
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -130,10 +130,11 @@ class Family:
         GPU), else None (kept as the processor makes them)."""
         return None
 
-    def pixel_dtype_for(self, dtype: torch.dtype) -> torch.dtype | None:
+    def pixel_dtype_for(self, dtype: torch.dtype, wrapped: Callable[[str], bool] | None = None) -> torch.dtype | None:
         """What :meth:`pixel_dtype` will say of a model loaded in ``dtype``, said before its weights exist: ``predict``
         starts its loader's workers while the weights load, and uses the encoder made with this only where
-        :meth:`pixel_dtype` of the loaded model agrees."""
+        :meth:`pixel_dtype` of the loaded model agrees. ``wrapped(name)``, when given, tells whether the adapter to be
+        loaded wraps the module of that name (the model's own module names, as peft matches them)."""
         return None
 
     def native_image_tokens(self, width: int, height: int, factor: int) -> int | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -9,6 +10,8 @@ import torch
 from mcvqa.families.base import Family
 
 QWEN_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
+PATCH_EMBED = "model.visual.patch_embed.proj"
+"""The patch embedding's module name in the loaded model (what :meth:`QwenVL.pixel_dtype` reads)."""
 
 
 class QwenVL(Family):
@@ -47,9 +50,13 @@ class QwenVL(Family):
             return None
         return proj.weight.dtype
 
-    def pixel_dtype_for(self, dtype: torch.dtype) -> torch.dtype | None:
-        # The vision tower is never quantised (skip_quant), so its patch embedding loads in the load's dtype.
-        return dtype if dtype.is_floating_point else None
+    def pixel_dtype_for(self, dtype: torch.dtype, wrapped: Callable[[str], bool] | None = None) -> torch.dtype | None:
+        # The vision tower is never quantised (skip_quant), so its patch embedding loads in the load's dtype; an
+        # adapter that wraps it (lora.vision) is never merged (merge_adapter takes plain linears only) and keeps
+        # pixel_dtype at None.
+        if not dtype.is_floating_point or (wrapped is not None and wrapped(PATCH_EMBED)):
+            return None
+        return dtype
 
     def native_image_tokens(self, width: int, height: int, factor: int) -> int | None:
         return (width // factor) * (height // factor) + 2  # merged patches between <|vision_start|> and <|vision_end|>
