@@ -108,6 +108,24 @@ def test_invalid_combinations_fail_before_any_model_loads(tmp_path: Path, synth_
     assert time.perf_counter() - t0 < 5 and not (tmp_path / "o").exists()
 
 
+_EXIT_SAVES_COVERAGE = """
+import os, threading
+real_exit = os._exit
+def exit_(status):
+    (out / "exit").write_text(str(status))
+    try:  # under tools/mutate.py: keep what coverage saw
+        import coverage
+        cov = coverage.Coverage.current()
+        if cov is not None:
+            if threading.current_thread() is threading.main_thread():
+                cov.stop()
+            cov.save()
+    except ImportError:
+        pass
+    real_exit(status)
+os._exit = exit_
+"""
+
 _ENTRY_PROBE = """
 import atexit, os, pathlib, runpy, sys, threading, time
 out = pathlib.Path(sys.argv[1])
@@ -135,26 +153,13 @@ def main(*args):
         print("probe: the last line, still in the pipe's buffer")
         (out / "command_ended").write_text("yes")
 cli.main = main
-real_exit = os._exit
-def exit_(status):
-    (out / "exit").write_text(str(status))
-    try:  # under tools/mutate.py: keep what coverage saw (its own save is an atexit handler, maybe skipped)
-        import coverage
-        cov = coverage.Coverage.current()
-        if cov is not None:
-            if threading.current_thread() is threading.main_thread():
-                cov.stop()
-            cov.save()
-    except ImportError:
-        pass
-    real_exit(status)
-os._exit = exit_
+""" + _EXIT_SAVES_COVERAGE + """
 def watchdog():  # a process that has not ended 20 s on is hanging in its exit: end it, saying so
     time.sleep(20)
     exit_(99)
 threading.Thread(target=watchdog, daemon=True).start()
 sys.argv = ["mcvqa", *sys.argv[2:]]
-runpy.run_module("mcvqa", run_name="__main__")
+runpy.run_module("mcvqa", run_name="__main__", alter_sys=True)  # as `python -m mcvqa`: mcvqa's module is the program
 """
 
 
@@ -208,6 +213,103 @@ def test_ctrl_c_while_the_exit_waits_for_a_thread_ends_it_in_one_line_with_the_c
     assert (tmp_path / "atexit").read_text() == "ran"
     assert not (tmp_path / "thread").exists()
     assert out.rstrip().splitlines()[-1] == "probe: the last line, still in the pipe's buffer"
+
+
+_HOST = """
+import runpy, sys
+sys.argv = ["mcvqa", "config"]
+try:
+    runpy.run_module("mcvqa", run_name="__main__")  # mcvqa run inside a program of its own, in its own namespace
+except SystemExit as e:
+    print("the host goes on; status", e.code)
+"""
+
+
+def test_a_program_beneath_the_command_gets_control_back(tmp_path: Path) -> None:
+    """The fast exit is for the process mcvqa owns: a profiler writes its output after the command
+    (``python -m cProfile -o F -m mcvqa``), and a program that runs mcvqa's module in its own namespace catches the
+    ``SystemExit`` and goes on, as they would with any Python program."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    prof = tmp_path / "mcvqa.prof"
+    done = subprocess.run([sys.executable, "-m", "cProfile", "-o", str(prof), "-m", "mcvqa", "config"], capture_output=True,
+                          text=True, timeout=60, cwd=tmp_path, env=env)
+    assert done.returncode == 0 and "model:" in done.stdout, done.stderr
+    assert prof.stat().st_size > 0
+    prof.unlink()  # run() called from __main__'s own namespace, under cProfile.run: the profiler alone says not to
+    code = f"import cProfile, sys; from mcvqa.cli import run; sys.argv = ['mcvqa', 'config']; cProfile.run('run()', {str(prof)!r})"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env)
+    assert done.returncode == 0 and "model:" in done.stdout, done.stderr
+    assert prof.stat().st_size > 0
+    done = subprocess.run([sys.executable, "-c", _HOST], capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env)
+    assert done.returncode == 0 and "model:" in done.stdout, done.stderr
+    assert done.stdout.rstrip().splitlines()[-1] == "the host goes on; status 0"
+
+
+_LEAVE_PROBE = """
+import ctypes, pathlib, runpy, sys
+out, how = pathlib.Path(sys.argv[1]), sys.argv[2]
+""" + _EXIT_SAVES_COVERAGE + """
+import atexit
+try:  # under tools/mutate.py: coverage saved at os._exit only, so it sees the exit's lines after the atexit handlers
+    import coverage
+    if coverage.Coverage.current() is not None:
+        atexit.unregister(coverage.Coverage.current()._atexit)
+except (ImportError, AttributeError):
+    pass
+import mcvqa.cli as cli
+class Held:  # held by the failed command's frame: freed, it says so
+    def __del__(self):
+        (out / "released").write_text("yes")
+def main():
+    held = Held()
+    ctypes.CDLL(None).printf(b"probe: printed by C, in its stdio buffer\\n")
+    print("probe: printed by Python, in its buffer")
+    if how == "fail":
+        try:
+            raise ValueError("the command's own failure")
+        except ValueError:
+            raise SystemExit(2) from None
+cli.main = main
+sys.argv = ["mcvqa"]
+runpy.run_module("mcvqa", run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.mark.parametrize("how", ["fail", "ok"])
+def test_the_fast_exit_flushes_cs_buffers_and_lets_a_failed_commands_objects_go(tmp_path: Path, how: str) -> None:
+    """What ``exit()`` does and ``os._exit`` would not: C's stdio buffers flushed (an extension's printf into a pipe);
+    and what Python's exit does first: the failed command's exception let go, so an object its frames held is freed
+    (whatever closes or saves itself when freed still does) before the process ends."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    done = subprocess.run([sys.executable, "-c", _LEAVE_PROBE, str(tmp_path), how], capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env)
+    assert done.returncode == (2 if how == "fail" else 0), done.stderr
+    assert "probe: printed by C, in its stdio buffer" in done.stdout and "probe: printed by Python, in its buffer" in done.stdout
+    assert (tmp_path / "released").read_text() == "yes"
+
+
+def test_output_that_cannot_be_written_is_said_and_fails_the_command(tmp_path: Path) -> None:
+    """A command's last output that cannot be written at the exit (stdout on a full disk) is said in one line and
+    gives status 120, as Python's own exit does, not 0: a script checking the status sees it."""
+    import os
+    import subprocess
+    import sys
+
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full here")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([sys.executable, "-c", _LEAVE_PROBE, str(tmp_path), "ok"], stdout=full, stderr=subprocess.PIPE,
+                              text=True, timeout=60, cwd=tmp_path, env=env)
+    assert done.returncode == 120, done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("error: the command's output could not be written (No space left on device")
 
 
 def test_the_installed_script_and_python_m_enter_through_run() -> None:

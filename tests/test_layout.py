@@ -113,7 +113,7 @@ def test_the_graph_sees_imports_inside_functions() -> None:
 def test_every_mutation_row_still_names_code_in_its_file() -> None:
     """docs/testing.md lists hand-made bugs as red and reached; a row whose code has since moved can no longer be made
     (tools/mutate.py reports PATTERN NOT FOUND), so its claim would go stale unseen. Every row's pattern is still in
-    its file, its tests' files exist, and its last recorded result (docs/mutation_results.json) is red and reached."""
+    its file, the file with the bug made still compiles, its tests' files exist, and its last recorded result (docs/mutation_results.json) is red and reached."""
     import json
 
     root = SRC.parent.parent
@@ -121,6 +121,15 @@ def test_every_mutation_row_still_names_code_in_its_file() -> None:
     results = {r["name"]: r for r in json.loads((root / "docs" / "mutation_results.json").read_text(encoding="utf-8"))}
     stale = [r["name"] for r in rows if r["old"] not in (root / r["file"]).read_text(encoding="utf-8")]
     assert not stale, f"mutation rows whose code moved (update their old/new in docs/mutations.json and re-run them): {stale}"
+    # A bug that does not even compile turns its tests red for the wrong reason (every import of the file fails).
+    broken = []
+    for r in rows:
+        if r["file"].endswith(".py"):
+            try:
+                compile((root / r["file"]).read_text(encoding="utf-8").replace(r["old"], r["new"], 1), r["file"], "exec")
+            except SyntaxError:
+                broken.append(r["name"])
+    assert not broken, f"mutation rows whose bug is a syntax error, not the bug they name: {broken}"
     missing_tests = [t for r in rows for t in r["tests"] if not (root / t.split("::")[0]).exists()]
     assert not missing_tests, missing_tests
     unproven = [r["name"] for r in rows if not (results.get(r["name"], {}).get("red") and results[r["name"]].get("reached"))]

@@ -6,6 +6,7 @@ anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -523,12 +524,30 @@ def _in_main_thread() -> bool:
 def run() -> None:
     """The process's entry (the ``mcvqa`` script, ``python -m mcvqa``): :func:`main`, then :func:`_leave` with its
     exit status. A traceback (a bug) takes the interpreter's own way out. Whoever calls :func:`main` in a process of
-    their own (tests, a notebook) keeps it running."""
+    their own (tests, a notebook) keeps it running, and so does a program beneath :func:`run` that expects control
+    back (:func:`_owns_the_process`): it gets the ``SystemExit`` a normal exit raises."""
     try:
         main()
     except SystemExit as e:
-        _leave(e.code)
-    _leave(0)
+        code = e.code
+    else:
+        code = 0
+    # Out of the except block: the failed command's exception, and with it every object its frames held, is let go
+    # before the end, as the interpreter's own exit does, so whatever cleans up when freed still does.
+    if not _owns_the_process(sys._getframe(1).f_globals):
+        raise SystemExit(code)
+    _leave(code)
+
+
+def _owns_the_process(caller: dict[str, Any]) -> bool:
+    """Whether :func:`run` was called as the program itself (``caller``: the calling module's globals): from the
+    ``__main__`` module (the ``mcvqa`` script, ``python -m mcvqa``, ``runpy`` with ``alter_sys``), with no profiler
+    (``python -m cProfile -m mcvqa`` writes its output after the exit) and no ``python -i`` prompt to come back to.
+    A program that runs mcvqa's module in a namespace of its own (``runpy.run_module`` without ``alter_sys``)
+    catches the ``SystemExit`` and goes on."""
+    main_module = sys.modules.get("__main__")
+    return (not sys.flags.inspect and sys.getprofile() is None
+            and main_module is not None and caller is vars(main_module))
 
 
 def _leave(code: object) -> None:
@@ -566,8 +585,17 @@ def _leave(code: object) -> None:
     for stream in (sys.stdout, sys.stderr):  # after the handlers: what they print arrives too
         try:
             stream.flush()
-        except (OSError, ValueError):  # a reader that went away (``mcvqa config | head``), a stream already closed
+        except (BrokenPipeError, ValueError):  # a reader that went away (``mcvqa config | head``), a stream already closed
             pass
+        except OSError as e:  # output that could not be written (``> out.txt`` on a full disk): as Python's own exit, 120
+            with contextlib.suppress(OSError):
+                os.write(2, f"error: the command's output could not be written ({e.strerror or e})\n".encode())
+            status = status or 120
+    # C's stdio buffers too (an extension's printf into a pipe): exit() flushes them, _exit does not.
+    with contextlib.suppress(OSError, AttributeError, TypeError):  # no C library to load by name (Windows)
+        import ctypes
+
+        ctypes.CDLL(None).fflush(None)
     os._exit(status)
 
 
