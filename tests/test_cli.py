@@ -137,7 +137,13 @@ atexit.register(lambda: (out / "atexit").write_text("ran"))
 command_ended = threading.Event()
 def late():  # a thread still at work when the command returns (for a minute with MCVQA_PROBE_SLOW_THREAD)
     command_ended.wait()
-    time.sleep(60 if os.environ.get("MCVQA_PROBE_SLOW_THREAD") else 0.2)
+    if os.environ.get("MCVQA_PROBE_SLOW_THREAD"):
+        while threading.main_thread().is_alive():  # the exit's wait for the threads marks the main thread done
+            time.sleep(0.01)
+        (out / "exit_waits").write_text("yes")
+        time.sleep(60)
+    else:
+        time.sleep(0.2)
     (out / "thread").write_text("ran")
 threading.Thread(target=late).start()
 import concurrent.futures
@@ -202,9 +208,9 @@ def test_ctrl_c_while_the_exit_waits_for_a_thread_ends_it_in_one_line_with_the_c
     child = subprocess.Popen([sys.executable, "-c", _ENTRY_PROBE, str(tmp_path), "config"], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env)
     deadline = time.monotonic() + 30
-    while not (tmp_path / "command_ended").exists() and time.monotonic() < deadline:
+    while not (tmp_path / "exit_waits").exists() and time.monotonic() < deadline:  # the exit is waiting for the thread
         time.sleep(0.05)
-    time.sleep(0.5)  # into the exit's wait for the thread
+    assert (tmp_path / "command_ended").exists()
     child.send_signal(signal.SIGINT)
     out, err = child.communicate(timeout=30)
     assert child.returncode == 0, err
