@@ -205,8 +205,11 @@ def test_ctrl_c_while_the_exit_waits_for_a_thread_ends_it_in_one_line_with_the_c
     import time
 
     env = {**{k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}, "MCVQA_PROBE_SLOW_THREAD": "1"}
+    # Ctrl-C's default in the child, as in a terminal: a test run started in the background of a script inherits
+    # SIGINT ignored, and a Python started so keeps ignoring it.
     child = subprocess.Popen([sys.executable, "-c", _ENTRY_PROBE, str(tmp_path), "config"], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env)
+                             stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 30
     while not (tmp_path / "exit_waits").exists() and time.monotonic() < deadline:  # the exit is waiting for the thread
         time.sleep(0.05)
